@@ -1,0 +1,1 @@
+"""moe.cli: the `moe` command."""

@@ -1,0 +1,1 @@
+"""Numba kernels: flat functions over arrays, knowing nothing of checkpoints."""

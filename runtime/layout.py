@@ -1,0 +1,425 @@
+"""The converted-model layout: the one contract between `moe.convert` and `moe.runtime`.
+
+A model folder holds:
+
+- `manifest.json`: format name and version, architecture, the normalized config
+  (see `moe.convert.arch`), the quantization chosen per part, tokenizer facts,
+  every tensor's place and encoding, and one record (offset, length, CRC-32)
+  per expert of each MoE layer; every tensor also carries
+  the CRC-32 of its codes (and scales), so `verify` names the tensor a flipped byte hit.
+- `model.bin`: every tensor that is not an expert's (embeddings, attention,
+  norms, routers, shared experts, dense MLPs, output head), each aligned to
+  TENSOR_ALIGN bytes.
+- `experts.bin`: each expert of each MoE layer as one contiguous run aligned to
+  EXPERT_ALIGN bytes (16 KiB: Apple-silicon pages), holding its `gate_up`,
+  `down` and biases, so bringing in one expert is one sequential read.
+- the tokenizer files copied from the source.
+
+Tensor names (the runtime never sees a Hugging Face name):
+  embed [V, H], lm_head [V, H] (absent when tied), norm [H],
+  layers.{i}.attn_norm, layers.{i}.ffn_norm [H],
+  layers.{i}.attn.qkv [nh*hd + 2*nkv*hd, H] (q rows, then k, then v),
+  layers.{i}.attn.qkv_bias, layers.{i}.attn.o [H, nh*hd], layers.{i}.attn.o_bias,
+  layers.{i}.attn.q_norm, layers.{i}.attn.k_norm ([hd] per head or full width),
+  layers.{i}.attn.sinks [nh],
+  layers.{i}.router [E, H], layers.{i}.router_bias [E],
+  layers.{i}.experts.{j}.gate_up [2F, H] (F gate rows, then F up rows),
+  layers.{i}.experts.{j}.gate_up_bias [2F], .down [H, F], .down_bias [H],
+  layers.{i}.shared.gate_up / .down (shared expert), layers.{i}.mlp.gate_up / .down (dense layer).
+
+Encodings of a 2-D tensor [rows, cols] (1-D tensors are always f32):
+  f32, bf16, f16: row-major, little-endian, unchanged values.
+  q8: int8 codes [rows, cols_pad], value = code * scale.
+  q4: uint8 [rows, cols_pad / 2]; in each chunk of 32 columns, byte b holds
+      column b in its low nibble and column b + 16 in its high nibble;
+      value = (nibble - 8) * scale.
+  Quantized encodings keep one IEEE float16 scale per group of `group_size`
+  columns (a multiple of 32), stored after the codes as [rows, cols_pad / group_size].
+  cols_pad rounds cols up to a multiple of group_size; padding columns hold zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MoeError
+
+FORMAT = "moe-layout"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.bin"
+EXPERTS_FILE = "experts.bin"
+EXPERT_ALIGN = 16384
+TENSOR_ALIGN = 64
+CHUNK = 32
+ENCODINGS = ("f32", "bf16", "f16", "q8", "q4")
+_RAW_DTYPES = {"f32": np.float32, "bf16": np.uint16, "f16": np.float16}
+
+
+def align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def padded_cols(cols: int, group_size: int) -> int:
+    return align(cols, group_size)
+
+
+@dataclass
+class Packed:
+    """One tensor in its stored encoding: `codes` (and `scales` when quantized)."""
+
+    encoding: str
+    shape: tuple[int, ...]
+    codes: np.ndarray  # f32/uint16(bf16)/f16 values, int8 (q8) or uint8 nibbles (q4)
+    scales: np.ndarray | None = None  # float16 [rows, cols_pad / group_size]
+    group_size: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + (0 if self.scales is None else self.scales.nbytes)
+
+
+def pack_q4(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes 0..15 [rows, cols_pad] -> nibbles [rows, cols_pad / 2] in the chunk order above."""
+    rows, cols = codes.shape
+    c = codes.reshape(rows, cols // CHUNK, 2, CHUNK // 2).astype(np.uint8)
+    return (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(rows, cols // 2)
+
+
+def unpack_q4(nibbles: np.ndarray) -> np.ndarray:
+    """Inverse of pack_q4: uint8 codes 0..15 [rows, cols_pad]."""
+    rows, half = nibbles.shape
+    n = nibbles.reshape(rows, half // (CHUNK // 2), 1, CHUNK // 2)
+    return np.concatenate([n & 0x0F, n >> 4], axis=2).reshape(rows, half * 2)
+
+
+def dequantize(p: Packed) -> np.ndarray:
+    """The float32 values a packed tensor stands for (the slow, obvious reference)."""
+    if p.encoding == "f32":
+        return np.asarray(p.codes, dtype=np.float32).reshape(p.shape)
+    if p.encoding == "bf16":
+        return (np.asarray(p.codes, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(p.shape)
+    if p.encoding == "f16":
+        return np.asarray(p.codes, dtype=np.float16).astype(np.float32).reshape(p.shape)
+    rows, cols = p.shape
+    if p.encoding == "q8":
+        q = np.asarray(p.codes, dtype=np.int8).astype(np.float32)
+    else:
+        q = unpack_q4(np.asarray(p.codes)).astype(np.float32) - 8.0
+    s = np.repeat(np.asarray(p.scales, dtype=np.float16).astype(np.float32), p.group_size, axis=1)
+    return (q * s)[:, :cols]
+
+
+def crc32(buf) -> int:
+    return zlib.crc32(buf) & 0xFFFFFFFF
+
+
+class LayoutWriter:
+    """Writes model.bin and experts.bin into `folder` and collects the manifest's records."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.tensors: dict[str, dict] = {}
+        self.experts: dict[str, list] = {}
+        self._files = {
+            MODEL_FILE: open(self.folder / MODEL_FILE, "wb"),
+            EXPERTS_FILE: open(self.folder / EXPERTS_FILE, "wb"),
+        }
+        self._run: tuple[int, int, int] | None = None  # (layer, expert, start offset) of the open expert run
+
+    def _write(self, fname: str, data: np.ndarray, alignment: int) -> int:
+        f = self._files[fname]
+        pos = f.tell()
+        start = align(pos, alignment)
+        if start > pos:
+            f.write(b"\0" * (start - pos))
+        f.write(memoryview(data).cast("B"))
+        return start
+
+    def add(self, name: str, p: Packed) -> None:
+        fname = EXPERTS_FILE if self._run is not None else MODEL_FILE
+        if name in self.tensors:
+            raise MoeError(f"tensor {name} written twice; this is a bug in the converter", 1)
+        entry = {"file": fname, "encoding": p.encoding, "shape": list(p.shape)}
+        codes = np.ascontiguousarray(p.codes)
+        entry["offset"] = self._write(fname, codes, TENSOR_ALIGN)
+        entry["crc32"] = crc32(codes)
+        if p.scales is not None:
+            scales = np.ascontiguousarray(p.scales, dtype=np.float16)
+            entry["group_size"] = p.group_size
+            entry["scales_offset"] = self._write(fname, scales, TENSOR_ALIGN)
+            entry["scales_crc32"] = crc32(scales)
+        self.tensors[name] = entry
+
+    def begin_expert(self, layer: int, expert: int) -> None:
+        f = self._files[EXPERTS_FILE]
+        pos = f.tell()
+        start = align(pos, EXPERT_ALIGN)
+        f.write(b"\0" * (start - pos))
+        self._run = (layer, expert, start)
+
+    def end_expert(self) -> None:
+        layer, expert, start = self._run
+        f = self._files[EXPERTS_FILE]
+        end = f.tell()
+        f.flush()
+        with open(f.name, "rb") as r:
+            r.seek(start)
+            checksum = crc32(r.read(end - start))
+        runs = self.experts.setdefault(str(layer), [])
+        if len(runs) != expert:
+            raise MoeError(f"experts of layer {layer} written out of order; this is a bug in the converter", 1)
+        runs.append({"offset": start, "nbytes": end - start, "crc32": checksum})
+        self._run = None
+
+    def finish(self, manifest: dict) -> dict:
+        """Pad experts.bin to a whole page, close both files and write the manifest."""
+        files = {}
+        for fname, f in self._files.items():
+            if fname == EXPERTS_FILE:
+                pos = f.tell()
+                f.write(b"\0" * (align(pos, EXPERT_ALIGN) - pos))
+            f.flush()
+            os.fsync(f.fileno())
+            files[fname] = {"size": f.tell()}
+            f.close()
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **manifest,
+            "files": files,
+            "tensors": self.tensors,
+            "experts": self.experts,
+        }
+        with open(self.folder / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+        return manifest
+
+    def abort(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+
+@dataclass
+class Layout:
+    """A converted model opened for reading: the validated manifest and its memory-mapped files."""
+
+    folder: Path
+    manifest: dict
+    maps: dict[str, mmap.mmap] = field(default_factory=dict)
+    _by_expert: dict[tuple[int, int], dict[str, dict]] = field(default_factory=dict)
+
+    @property
+    def config(self) -> dict:
+        return self.manifest["config"]
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest["tensors"]
+
+    def entry(self, name: str) -> dict:
+        try:
+            return self.manifest["tensors"][name]
+        except KeyError:
+            raise MoeError(f"{self.folder / MANIFEST}: tensor {name} is missing; reconvert the model") from None
+
+    def packed(self, name: str) -> Packed:
+        """Views into the memory map (no copy) of one tensor's codes and scales."""
+        e = self.entry(name)
+        buf = self.maps[e["file"]]
+        return _view(buf, e, base=0)
+
+    def expert_record(self, layer: int, expert: int) -> dict:
+        return self.manifest["experts"][str(layer)][expert]
+
+    def expert_tensors(self, layer: int, expert: int) -> dict[str, dict]:
+        """The entries of one expert's tensors, keyed by their short name (gate_up, down, ...)."""
+        if not self._by_expert:
+            for name, e in self.manifest["tensors"].items():
+                key = expert_key(name)
+                if key is not None:
+                    self._by_expert.setdefault(key[:2], {})[key[2]] = e
+        return self._by_expert.get((layer, expert), {})
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            try:
+                m.close()
+            except BufferError:
+                pass  # numpy views still alive; the map closes when they go
+        self.maps.clear()
+
+
+def view_in(buf, entry: dict, base: int) -> Packed:
+    """A Packed view of `entry` in `buf`, whose byte 0 is at file offset `base` (an expert slot)."""
+    return _view(buf, entry, base)
+
+
+def _view(buf, e: dict, base: int) -> Packed:
+    enc = e["encoding"]
+    shape = tuple(e["shape"])
+    if enc in _RAW_DTYPES:
+        codes = np.frombuffer(buf, dtype=_RAW_DTYPES[enc], count=math.prod(shape), offset=e["offset"] - base)
+        return Packed(enc, shape, codes.reshape(shape))
+    rows, cols = shape
+    gs = e["group_size"]
+    cp = padded_cols(cols, gs)
+    width = cp // 2 if enc == "q4" else cp
+    codes = np.frombuffer(buf, dtype=np.uint8 if enc == "q4" else np.int8, count=rows * width, offset=e["offset"] - base)
+    scales = np.frombuffer(buf, dtype=np.float16, count=rows * (cp // gs), offset=e["scales_offset"] - base)
+    return Packed(enc, shape, codes.reshape(rows, width), scales.reshape(rows, cp // gs), gs)
+
+
+def _expected_nbytes(e: dict) -> tuple[int, int]:
+    enc = e["encoding"]
+    shape = e["shape"]
+    if enc in _RAW_DTYPES:
+        return math.prod(shape) * np.dtype(_RAW_DTYPES[enc]).itemsize, 0
+    rows, cols = shape
+    cp = padded_cols(cols, e["group_size"])
+    return rows * (cp // 2 if enc == "q4" else cp), rows * (cp // e["group_size"]) * 2
+
+
+def read_manifest(folder: Path) -> dict:
+    """Parse and validate manifest.json; every offset and length must lie inside its file."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise MoeError(f"{folder}: no such model folder; convert one with `moe convert SRC` or list them with `moe list`")
+    if not path.is_file():
+        raise MoeError(f"{path}: missing; this folder is not a converted model (convert it with `moe convert`)")
+    try:
+        with open(path, "rb") as f:
+            m = json.loads(f.read(64 << 20))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MoeError(f"{path}: not valid JSON ({exc}); reconvert the model") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise MoeError(f"{path}: not a moe manifest; reconvert the model")
+    version = m.get("format_version")
+    if not isinstance(version, int):
+        raise MoeError(f"{path}: format_version is missing; reconvert the model")
+    if version > FORMAT_VERSION:
+        raise MoeError(
+            f"{path}: layout format {version} is newer than this moe understands ({FORMAT_VERSION}); upgrade moe"
+        )
+    if version < FORMAT_VERSION:
+        raise MoeError(f"{path}: layout format {version} is older than {FORMAT_VERSION}; reconvert the model")
+    try:
+        _validate(folder, m)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MoeError(f"{path}: malformed manifest ({type(exc).__name__}: {exc}); reconvert the model") from None
+    return m
+
+
+def _check_int(v, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{what} must be a non-negative integer")
+    return v
+
+
+def _validate(folder: Path, m: dict) -> None:
+    path = folder / MANIFEST
+    if not isinstance(m["config"], dict):
+        raise ValueError("config must be an object")
+    sizes = {}
+    for fname in (MODEL_FILE, EXPERTS_FILE):
+        declared = _check_int(m["files"][fname]["size"], f"files.{fname}.size")
+        actual = (folder / fname).stat().st_size if (folder / fname).is_file() else None
+        if actual is None:
+            raise MoeError(f"{folder / fname}: missing; reconvert the model")
+        if actual != declared:
+            raise MoeError(f"{folder / fname}: {actual} bytes, the manifest says {declared}; the file is truncated or altered, reconvert")
+        sizes[fname] = actual
+    for name, e in m["tensors"].items():
+        if e["file"] not in sizes:
+            raise ValueError(f"tensor {name}: unknown file {e['file']!r}")
+        if e["encoding"] not in ENCODINGS:
+            raise ValueError(f"tensor {name}: unknown encoding {e['encoding']!r}")
+        shape = e["shape"]
+        if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or any(_check_int(s, "shape") == 0 for s in shape):
+            raise ValueError(f"tensor {name}: bad shape {shape!r}")
+        if e["encoding"] in ("q4", "q8"):
+            gs = _check_int(e["group_size"], f"tensor {name} group_size")
+            if len(shape) != 2 or gs == 0 or gs % CHUNK:
+                raise ValueError(f"tensor {name}: bad group size {gs}")
+        nbytes, snbytes = _expected_nbytes(e)
+        spans = [(e["offset"], nbytes)] + ([(e["scales_offset"], snbytes)] if snbytes else [])
+        for off, n in spans:
+            _check_int(off, f"tensor {name} offset")
+            if off % TENSOR_ALIGN or off + n > sizes[e["file"]]:
+                raise MoeError(f"{path}: tensor {name} lies outside {e['file']} or is misaligned; reconvert the model")
+    runs = {}
+    for layer, records in m["experts"].items():
+        for j, r in enumerate(records):
+            off = _check_int(r["offset"], "expert offset")
+            n = _check_int(r["nbytes"], "expert nbytes")
+            _check_int(r["crc32"], "expert crc32")
+            if off % EXPERT_ALIGN or off + n > sizes[EXPERTS_FILE]:
+                raise MoeError(f"{path}: expert {j} of layer {layer} lies outside {EXPERTS_FILE} or is misaligned; reconvert")
+            runs[(layer, j)] = (off, off + n)
+    for name, e in m["tensors"].items():
+        key = expert_key(name)
+        if key is None:
+            continue
+        nbytes, snbytes = _expected_nbytes(e)
+        ends = [e["offset"] + nbytes] + ([e["scales_offset"] + snbytes] if snbytes else [])
+        start, end = runs.get((str(key[0]), key[1]), (None, None))
+        if start is None or e["file"] != EXPERTS_FILE or e["offset"] < start or max(ends) > end:
+            raise MoeError(f"{path}: tensor {name} lies outside its expert's run; reconvert the model")
+
+
+def expert_key(name: str) -> tuple[int, int, str] | None:
+    """(layer, expert, short name) of an expert tensor's name, None for any other tensor."""
+    parts = name.split(".", 4)
+    if len(parts) == 5 and parts[0] == "layers" and parts[2] == "experts":
+        return int(parts[1]), int(parts[3]), parts[4]
+    return None
+
+
+def open_layout(folder) -> Layout:
+    """Validate the manifest and map model.bin and experts.bin read-only."""
+    folder = Path(folder)
+    m = read_manifest(folder)
+    layout = Layout(folder, m)
+    for fname in (MODEL_FILE, EXPERTS_FILE):
+        with open(folder / fname, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            layout.maps[fname] = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else b""
+    return layout
+
+
+def verify(folder) -> list[str]:
+    """Check every tensor's and every expert run's CRC-32; one line per mismatch, naming layer, expert and tensor."""
+    layout = open_layout(folder)
+    problems = []
+    for name, e in layout.manifest["tensors"].items():
+        buf = layout.maps[e["file"]]
+        nbytes, snbytes = _expected_nbytes(e)
+        for off, n, key, what in ((e["offset"], nbytes, "crc32", ""), (e.get("scales_offset"), snbytes, "scales_crc32", " scales")):
+            if n and crc32(buf[off: off + n]) != e[key]:
+                problems.append(f"{_where(name)}: checksum mismatch in tensor {name}{what}")
+    buf = layout.maps[EXPERTS_FILE]
+    for layer, runs in layout.manifest["experts"].items():
+        for j, r in enumerate(runs):
+            if crc32(buf[r["offset"]: r["offset"] + r["nbytes"]]) != r["crc32"]:
+                if not any(p.startswith(f"layer {layer} expert {j}:") for p in problems):
+                    problems.append(f"layer {layer} expert {j}: checksum mismatch in the run's padding")
+    layout.close()
+    return problems
+
+
+def _where(name: str) -> str:
+    key = expert_key(name)
+    if key is not None:
+        return f"layer {key[0]} expert {key[1]}"
+    parts = name.split(".")
+    if parts[0] == "layers":
+        return f"layer {parts[1]}"
+    return "model"
