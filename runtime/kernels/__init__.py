@@ -1,1 +1,63 @@
-"""Numba kernels: flat functions over arrays, knowing nothing of checkpoints."""
+"""Numba kernels: flat functions over arrays, knowing nothing of checkpoints.
+
+This package is imported before numba anywhere in moe: it points NUMBA_CACHE_DIR under
+the user's cache (unless already set) and holds the numba flags every kernel uses, so
+compiled kernels are cached on disk and only the very first run compiles them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+
+
+def _cache_dir() -> Path:
+    home = os.environ.get("MOE_HOME")
+    base = Path(home).expanduser() if home else Path.home() / ".cache" / "moe"
+    return base / "numba-cache"
+
+
+os.environ.setdefault("NUMBA_CACHE_DIR", str(_cache_dir()))
+
+# Safe fast-math: reassociation and contraction let LLVM vectorize reductions; no
+# nnan/ninf, so infinities and NaNs keep their meaning.
+FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+FLAGS = dict(cache=True, fastmath=FASTMATH, nogil=True)  # serial kernels
+PARALLEL = dict(FLAGS, parallel=True)  # kernels with a prange worth spreading over threads
+
+_announced = False
+
+
+def _marker() -> Path:
+    """A file in the cache whose name changes with numba's version and our kernels' sources."""
+    h = hashlib.sha256(metadata.version("numba").encode())
+    for src in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
+    return Path(os.environ["NUMBA_CACHE_DIR"]) / f"moe-kernels-{h.hexdigest()[:16]}.ok"
+
+
+def cache_is_cold() -> bool:
+    """True when the kernels for this numba and these sources have never been compiled here."""
+    return not _marker().exists()
+
+
+def announce_compiling() -> None:
+    """Say on stderr, once per process, that kernels are being compiled."""
+    global _announced
+    if not _announced:
+        print("compiling kernels (first run only)…", file=sys.stderr, flush=True)
+        _announced = True
+
+
+def mark_cache_warm() -> None:
+    """Record that the kernels are compiled and cached; silently skipped when the cache is read-only."""
+    marker = _marker()
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:
+        pass
