@@ -1,0 +1,61 @@
+"""Scalar conversions of 16-bit float bit patterns to float32 (numba has no float16 type)."""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+_F16_EXP = np.uint32(0x7C00 << 13)  # float16 exponent field, moved to float32's mantissa-aligned position
+_REBIAS = np.uint32((127 - 15) << 23)
+_ONE_EXP = np.uint32(1 << 23)
+_SUBNORMAL_MAGIC = np.float32(2.0**-14)  # the float32 whose bits are (127 - 14) << 23
+
+
+@intrinsic
+def u32_as_f32(typingctx, bits):
+    """Reinterpret the low 32 bits of an integer as a float32 (truncate + bitcast; vectorizes).
+
+    numba widens uint32 arithmetic to 64 bits, hence any integer type is taken.
+    """
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = args[0]
+        if bits.bitwidth > 32:
+            low = builder.trunc(low, ir.IntType(32))
+        elif bits.bitwidth < 32:
+            low = builder.zext(low, ir.IntType(32))
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(cache=True, inline="always")
+def bf16_to_f32(h):
+    return u32_as_f32(np.uint32(h) << np.uint32(16))
+
+
+@njit(cache=True, inline="always")
+def f16_to_f32(h):
+    """Exact IEEE half -> single, branch-free so loops over it vectorize.
+
+    Normal numbers re-bias the exponent; inf/nan get float32's all-ones exponent; subnormals
+    (exponent 0) are made normal with exponent 1 and the implicit one subtracted as a float.
+    """
+    m = (np.uint32(h) & np.uint32(0x7FFF)) << np.uint32(13)
+    e = m & _F16_EXP
+    o = m + _REBIAS
+    if e == _F16_EXP:
+        o += _REBIAS
+    sub = e == np.uint32(0)
+    if sub:
+        o += _ONE_EXP
+    f = u32_as_f32(o)
+    if sub:
+        f -= _SUBNORMAL_MAGIC
+    if np.uint32(h) & np.uint32(0x8000):
+        f = -f
+    return f

@@ -1,0 +1,171 @@
+"""The matmul kernels against slow numpy twins built from layout.dequantize."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from moe.runtime.kernels import qmatmul
+from moe.runtime.kernels.bits import bf16_to_f32, f16_to_f32
+from moe.runtime.layout import CHUNK, Packed, dequantize, pack_q4, padded_cols
+from numba import njit
+
+SHAPES = [(1, 32, 1), (3, 40, 2), (37, 96, 1), (64, 200, 5), (130, 256, 70), (5, 1000, 3), (17, 64, 64)]
+
+
+def make_packed(enc: str, rows: int, cols: int, gs: int, rng) -> Packed:
+    """A random tensor in encoding `enc`, its padding columns zero as the converter writes them."""
+    if enc in ("f32", "bf16", "f16"):
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        if enc == "f32":
+            return Packed("f32", (rows, cols), w)
+        if enc == "f16":
+            return Packed("f16", (rows, cols), w.astype(np.float16))
+        return Packed("bf16", (rows, cols), (w.view(np.uint32) >> 16).astype(np.uint16))
+    cp = padded_cols(cols, gs)
+    scales = (rng.random((rows, cp // gs)) * 0.1 + 0.001).astype(np.float16)
+    if enc == "q8":
+        codes = rng.integers(-128, 128, (rows, cp), dtype=np.int8)
+        codes[:, cols:] = 0
+    else:
+        nib = rng.integers(0, 16, (rows, cp), dtype=np.uint8)
+        nib[:, cols:] = 8
+        codes = pack_q4(nib)
+    return Packed(enc, (rows, cols), codes, scales, gs)
+
+
+def quantize_acts_twin(x: np.ndarray, cols_pad: int) -> tuple[np.ndarray, np.ndarray]:
+    T, cols = x.shape
+    xp = np.zeros((T, cols_pad), np.float32)
+    xp[:, :cols] = x
+    blocks = xp.reshape(T, cols_pad // CHUNK, CHUNK)
+    scale = np.abs(blocks).max(axis=2) / np.float32(127.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.where(scale[:, :, None] > 0, np.rint(blocks / scale[:, :, None]), 0)
+    return q.astype(np.int8).reshape(T, cols_pad), scale.astype(np.float32)
+
+
+def acts(T: int, cols: int, rng) -> np.ndarray:
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    x[:, ::7] *= 10  # uneven magnitudes inside a block
+    if T > 1:
+        x[1] = 0  # an all-zero token: scale 0
+    return x
+
+
+@njit
+def _convert(fn_id, h, out):
+    for i in range(h.size):
+        out[i] = f16_to_f32(h[i]) if fn_id == 0 else bf16_to_f32(h[i])
+
+
+def test_f16_conversion_exact_over_all_bit_patterns():
+    h = np.arange(1 << 16, dtype=np.uint16)
+    got = np.empty(h.size, np.float32)
+    _convert(0, h, got)
+    ref = h.view(np.float16).astype(np.float32)
+    finite = np.isfinite(ref)
+    assert np.array_equal(got.view(np.uint32)[finite], ref.view(np.uint32)[finite])
+    assert np.array_equal(got[np.isinf(ref)], ref[np.isinf(ref)])
+    assert np.isnan(got[np.isnan(ref)]).all()
+
+
+def test_bf16_conversion_exact_over_all_bit_patterns():
+    h = np.arange(1 << 16, dtype=np.uint16)
+    got = np.empty(h.size, np.float32)
+    _convert(1, h, got)
+    ref = (h.astype(np.uint32) << 16).view(np.float32)
+    finite = np.isfinite(ref)
+    assert np.array_equal(got.view(np.uint32)[finite], ref.view(np.uint32)[finite])
+    assert np.isnan(got[np.isnan(ref)]).all()
+
+
+@pytest.mark.parametrize("T,cols", [(1, 32), (3, 45), (70, 200)])
+def test_quantize_acts_matches_twin(T, cols):
+    rng = np.random.default_rng(T * 1000 + cols)
+    x = acts(T, cols, rng)
+    cp = padded_cols(cols, 64)
+    xq = np.full((T, cp), 99, np.int8)
+    xs = np.full((T, cp // CHUNK), -1, np.float32)
+    qmatmul.quantize_acts(x, xq, xs)
+    ref_q, ref_s = quantize_acts_twin(x, cp)
+    assert np.array_equal(xq, ref_q)
+    assert np.array_equal(xs, ref_s)
+    assert np.abs(xq).max() <= 127
+
+
+def _close(got: np.ndarray, ref: np.ndarray, scale: np.ndarray, rtol: float) -> None:
+    """|got - ref| within rtol of the sum of |terms| (the natural scale of float rounding in a dot product)."""
+    assert got.shape == ref.shape
+    assert np.all(np.abs(got - ref) <= rtol * scale + 1e-30), np.abs(got - ref).max()
+
+
+@pytest.mark.parametrize("enc", ["q4", "q8"])
+@pytest.mark.parametrize("gs", [32, 64])
+@pytest.mark.parametrize("rows,cols,T", SHAPES)
+def test_quantized_matches_dequantized_twin(enc, gs, rows, cols, T):
+    rng = np.random.default_rng(rows * 7 + cols * 3 + T + gs)
+    p = make_packed(enc, rows, cols, gs, rng)
+    x = acts(T, cols, rng)
+    cp = padded_cols(cols, gs)
+    xq, xs = quantize_acts_twin(x, cp)
+    out = np.full((T, rows), np.nan, np.float32)
+    kernel = qmatmul.matmul_q4 if enc == "q4" else qmatmul.matmul_q8
+    kernel(p.codes, p.scales.view(np.uint16), gs, xq, xs, out)
+    w = dequantize(p).astype(np.float64)  # [rows, cols]
+    xd = (xq[:, :cols] * xs.repeat(CHUNK, axis=1)[:, :cols]).astype(np.float64)
+    _close(out, xd @ w.T, np.abs(xd) @ np.abs(w).T, 1e-5)
+    # and the quantized product stays close to the float one
+    full = x.astype(np.float64) @ w.T
+    _close(out, full, np.abs(x) @ np.abs(w).T, 2e-2)
+
+
+@pytest.mark.parametrize("enc", ["f32", "bf16", "f16"])
+@pytest.mark.parametrize("rows,cols,T", SHAPES)
+def test_float_matches_dequantized_twin(enc, rows, cols, T):
+    rng = np.random.default_rng(rows * 5 + cols + T)
+    p = make_packed(enc, rows, cols, 0, rng)
+    x = acts(T, cols, rng)
+    out = np.full((T, rows), np.nan, np.float32)
+    qmatmul.linear(p, x, out, qmatmul.Scratch())
+    w = dequantize(p).astype(np.float64)
+    _close(out, x.astype(np.float64) @ w.T, np.abs(x).astype(np.float64) @ np.abs(w).T, 1e-5)
+
+
+@pytest.mark.parametrize("enc", ["q4", "q8", "f32", "bf16", "f16"])
+def test_linear_dispatch_and_scratch_reuse(enc):
+    rng = np.random.default_rng(3)
+    scratch = qmatmul.Scratch(max_tokens=4, max_cols=96)
+    for rows, cols, T in [(9, 96, 1), (5, 40, 4), (7, 300, 2), (9, 96, 1)]:
+        p = make_packed(enc, rows, cols, 32, rng)
+        x = acts(T, cols, rng)
+        out = np.empty((T, rows), np.float32)
+        qmatmul.linear(p, x, out, scratch)
+        w = dequantize(p).astype(np.float64)
+        _close(out, x @ w.T, np.abs(x) @ np.abs(w).T, 2e-2 if enc[0] == "q" else 1e-5)
+
+
+def test_scratch_decode_reuses_buffers():
+    scratch = qmatmul.Scratch(max_tokens=2, max_cols=2048)
+    xq, xs = scratch.acts(1, 2048)
+    xq2, xs2 = scratch.acts(2, 1024)
+    assert np.shares_memory(xq, xq2) and np.shares_memory(xs, xs2)
+
+
+@pytest.mark.parametrize("enc", ["q4", "q8"])
+def test_deterministic_across_thread_counts(enc):
+    import numba
+
+    rng = np.random.default_rng(11)
+    p = make_packed(enc, 301, 512, 32, rng)
+    x = acts(5, 512, rng)
+    outs = []
+    saved = numba.get_num_threads()
+    try:
+        for n in (1, saved):
+            numba.set_num_threads(n)
+            out = np.empty((5, 301), np.float32)
+            qmatmul.linear(p, x, out, qmatmul.Scratch())
+            outs.append(out)
+    finally:
+        numba.set_num_threads(saved)
+    assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
