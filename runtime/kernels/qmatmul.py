@@ -15,14 +15,13 @@ import numpy as np
 from numba import njit, prange
 
 from ..layout import CHUNK, Packed
+from . import PARALLEL
 from .bits import bf16_to_f32, f16_to_f32
 
-# Reassociation lets LLVM vectorize the float sums; no nnan/ninf, so inf and nan propagate.
-FAST = {"reassoc", "contract", "nsz"}
 _QMAX = np.float32(127.0)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # exact division, no fast-math: x / scale, as the twin computes it
 def quantize_acts(x, xq, xs):
     """x f32 [T, cols] -> xq int8 [T, cols_pad], xs f32 [T, cols_pad / 32]: x ~ xq * xs per 32 columns.
 
@@ -45,7 +44,7 @@ def quantize_acts(x, xq, xs):
                 qrow[c] = np.int8(np.rint(xrow[c] / scale)) if c < hi and amax > 0 else np.int8(0)
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(**PARALLEL)
 def matmul_q4(codes, scales, gs, xq, xs, out):
     """codes u8 [rows, cols_pad / 2] (nibbles), scales u16 [rows, cols_pad / gs] (f16 bits)."""
     rows = codes.shape[0]
@@ -72,7 +71,7 @@ def matmul_q4(codes, scales, gs, xq, xs, out):
             out[t, r] = acc
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(**PARALLEL)
 def matmul_q8(codes, scales, gs, xq, xs, out):
     """codes i8 [rows, cols_pad], scales u16 [rows, cols_pad / gs] (f16 bits)."""
     rows = codes.shape[0]
@@ -97,7 +96,7 @@ def matmul_q8(codes, scales, gs, xq, xs, out):
             out[t, r] = acc
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(**PARALLEL)
 def matmul_f32(w, x, out):
     """w f32 [rows, cols]."""
     rows, cols = w.shape
@@ -112,7 +111,7 @@ def matmul_f32(w, x, out):
             out[t, r] = acc
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(**PARALLEL)
 def matmul_bf16(w, x, out):
     """w u16 [rows, cols] (bfloat16 bits)."""
     rows, cols = w.shape
@@ -127,7 +126,7 @@ def matmul_bf16(w, x, out):
             out[t, r] = acc
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(**PARALLEL)
 def matmul_f16(w, x, out):
     """w u16 [rows, cols] (float16 bits)."""
     rows, cols = w.shape
