@@ -1,0 +1,66 @@
+"""Where the runtime gets an expert's weights: `ExpertStore.get(layer, expert)`.
+
+`MappedExperts` hands out views into the memory-mapped experts.bin (no copy; the OS pages
+them in). A paging store (a fixed pool of slots refilled from the file under a memory budget)
+implements the same interface and must give identical results; `weights_in` builds the views
+for either, from a buffer holding the expert's run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .layout import EXPERTS_FILE, Layout, Packed, view_in
+
+
+@dataclass
+class ExpertWeights:
+    gate_up: Packed  # [2F, H]: F gate rows, then F up rows
+    down: Packed  # [H, F]
+    gate_up_bias: np.ndarray | None  # (2F,) f32
+    down_bias: np.ndarray | None  # (H,) f32
+
+
+def weights_in(buf, entries: dict[str, dict], base: int) -> ExpertWeights:
+    """Views of one expert's tensors (manifest entries by short name) in buf, whose byte 0 is file offset base."""
+
+    def bias(name: str) -> np.ndarray | None:
+        return view_in(buf, entries[name], base).codes if name in entries else None
+
+    return ExpertWeights(
+        view_in(buf, entries["gate_up"], base),
+        view_in(buf, entries["down"], base),
+        bias("gate_up_bias"),
+        bias("down_bias"),
+    )
+
+
+class ExpertStore:
+    """Hands out experts' weights and counts, per layer, cache hits and misses and bytes read from disk."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        n_layers = len(layout.config["layers"])
+        self.hits = np.zeros(n_layers, np.int64)
+        self.misses = np.zeros(n_layers, np.int64)
+        self.bytes_read = np.zeros(n_layers, np.int64)
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        raise NotImplementedError
+
+
+class MappedExperts(ExpertStore):
+    """Every expert straight from the memory map: views built once at load, nothing copied."""
+
+    def __init__(self, layout: Layout):
+        super().__init__(layout)
+        buf = layout.maps[EXPERTS_FILE]
+        self._weights: list[list[ExpertWeights] | None] = [None] * len(self.hits)
+        for layer, runs in layout.manifest["experts"].items():
+            i = int(layer)
+            self._weights[i] = [weights_in(buf, layout.expert_tensors(i, j), 0) for j in range(len(runs))]
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        return self._weights[layer][expert]

@@ -1,0 +1,116 @@
+"""Routers (float32): which k experts each token goes to and with what weight, then tokens grouped by expert.
+
+Top-k order is (value descending, index ascending), so ties go to the lower index as in torch.topk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from . import FLAGS
+
+
+@njit(**FLAGS)
+def _topk(row, k, idx):
+    """The k largest entries of row (E,) into idx (k,), best first, ties to the lower index."""
+    E = row.shape[0]
+    last_v = np.float32(np.inf)
+    last_e = -1
+    for s in range(k):
+        best = -1
+        for e in range(E):
+            v = row[e]
+            after_last = v < last_v or (v == last_v and e > last_e)
+            if after_last and (best < 0 or v > row[best]):
+                best = e
+        idx[s] = best
+        last_v = row[best]
+        last_e = best
+
+
+@njit(**FLAGS)
+def softmax_topk(logits, k, renormalize, idx, weights):
+    """Mixtral, Qwen3-MoE, OLMoE: softmax over all E logits (T, E), top-k of the probabilities,
+    renormalized to sum 1 when `renormalize`. Writes idx (T, k) int64 and weights (T, k) f32.
+    logits is overwritten by the probabilities."""
+    T, E = logits.shape
+    for t in range(T):
+        row = logits[t]
+        m = row.max()
+        total = np.float32(0.0)
+        for e in range(E):
+            row[e] = np.float32(math.exp(row[e] - m))
+            total += row[e]
+        for e in range(E):
+            row[e] = row[e] / total
+        _topk(row, k, idx[t])
+        norm = np.float32(0.0)
+        for s in range(k):
+            weights[t, s] = row[idx[t, s]]
+            norm += weights[t, s]
+        if renormalize:
+            for s in range(k):
+                weights[t, s] = weights[t, s] / norm
+
+
+@njit(**FLAGS)
+def topk_softmax(logits, k, idx, weights):
+    """gpt-oss: top-k of the logits (T, E) (router bias already added), softmax over those k only."""
+    T = logits.shape[0]
+    for t in range(T):
+        row = logits[t]
+        _topk(row, k, idx[t])
+        m = row[idx[t, 0]]
+        total = np.float32(0.0)
+        for s in range(k):
+            weights[t, s] = np.float32(math.exp(row[idx[t, s]] - m))
+            total += weights[t, s]
+        for s in range(k):
+            weights[t, s] = weights[t, s] / total
+
+
+@njit(**FLAGS)
+def sigmoid_topk(logits, k, idx, weights):
+    """Llama 4: top-k of the logits (T, E); each chosen expert's weight is sigmoid(logit),
+    which scales that expert's input (the caller applies it there)."""
+    T = logits.shape[0]
+    for t in range(T):
+        row = logits[t]
+        _topk(row, k, idx[t])
+        for s in range(k):
+            weights[t, s] = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-row[idx[t, s]])))
+
+
+@njit(**FLAGS)
+def group_by_expert(idx, n_experts, offsets, order, active, uses):
+    """Sort the (token, slot) pairs of idx (T, k) by expert, tokens in order within an expert.
+
+    offsets (E+1,): expert e's pairs are order[offsets[e]:offsets[e+1]], each entry t * k + slot
+    (a flat index into idx and the weights). active (E,) receives the experts chosen at least once,
+    ascending; returns how many. uses (E,) counts the tokens each expert received.
+    """
+    T, k = idx.shape
+    offsets[:] = 0
+    for t in range(T):
+        for s in range(k):
+            offsets[idx[t, s] + 1] += 1
+    n_active = 0
+    for e in range(n_experts):
+        count = offsets[e + 1]
+        uses[e] += count
+        if count > 0:
+            active[n_active] = e
+            n_active += 1
+        offsets[e + 1] += offsets[e]
+    for t in range(T):  # offsets[e] is expert e's write cursor; it ends at e's end
+        for s in range(k):
+            e = idx[t, s]
+            order[offsets[e]] = t * k + s
+            offsets[e] += 1
+    for e in range(n_experts, 0, -1):  # ends back to starts
+        offsets[e] = offsets[e - 1]
+    offsets[0] = 0
+    return n_active

@@ -1,0 +1,383 @@
+"""A converted model, run on the CPU: router first, then only the chosen experts.
+
+Shape letters: T tokens in this call, H hidden, E experts, k experts per token, F an MLP's
+intermediate width, nh/nkv query/key-value heads, hd head dim, P context positions, V vocabulary.
+
+`forward` runs T tokens at positions pos .. pos+T-1 through every layer, appending their keys
+and values to the KV cache. Prefill (T > 1) groups the tokens by expert, so each chosen
+expert's weights are read once per layer; decode (T = 1) reuses buffers allocated at load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels
+from .config import LayerSpec, ModelConfig
+from .errors import MoeError
+from .experts import ExpertStore, MappedExperts
+from .kernels import rope
+from .kernels.attention import attend, temperature
+from .kernels.embed import embed
+from .kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
+from .kernels.norms import rmsnorm
+from .kernels.qmatmul import Scratch, linear
+from .kernels.routing import group_by_expert, sigmoid_topk, softmax_topk, topk_softmax
+from .layout import MANIFEST, Layout, Packed, open_layout
+
+DEFAULT_MAX_CONTEXT = 4096
+F32 = np.float32
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's non-expert tensors: views into model.bin."""
+
+    spec: LayerSpec
+    attn_norm: np.ndarray  # (H,)
+    ffn_norm: np.ndarray  # (H,)
+    qkv: Packed  # [nh*hd + 2*nkv*hd, H]
+    o: Packed  # [H, nh*hd]
+    qkv_bias: np.ndarray | None = None
+    o_bias: np.ndarray | None = None
+    q_norm: np.ndarray | None = None  # (hd,) per head or (nh*hd,) full width
+    k_norm: np.ndarray | None = None
+    sinks: np.ndarray | None = None  # (nh,)
+    router: Packed | None = None  # [E, H] f32
+    router_bias: np.ndarray | None = None  # (E,)
+    shared: tuple[Packed, Packed] | None = None  # (gate_up [2F, H], down [H, F])
+    mlp: tuple[Packed, Packed] | None = None  # dense layer
+
+    @classmethod
+    def load(cls, layout: Layout, i: int, spec: LayerSpec) -> _Layer:
+        p = f"layers.{i}."
+
+        def vec(name: str) -> np.ndarray | None:
+            return layout.packed(p + name).codes if layout.has(p + name) else None
+
+        def pair(name: str) -> tuple[Packed, Packed] | None:
+            if not layout.has(p + name + ".gate_up"):
+                return None
+            return layout.packed(p + name + ".gate_up"), layout.packed(p + name + ".down")
+
+        return cls(
+            spec, vec("attn_norm"), vec("ffn_norm"), layout.packed(p + "attn.qkv"), layout.packed(p + "attn.o"),
+            vec("attn.qkv_bias"), vec("attn.o_bias"), vec("attn.q_norm"), vec("attn.k_norm"), vec("attn.sinks"),
+            layout.packed(p + "router") if spec.moe else None, vec("router_bias"), pair("shared"), pair("mlp"),
+        )
+
+
+class _Buffers:
+    """Every activation of one forward call of T tokens, so the call itself allocates nothing."""
+
+    def __init__(self, cfg: ModelConfig, T: int, widths: set[int]):
+        H, nh, nkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qd, kvd, E, k = cfg.q_dim, cfg.kv_dim, cfg.num_experts, cfg.top_k
+        self.T = T
+        self.x = np.zeros((T, H), F32)  # the residual stream
+        self.xn = np.zeros((T, H), F32)  # its normalized copy, input of attention and FFN
+        self.y = np.zeros((T, H), F32)  # a block's output, added to x
+        self.qkv = np.zeros((T, qd + 2 * kvd), F32)
+        self.q = _view(self.qkv[:, :qd], (T, nh, hd))
+        self.k = _view(self.qkv[:, qd: qd + kvd], (T, nkv, hd))
+        self.v = _view(self.qkv[:, qd + kvd:], (T, nkv, hd))
+        self.q_flat = _view(self.qkv[:, :qd], (T, 1, qd))  # OLMoE's full-width q/k norms
+        self.k_flat = _view(self.qkv[:, qd: qd + kvd], (T, 1, kvd))
+        self.attn = np.zeros((T, nh, hd), F32)
+        self.router = np.zeros((T, E), F32)
+        self.idx = np.zeros((T, k), np.int64)
+        self.w = np.zeros((T, k), F32)
+        self.offsets = np.zeros(E + 1, np.int64)
+        self.order = np.zeros(T * k, np.int64)
+        self.active = np.zeros(E, np.int64)
+        self.xe = np.zeros((T, H), F32)  # one expert's gathered tokens
+        self.ye = np.zeros((T, H), F32)  # and its outputs
+        self.hidden = {F: (np.zeros((T, 2 * F), F32), np.zeros((T, F), F32)) for F in widths}  # (gate_up, act)
+        self.logits = np.zeros((1, cfg.vocab_size), F32)  # last-token logits
+
+    @property
+    def x3(self) -> np.ndarray:
+        return self.x.reshape(self.T, 1, -1)
+
+    @property
+    def xn3(self) -> np.ndarray:
+        return self.xn.reshape(self.T, 1, -1)
+
+
+def _view(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """a reshaped without a copy (assigning .shape raises rather than copy)."""
+    v = a.view()
+    v.shape = shape
+    return v
+
+
+class Model:
+    """A converted model with its KV cache. `forward` is the one entry; the rest wraps it."""
+
+    def __init__(self, layout: Layout, experts: ExpertStore, max_context: int):
+        self.layout = layout
+        self.config = cfg = ModelConfig.from_dict(layout.config)
+        self.experts = experts
+        self.max_context = max_context
+        self.pos = 0  # tokens in the KV cache
+        self.routing_trace: list | None = None  # set to a list to record (layer, idx (T, k), weights (T, k)) per MoE layer
+        self._tokens = 0
+        self._tokenizer = None
+        self.embed = layout.packed("embed")  # [V, H]
+        self.lm_head = layout.packed("lm_head") if layout.has("lm_head") else self.embed
+        self.norm = layout.packed("norm").codes
+        self.layers = [_Layer.load(layout, i, spec) for i, spec in enumerate(cfg.layers)]
+        freq, attention_factor = rope.inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        self._cos, self._sin = rope.tables(freq, attention_factor, max_context)  # (P, hd/2)
+        kv_shape = (cfg.num_layers, cfg.num_kv_heads, max_context, cfg.head_dim)
+        self._k = np.zeros(kv_shape, F32)  # calloc'd: pages are committed only as positions fill
+        self._v = np.zeros(kv_shape, F32)
+        self._ones = np.ones(cfg.head_dim, F32)  # Llama 4's L2 norm is an RMSNorm without weight
+        self._no_sinks = np.zeros(cfg.num_heads, F32)
+        self._uses = np.zeros((cfg.num_layers, cfg.num_experts), np.int64)
+        self._widths = {cfg.expert_intermediate_size} | {
+            mlp[0].shape[0] // 2 for layer in self.layers for mlp in (layer.shared, layer.mlp) if mlp
+        }
+        self._scratch = Scratch()  # grows to the largest call once, then is reused
+        self._decode = _Buffers(cfg, 1, self._widths)
+        self._prefill: _Buffers | None = None
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_folder(self.layout.folder, self.layout.manifest)
+        return self._tokenizer
+
+    @property
+    def stats(self) -> dict:
+        """Tokens run, expert cache figures, and per MoE layer how many tokens each expert received."""
+        s = self.experts
+        return {
+            "tokens": self._tokens,
+            "hits": int(s.hits.sum()),
+            "misses": int(s.misses.sum()),
+            "bytes_read": int(s.bytes_read.sum()),
+            "layers": [
+                {"layer": i, "expert_uses": self._uses[i].tolist(), "hits": int(s.hits[i]),
+                 "misses": int(s.misses[i]), "bytes_read": int(s.bytes_read[i])}
+                for i in self.config.moe_layers()
+            ],
+        }
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        self.pos = 0
+
+    def logits(self, ids) -> np.ndarray:
+        """f32 [T, V]: the logits of every position of ids, from an empty cache."""
+        self.reset()
+        return self.forward(ids)
+
+    def forward(self, ids, last_only: bool = False) -> np.ndarray:
+        """Run ids (T,) at positions pos .. pos+T-1; f32 [T, V] logits, or [1, V] for the last token.
+
+        With last_only the result lives in a buffer the next call overwrites (decode allocates nothing).
+        """
+        ids = self._check(ids)
+        T = ids.shape[0]
+        pos0 = self.pos
+        B = self._buffers(T)
+        eps = self.config.rms_norm_eps
+        embed(self.embed, ids, B.x)
+        for i, layer in enumerate(self.layers):
+            rmsnorm(B.x3, layer.attn_norm, eps, B.xn3)
+            self._attention(i, layer, B, pos0)
+            np.add(B.x, B.y, out=B.x)
+            rmsnorm(B.x3, layer.ffn_norm, eps, B.xn3)
+            if layer.spec.moe:
+                self._moe(i, layer, B)
+            else:
+                self._mlp(layer.mlp, B.xn, B.y, B)
+            np.add(B.x, B.y, out=B.x)
+        self.pos = pos0 + T
+        self._tokens += T
+        if last_only:
+            rows, logits = slice(T - 1, T), B.logits
+        else:
+            rows, logits = slice(0, T), np.empty((T, self.config.vocab_size), F32)
+        rmsnorm(B.x3[rows], self.norm, eps, B.xn3[rows])
+        linear(self.lm_head, B.xn[rows], logits, self._scratch)
+        return logits
+
+    def generate_tokens(self, ids, max_tokens: int = 256, **options):
+        """Iterator of generated token ids (see moe.runtime.generate.generate_tokens)."""
+        from .generate import generate_tokens
+
+        return generate_tokens(self, ids, max_tokens, **options)
+
+    def generate(self, prompt: str, max_tokens: int = 256, **options):
+        """Iterator of text pieces (see moe.runtime.generate.generate)."""
+        from .generate import generate
+
+        return generate(self, prompt, max_tokens, **options)
+
+    def close(self) -> None:
+        self.layout.close()
+
+    # -- the forward pass -----------------------------------------------------------------------
+
+    def _check(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        V = self.config.vocab_size
+        if ids.ndim != 1 or ids.size == 0:
+            raise MoeError(f"token ids must be a non-empty 1-D sequence, not shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= V:
+            bad = ids[(ids < 0) | (ids >= V)][0]
+            raise MoeError(f"token id {bad} is outside the vocabulary (0..{V - 1}); use this model's tokenizer")
+        if self.pos + ids.size > self.max_context:
+            raise MoeError(
+                f"{self.pos + ids.size} tokens exceed the context of {self.max_context}; shorten the prompt "
+                f"(or load the model with a larger max_context, at most {self.config.max_position_embeddings})"
+            )
+        return ids
+
+    def _buffers(self, T: int) -> _Buffers:
+        if T == 1:
+            return self._decode
+        if self._prefill is None or self._prefill.T != T:
+            self._prefill = _Buffers(self.config, T, self._widths)
+        return self._prefill
+
+    def _attention(self, i: int, layer: _Layer, B: _Buffers, pos0: int) -> None:
+        cfg, spec = self.config, layer.spec
+        eps = cfg.rms_norm_eps
+        linear(layer.qkv, B.xn, B.qkv, self._scratch)
+        if layer.qkv_bias is not None:
+            np.add(B.qkv, layer.qkv_bias, out=B.qkv)
+        if spec.qk_norm == "head":
+            rmsnorm(B.q, layer.q_norm, eps, B.q)
+            rmsnorm(B.k, layer.k_norm, eps, B.k)
+        elif spec.qk_norm == "full":
+            rmsnorm(B.q_flat, layer.q_norm, eps, B.q_flat)
+            rmsnorm(B.k_flat, layer.k_norm, eps, B.k_flat)
+        if cfg.clip_qkv is not None:
+            np.clip(B.qkv, -cfg.clip_qkv, cfg.clip_qkv, out=B.qkv)
+        if spec.rope:
+            rope.rotate(B.q, pos0, self._cos, self._sin, cfg.rope.interleaved)
+            rope.rotate(B.k, pos0, self._cos, self._sin, cfg.rope.interleaved)
+        if spec.qk_norm == "l2":
+            rmsnorm(B.q, self._ones, eps, B.q)
+            rmsnorm(B.k, self._ones, eps, B.k)
+        if spec.attn_temperature:
+            temperature(B.q, pos0, cfg.attn_scale, cfg.floor_scale)
+        end = pos0 + B.T
+        k_cache, v_cache = self._k[i], self._v[i]  # (nkv, P, hd)
+        k_cache[:, pos0:end] = B.k.transpose(1, 0, 2)
+        v_cache[:, pos0:end] = B.v.transpose(1, 0, 2)
+        window = spec.window if spec.attention == "sliding" else 0
+        chunk = spec.window if spec.attention == "chunked" else 0
+        sinks = self._no_sinks if layer.sinks is None else layer.sinks
+        attend(B.q, k_cache, v_cache, pos0, cfg.head_dim**-0.5, window, chunk, sinks, layer.sinks is not None, B.attn)
+        linear(layer.o, B.attn.reshape(B.T, -1), B.y, self._scratch)
+        if layer.o_bias is not None:
+            np.add(B.y, layer.o_bias, out=B.y)
+
+    def _moe(self, i: int, layer: _Layer, B: _Buffers) -> None:
+        """Router (f32) and top-k, then each chosen expert once over the tokens routed to it."""
+        cfg = self.config
+        k = cfg.top_k
+        linear(layer.router, B.xn, B.router, self._scratch)
+        if layer.router_bias is not None:
+            np.add(B.router, layer.router_bias, out=B.router)
+        if cfg.router == "softmax_topk":
+            softmax_topk(B.router, k, cfg.norm_topk_prob, B.idx, B.w)
+        elif cfg.router == "topk_softmax":
+            topk_softmax(B.router, k, B.idx, B.w)
+        else:
+            sigmoid_topk(B.router, k, B.idx, B.w)
+        if self.routing_trace is not None:
+            self.routing_trace.append((i, B.idx.copy(), B.w.copy()))
+        n_active = group_by_expert(B.idx, cfg.num_experts, B.offsets, B.order, B.active, self._uses[i])
+        if layer.shared is not None:
+            self._mlp(layer.shared, B.xn, B.y, B)
+        else:
+            B.y[:] = 0.0
+        scale_input = cfg.router == "sigmoid_topk"  # Llama 4 weighs the expert's input, the others its output
+        gate_up_buf, act_buf = B.hidden[cfg.expert_intermediate_size]
+        for e in B.active[:n_active].tolist():
+            lo, hi = int(B.offsets[e]), int(B.offsets[e + 1])
+            n = hi - lo
+            w = self.experts.get(i, e)
+            xe, ye, gate_up, act = B.xe[:n], B.ye[:n], gate_up_buf[:n], act_buf[:n]
+            gather(B.xn, B.order, k, lo, hi, B.w, scale_input, xe)
+            linear(w.gate_up, xe, gate_up, self._scratch)
+            if w.gate_up_bias is not None:
+                np.add(gate_up, w.gate_up_bias, out=gate_up)
+            if cfg.activation == "gpt_oss":
+                swiglu_clamped(gate_up, cfg.swiglu_alpha, cfg.swiglu_limit, act)
+            else:
+                swiglu(gate_up, act)
+            linear(w.down, act, ye, self._scratch)
+            if w.down_bias is not None:
+                np.add(ye, w.down_bias, out=ye)
+            scatter_add(ye, B.order, k, lo, hi, B.w, not scale_input, B.y)
+
+    def _mlp(self, weights: tuple[Packed, Packed], x: np.ndarray, out: np.ndarray, B: _Buffers) -> None:
+        """A SwiGLU MLP (dense layer or shared expert) over all T tokens: out = down(silu(gate x) * up x)."""
+        gate_up, down = weights
+        gate_up_buf, act_buf = B.hidden[gate_up.shape[0] // 2]
+        linear(gate_up, x, gate_up_buf, self._scratch)
+        swiglu(gate_up_buf, act_buf)
+        linear(down, act_buf, out, self._scratch)
+
+
+def load_model(path, memory_budget=None, threads: int | None = None, max_context: int | None = None) -> Model:
+    """Open a converted model (a folder, or a name or Hub id converted before) and map its files; copies no expert.
+
+    memory_budget (bytes or text such as "2GB") bounds the expert cache; threads sets numba's
+    thread count; max_context sizes the KV cache (default: the model's, at most 4096).
+    """
+    folder = Path(path)
+    if not (folder / MANIFEST).is_file():
+        from .home import resolve_model
+
+        folder = resolve_model(str(path))
+    if memory_budget is not None:
+        from .units import parse_size
+
+        parse_size(memory_budget, "memory budget")
+    if threads is not None:
+        _set_threads(threads)
+    layout = open_layout(folder)
+    cfg = ModelConfig.from_dict(layout.config)
+    if max_context is None:
+        max_context = min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    elif not 1 <= max_context <= cfg.max_position_embeddings:
+        raise MoeError(f"max_context {max_context} must be between 1 and the model's {cfg.max_position_embeddings}")
+    model = Model(layout, MappedExperts(layout), max_context)
+    if kernels.cache_is_cold():
+        kernels.announce_compiling()
+        _warm_up(model)
+        kernels.mark_cache_warm()
+    return model
+
+
+def _set_threads(threads: int) -> None:
+    import numba
+
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= limit:
+        raise MoeError(f"threads {threads!r}: give a whole number from 1 to {limit} (the cores numba sees)")
+    numba.set_num_threads(threads)
+
+
+def _warm_up(model: Model) -> None:
+    """Compile (and cache on disk) every kernel the prefill and decode paths use, then forget the run."""
+    if model.max_context >= 3:
+        model.forward(np.zeros(2, np.int64))
+        model.forward(np.zeros(1, np.int64), last_only=True)
+    model.reset()
+    model._tokens = 0
+    model._uses[:] = 0

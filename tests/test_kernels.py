@@ -1,0 +1,277 @@
+"""Each kernel against a slow, obvious numpy twin (and the RoPE tables against transformers itself)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moe.runtime.config import Rope
+from moe.runtime.kernels import rope
+from moe.runtime.kernels.attention import attend, temperature
+from moe.runtime.kernels.embed import embed
+from moe.runtime.kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
+from moe.runtime.kernels.norms import rmsnorm
+from moe.runtime.kernels.routing import group_by_expert, sigmoid_topk, softmax_topk, topk_softmax
+from moe.runtime.layout import Packed, dequantize, pack_q4
+
+rng = np.random.default_rng(0)
+
+
+def randn(*shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# -- norms -----------------------------------------------------------------------------------------
+
+def naive_rmsnorm(x, w, eps):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (5, 4, 24), (3, 1, 96)])
+def test_rmsnorm(shape):
+    x, w = randn(*shape), randn(shape[-1])
+    out = np.empty_like(x)
+    rmsnorm(x, w, 1e-5, out)
+    np.testing.assert_allclose(out, naive_rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+    rmsnorm(x, w, 1e-5, x)  # in place
+    np.testing.assert_allclose(x, out, rtol=1e-6)
+
+
+# -- rope ------------------------------------------------------------------------------------------
+
+def transformers_inv_freq(rope_parameters: dict, head_dim: int, max_pos: int):
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
+                                      max_position_embeddings=max_pos, rope_parameters=rope_parameters)
+    kind = rope_parameters["rope_type"]
+    if kind == "default":
+        theta = rope_parameters["rope_theta"]
+        import torch
+
+        return (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))).numpy(), 1.0
+    freq, factor = ROPE_INIT_FUNCTIONS[kind](config)
+    return freq.numpy(), factor
+
+
+ROPES = [
+    ({"rope_type": "default", "rope_theta": 1e6}, Rope("default", 1e6)),
+    ({"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64},
+     Rope("llama3", 5e5, True, 8.0, 1.0, 4.0, 64)),
+    ({"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+      "truncate": False, "original_max_position_embeddings": 4096},
+     Rope("yarn", 150000.0, factor=32.0, original_max_position_embeddings=4096, truncate=False)),
+    ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 2048,
+      "mscale": 1.0, "mscale_all_dim": 0.5},
+     Rope("yarn", 10000.0, factor=4.0, original_max_position_embeddings=2048, mscale=1.0, mscale_all_dim=0.5)),
+]
+
+
+@pytest.mark.parametrize("hd", [24, 64])
+@pytest.mark.parametrize("params,ours", ROPES, ids=["default", "llama3", "yarn", "yarn-mscale"])
+def test_rope_frequencies_match_transformers(params, ours, hd):
+    want, want_factor = transformers_inv_freq(params, hd, 131072)
+    got, factor = rope.inv_freq(ours, hd, 131072)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert factor == pytest.approx(want_factor, rel=1e-12)
+
+
+def naive_rotate(x, pos0, cos, sin, interleaved):
+    T, n, hd = x.shape
+    c, s = cos[pos0: pos0 + T, None, :], sin[pos0: pos0 + T, None, :]
+    if interleaved:
+        z = (x[..., 0::2] + 1j * x[..., 1::2]) * (c + 1j * s)
+        return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
+    a, b = x[..., : hd // 2], x[..., hd // 2:]
+    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotate(interleaved):
+    cos, sin = rope.tables(*rope.inv_freq(Rope("default", 1e4), 16, 4096), 40)
+    x = randn(6, 3, 16)
+    want = naive_rotate(x, 7, cos, sin, interleaved)
+    rope.rotate(x, 7, cos, sin, interleaved)
+    np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-6)
+
+
+def test_tables_scale_by_attention_factor():
+    freq = np.array([1.0, 0.1], np.float32)
+    cos, sin = rope.tables(freq, 2.0, 3)
+    np.testing.assert_allclose(cos[2], 2 * np.cos([2.0, 0.2]), rtol=1e-6)
+    np.testing.assert_allclose(sin[2], 2 * np.sin([2.0, 0.2]), rtol=1e-6)
+
+
+# -- attention -------------------------------------------------------------------------------------
+
+def naive_attend(q, k, v, pos0, scale, window, chunk, sinks):
+    """q (T, nh, hd); k, v (nkv, P, hd) holding positions 0 .. pos0+T-1."""
+    T, nh, hd = q.shape
+    group = nh // k.shape[0]
+    n = pos0 + T
+    i = np.arange(pos0, n)[:, None]
+    j = np.arange(n)[None, :]
+    allowed = j <= i
+    if window:
+        allowed &= i - j < window
+    if chunk:
+        allowed &= i // chunk == j // chunk
+    out = np.zeros_like(q, dtype=np.float64)
+    for h in range(nh):
+        kh, vh = k[h // group, :n].astype(np.float64), v[h // group, :n].astype(np.float64)
+        scores = np.where(allowed, q[:, h].astype(np.float64) @ kh.T * scale, -np.inf)
+        if sinks is not None:
+            scores = np.concatenate([scores, np.full((T, 1), sinks[h])], axis=1)
+        p = np.exp(scores - scores.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        out[:, h] = p[:, :n] @ vh
+    return out
+
+
+@pytest.mark.parametrize("pos0,T", [(0, 20), (13, 1), (5, 9)])
+@pytest.mark.parametrize("window,chunk,with_sinks", [(0, 0, False), (6, 0, True), (0, 8, False), (0, 0, True)])
+def test_attend(pos0, T, window, chunk, with_sinks):
+    nh, nkv, hd, P = 6, 2, 16, 32
+    q = randn(T, nh, hd)
+    k, v = randn(nkv, P, hd), randn(nkv, P, hd)
+    sinks = randn(nh) if with_sinks else None
+    out = np.zeros_like(q)
+    attend(q, k, v, pos0, hd**-0.5, window, chunk, np.zeros(nh, np.float32) if sinks is None else sinks,
+           sinks is not None, out)
+    np.testing.assert_allclose(out, naive_attend(q, k, v, pos0, hd**-0.5, window, chunk, sinks), rtol=1e-4, atol=1e-5)
+
+
+def test_temperature():
+    q = randn(5, 2, 4)
+    want = q * (1 + 0.1 * np.log1p(np.floor((np.arange(3, 8) + 1) / 4.0)))[:, None, None]
+    temperature(q, 3, 0.1, 4.0)
+    np.testing.assert_allclose(q, want, rtol=1e-6)
+
+
+# -- routing ---------------------------------------------------------------------------------------
+
+def naive_topk(values, k):
+    return np.argsort(-values, axis=-1, kind="stable")[:, :k]  # stable: ties to the lower index
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_softmax_topk(renormalize):
+    logits = randn(7, 8)
+    logits[3] = 0.5  # all tied: experts 0, 1, 2 win
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want_idx = naive_topk(p, 3)
+    want_w = np.take_along_axis(p, want_idx, 1)
+    if renormalize:
+        want_w /= want_w.sum(1, keepdims=True)
+    idx, w = np.zeros((7, 3), np.int64), np.zeros((7, 3), np.float32)
+    softmax_topk(logits.copy(), 3, renormalize, idx, w)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(idx[3], [0, 1, 2])
+    np.testing.assert_allclose(w, want_w, rtol=1e-5)
+
+
+def test_topk_softmax():
+    logits = randn(6, 16)
+    logits[0, [4, 9]] = 5.0
+    want_idx = naive_topk(logits, 4)
+    top = np.take_along_axis(logits, want_idx, 1)
+    want_w = np.exp(top - top.max(1, keepdims=True))
+    want_w /= want_w.sum(1, keepdims=True)
+    idx, w = np.zeros((6, 4), np.int64), np.zeros((6, 4), np.float32)
+    topk_softmax(logits, 4, idx, w)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(idx[0, :2], [4, 9])
+    np.testing.assert_allclose(w, want_w, rtol=1e-5)
+
+
+def test_sigmoid_topk():
+    logits = randn(6, 4)
+    want_idx = naive_topk(logits, 1)
+    idx, w = np.zeros((6, 1), np.int64), np.zeros((6, 1), np.float32)
+    sigmoid_topk(logits, 1, idx, w)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(w, 1 / (1 + np.exp(-np.take_along_axis(logits, want_idx, 1))), rtol=1e-6)
+
+
+def test_group_by_expert():
+    T, k, E = 9, 3, 8
+    idx = np.array([rng.choice(E - 1, k, replace=False) for _ in range(T)], np.int64)  # expert 7 never chosen
+    offsets, order, active = np.zeros(E + 1, np.int64), np.zeros(T * k, np.int64), np.zeros(E, np.int64)
+    uses = np.ones(E, np.int64)
+    n = group_by_expert(idx, E, offsets, order, active, uses)
+    flat = idx.ravel()
+    np.testing.assert_array_equal(order, np.argsort(flat, kind="stable"))
+    counts = np.bincount(flat, minlength=E)
+    np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(counts)]))
+    np.testing.assert_array_equal(active[:n], np.flatnonzero(counts))
+    np.testing.assert_array_equal(uses, counts + 1)
+
+
+# -- FFN pieces ------------------------------------------------------------------------------------
+
+def test_swiglu():
+    gu = randn(5, 2 * 40, scale=3)
+    out = np.empty((5, 40), np.float32)
+    swiglu(gu, out)
+    g, u = gu[:, :40].astype(np.float64), gu[:, 40:]
+    np.testing.assert_allclose(out, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_clamped():
+    gu = randn(5, 2 * 40, scale=6)
+    out = np.empty((5, 40), np.float32)
+    swiglu_clamped(gu, 1.702, 7.0, out)
+    g = np.minimum(gu[:, :40].astype(np.float64), 7.0)
+    u = np.clip(gu[:, 40:], -7.0, 7.0)
+    np.testing.assert_allclose(out, (u + 1) * g / (1 + np.exp(-1.702 * g)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale_input", [False, True])
+def test_gather_scatter(scale_input):
+    T, k, H = 6, 2, 8
+    x, w = randn(T, H), randn(T, k)
+    order = np.array([1, 4, 5, 10], np.int64)  # pairs t * k + slot: (0, 1), (2, 0), (2, 1), (5, 0)
+    t, s = order // k, order % k
+    xe = np.zeros((4, H), np.float32)
+    gather(x, order, k, 1, 4, w, scale_input, xe)
+    want = x[t[1:]] * (w[t[1:], s[1:], None] if scale_input else 1)
+    np.testing.assert_allclose(xe[:3], want, rtol=1e-6)
+    y, out = randn(4, H), randn(T, H)
+    want = out.copy()
+    for r in range(3):
+        want[t[1 + r]] += y[r] * (1 if scale_input else w[t[1 + r], s[1 + r]])
+    scatter_add(y, order, k, 1, 4, w, not scale_input, out)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+# -- embedding -------------------------------------------------------------------------------------
+
+def packed(encoding, w, gs=32):
+    rows, cols = w.shape
+    if encoding == "f32":
+        return Packed("f32", w.shape, w)
+    if encoding == "bf16":
+        return Packed("bf16", w.shape, (w.view(np.uint32) >> 16).astype(np.uint16))
+    if encoding == "f16":
+        return Packed("f16", w.shape, w.astype(np.float16))
+    pad = -cols % gs
+    wp = np.pad(w, ((0, 0), (0, pad))).reshape(rows, -1, gs)
+    qmax = 127 if encoding == "q8" else 7
+    scales = (np.abs(wp).max(-1) / qmax).astype(np.float16)
+    q = np.clip(np.rint(wp / np.maximum(scales[..., None].astype(np.float32), 1e-12)), -qmax - 1, qmax)
+    q = q.reshape(rows, -1)
+    codes = q.astype(np.int8) if encoding == "q8" else pack_q4((q + 8).astype(np.uint8))
+    return Packed(encoding, w.shape, codes, scales, gs)
+
+
+@pytest.mark.parametrize("encoding", ["f32", "bf16", "f16", "q8", "q4"])
+def test_embed(encoding):
+    p = packed(encoding, randn(50, 72), gs=64 if encoding == "q4" else 32)
+    ids = np.array([3, 0, 49, 3], np.int64)
+    out = np.zeros((4, 72), np.float32)
+    embed(p, ids, out)
+    np.testing.assert_array_equal(out, dequantize(p)[ids])
