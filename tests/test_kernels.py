@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from moe.runtime.config import Rope
 from moe.runtime.kernels import rope
 from moe.runtime.kernels.attention import attend, temperature
