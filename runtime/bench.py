@@ -1,0 +1,108 @@
+"""`moe bench`: load time, time to first token, prefill and decode speed, peak RSS and expert-cache figures.
+
+Compilation is kept out of the figures: when Numba's disk cache is cold, a first load compiles the
+kernels (`compile_s`); the timed load follows, then one short prefill and decode step bring the
+kernels and the pages they touch in (`warmup_s`). Each repeat then runs one prefill of
+`prompt_tokens` seeded random ids and `gen_tokens` greedy decode steps. Figures are medians over repeats.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from . import kernels
+from .errors import MoeError
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
+
+
+def expert_counters(stats: dict) -> tuple[int, int, int]:
+    """(cache hits, misses, bytes read from disk) over all layers, from Model.stats."""
+    return int(stats.get("hits", 0)), int(stats.get("misses", 0)), int(stats.get("bytes_read", 0))
+
+
+def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=None, threads: int | None = None,
+          repeat: int = 3, load=None) -> dict:
+    """Measure one model; `load(path, memory_budget, threads)` defaults to moe.runtime.model.load_model."""
+    if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
+        raise MoeError("--prompt-tokens, --gen-tokens and --repeat must each be at least 1")
+    if load is None:
+        from .model import load_model as load
+    compile_s = 0.0
+    if kernels.cache_is_cold():
+        start = time.perf_counter()
+        load(path, memory_budget=memory_budget, threads=threads).close()
+        compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    model = load(path, memory_budget=memory_budget, threads=threads)
+    load_s = time.perf_counter() - start
+    if prompt_tokens + gen_tokens > model.max_context:
+        raise MoeError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} exceeds the model's "
+                       f"context of {model.max_context}; ask for fewer")
+    vocab = model.config.vocab_size
+    ids = np.random.default_rng(0).integers(0, vocab, size=prompt_tokens, dtype=np.int64)
+
+    start = time.perf_counter()
+    model.reset()
+    model.forward(ids[: min(prompt_tokens, 8)], last_only=True)  # the prefill kernels (T > 1) ...
+    model.forward(ids[:1], last_only=True)  # ... and the decode ones (T = 1)
+    warmup_s = time.perf_counter() - start
+
+    runs = [_one_run(model, ids, gen_tokens) for _ in range(repeat)]
+    model.close()
+    figures = {key: _median([run[key] for run in runs]) for key in runs[0]}
+    return {
+        "load_s": round(load_s, 4),
+        "compile_s": round(compile_s, 4),
+        "warmup_s": round(warmup_s, 4),
+        "ttft_s": round(figures["ttft_s"], 5),
+        "prefill_tok_s": round(prompt_tokens / figures["ttft_s"], 3),
+        "decode_tok_s": round(gen_tokens / figures["decode_s"], 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "expert_cache_hit_rate": None if figures["hit_rate"] is None else round(figures["hit_rate"], 5),
+        "expert_bytes_read_per_token": round(figures["bytes_per_token"], 1),
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "repeat": repeat,
+        "threads": _threads(),
+        "memory_budget_bytes": memory_budget,
+    }
+
+
+def _one_run(model, ids: np.ndarray, gen_tokens: int) -> dict:
+    hits0, misses0, read0 = expert_counters(model.stats)
+    model.reset()
+    start = time.perf_counter()
+    token = int(np.argmax(model.forward(ids, last_only=True)[-1]))
+    prefilled = time.perf_counter()
+    _, _, read_prefill = expert_counters(model.stats)
+    for _ in range(gen_tokens):
+        token = int(np.argmax(model.forward(np.array([token], dtype=np.int64), last_only=True)[-1]))
+    decoded = time.perf_counter()
+    hits, misses, read = expert_counters(model.stats)
+    lookups = (hits - hits0) + (misses - misses0)
+    return {
+        "ttft_s": prefilled - start,  # the prefill and the first token's choice
+        "decode_s": decoded - prefilled,
+        "hit_rate": (hits - hits0) / lookups if lookups else None,
+        "bytes_per_token": (read - read_prefill) / gen_tokens,  # during decode: what paging costs per new token
+    }
+
+
+def _median(values: list):
+    return None if None in values else statistics.median(values)
+
+
+def _threads() -> int:
+    import numba
+
+    return numba.get_num_threads()

@@ -1,0 +1,146 @@
+"""Generation as a stack of generators: token ids from logits, then text pieces from token ids.
+
+The model only needs `reset()`, `forward(ids, last_only=True) -> f32 [1, V]`, `pos`,
+`max_context` and `tokenizer`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from .errors import MoeError
+from .sampling import Sampler
+
+DEFAULT_MAX_TOKENS = 256
+
+
+def generate_tokens(model, ids, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None,
+                    stop_ids: Iterable[int] | None = None) -> Iterator[int]:
+    """Token ids following `ids` (the KV cache is reset first), at most `max_tokens` of them.
+
+    Stops before yielding any of `stop_ids` (default: the model's EOS ids), or when the context is full.
+    """
+    sampler = Sampler(temperature, top_k, top_p, min_p, seed)
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if max_tokens < 0:
+        raise MoeError(f"--max-tokens {max_tokens} is negative; give 0 or more")
+    if ids.size == 0:
+        raise MoeError("the prompt is empty; give some text")
+    if ids.size > model.max_context:
+        raise MoeError(f"the prompt is {ids.size} tokens, longer than the model's context of {model.max_context}; shorten it")
+    stop = frozenset(model.tokenizer.eos_ids if stop_ids is None else (int(i) for i in stop_ids))
+    return _token_loop(model, ids, max_tokens, sampler, stop)
+
+
+def _token_loop(model, ids: np.ndarray, max_tokens: int, sampler: Sampler, stop: frozenset) -> Iterator[int]:
+    if max_tokens == 0:
+        return
+    model.reset()
+    logits = model.forward(ids, last_only=True)[-1]
+    for produced in range(1, max_tokens + 1):
+        token = sampler.sample(logits)
+        if token in stop:
+            return
+        yield token
+        if produced == max_tokens or model.pos >= model.max_context:
+            return
+        logits = model.forward(np.array([token], dtype=np.int64), last_only=True)[-1]
+
+
+def generate(model, prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None, stop: Iterable[str] = (),
+             chat: bool = False, system: str | None = None) -> Generation:
+    """Text pieces continuing `prompt` (or answering it, with `chat`), streamed as tokens complete characters.
+
+    Ends at an EOS token, at `max_tokens`, or at the first of the `stop` strings, which is not part of the text.
+    """
+    tok = model.tokenizer
+    if system is not None and not chat:
+        raise MoeError("--system only applies with --chat; add --chat or drop --system")
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
+    else:
+        ids = tok.encode(prompt)
+    tokens = generate_tokens(model, ids, max_tokens, temperature, top_k, top_p, min_p, seed)
+    return Generation(model, ids, tokens, [s for s in stop if s], max_tokens)
+
+
+class Generation:
+    """Iterate it for the text pieces; its counts and timings are up to date as it runs."""
+
+    def __init__(self, model, prompt_ids: list[int], tokens: Iterator[int], stop: list[str], max_tokens: int):
+        self.model = model
+        self.prompt_tokens = len(prompt_ids)
+        self.tokens: list[int] = []
+        self.text = ""  # everything yielded so far
+        self.finish_reason: str | None = None  # stop | length | interrupted
+        self.ttft_s = 0.0  # prompt given -> first token chosen (prefill and one sample)
+        self.decode_s = 0.0  # first token -> last one
+        self._stream = model.tokenizer.stream(prompt_ids, skip_special_tokens=True)
+        self._pieces = self._run(tokens, stop, max_tokens)
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        piece = next(self._pieces)
+        self.text += piece
+        return piece
+
+    def _run(self, tokens: Iterator[int], stop: list[str], max_tokens: int) -> Iterator[str]:
+        start = time.perf_counter()
+        pending = ""  # decoded text not yet yielded: it may be the start of a stop string
+        for token in tokens:
+            now = time.perf_counter()
+            if not self.tokens:
+                self.ttft_s = now - start
+            self.decode_s = now - start - self.ttft_s
+            self.tokens.append(token)
+            pending += self._stream.step(token)
+            cut = _first_stop(pending, stop)
+            if cut is not None:
+                self.finish_reason = "stop"
+                if cut:
+                    yield pending[:cut]
+                return
+            ready = len(pending) - _stop_prefix_len(pending, stop)
+            if ready:
+                yield pending[:ready]
+                pending = pending[ready:]
+        if pending:
+            yield pending
+        self.finish_reason = "length" if len(self.tokens) == max_tokens or self.model.pos >= self.model.max_context else "stop"
+
+    def summary(self) -> dict:
+        """Counts and speeds: prompt and generated tokens, time to first token, prefill and decode tokens/s."""
+        decoded = max(len(self.tokens) - 1, 0)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": len(self.tokens),
+            "finish_reason": self.finish_reason,
+            "ttft_s": round(self.ttft_s, 6),
+            "prefill_tok_s": round(self.prompt_tokens / self.ttft_s, 3) if self.ttft_s else None,
+            "decode_tok_s": round(decoded / self.decode_s, 3) if decoded and self.decode_s else None,
+        }
+
+
+def _first_stop(text: str, stop: list[str]) -> int | None:
+    """Where the earliest stop string starts in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def _stop_prefix_len(text: str, stop: list[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string (held back until it resolves)."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-n:]):
+                longest = n
+                break
+    return longest

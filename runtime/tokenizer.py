@@ -1,0 +1,182 @@
+"""Text in and out: `tokenizer.json` through `tokenizers`, streaming decode, chat templates in a sandbox."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
+
+from .errors import MoeError
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"
+STREAM_CONTEXT = 4  # prompt tokens fed to a stream first, so the first piece joins the prompt as full decode would
+
+
+class Tokenizer:
+    """`encode`/`decode`, a streaming decoder, EOS ids and the chat template of one model folder."""
+
+    def __init__(self, tokenizer: HFTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
+                 add_bos_token: bool = False, eos_ids=(), chat_template: str | None = None, source: Path | None = None):
+        self._tok = tokenizer
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.bos_id = tokenizer.token_to_id(bos_token) if bos_token else None
+        self.add_bos = bool(add_bos_token) and self.bos_id is not None
+        eos_id = tokenizer.token_to_id(eos_token) if eos_token else None
+        self.eos_ids = frozenset(int(i) for i in eos_ids) | ({eos_id} if eos_id is not None else set())
+        self.chat_template = chat_template
+        self.source = source
+
+    @classmethod
+    def from_folder(cls, folder, manifest: dict | None = None) -> Tokenizer:
+        """The tokenizer of a converted model (facts from the manifest) or of a Hub-layout folder (from its files)."""
+        folder = Path(folder)
+        path = folder / TOKENIZER_FILE
+        if not path.is_file():
+            raise MoeError(f"{path}: missing; the model needs its tokenizer.json (reconvert it from a source that has one)")
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            raise MoeError(f"{path}: not a valid tokenizer file ({_first_line(exc)}); replace it or reconvert the model") from None
+        facts = (manifest or {}).get("tokenizer")
+        if not isinstance(facts, dict):
+            facts = _read_config(folder)
+        eos_ids = (manifest or {}).get("config", {}).get("eos_token_ids") or []
+        return cls(tok, bos_token=facts.get("bos_token"), eos_token=facts.get("eos_token"),
+                   add_bos_token=facts.get("add_bos_token", False), eos_ids=eos_ids,
+                   chat_template=facts.get("chat_template"), source=folder)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; BOS first only when the tokenizer config says add_bos_token (or add_bos=True)."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def stream(self, prompt_ids=(), skip_special_tokens: bool = False) -> TextStream:
+        """An incremental decoder for the ids that follow `prompt_ids`."""
+        return TextStream(self._tok, list(prompt_ids)[-STREAM_CONTEXT:], skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """The model's chat template rendered over `messages` in jinja2's immutable sandbox."""
+        if not self.chat_template:
+            raise MoeError(f"{self.source}: the model has no chat template; run without --chat")
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+
+
+class TextStream:
+    """Feeds ids one at a time; `step` returns the text they complete ("" while a UTF-8 character is unfinished)."""
+
+    def __init__(self, tok: HFTokenizer, context: list[int], skip_special_tokens: bool):
+        self._tok = tok
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for i in context:
+            self._stream.step(tok, i)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._tok, int(token_id)) or ""
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _token_text(value) -> str | None:
+    """Special tokens appear as strings or as AddedToken dicts ({"content": ...}) in tokenizer_config.json."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_config(folder: Path) -> dict:
+    """bos/eos tokens, add_bos_token and the chat template from tokenizer_config.json and chat_template.jinja."""
+    facts: dict = {}
+    path = folder / CONFIG_FILE
+    if path.is_file():
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MoeError(f"{path}: not valid JSON ({exc}); replace it or reconvert the model") from None
+        if not isinstance(cfg, dict):
+            raise MoeError(f"{path}: expected a JSON object; replace it or reconvert the model")
+        facts = {"bos_token": _token_text(cfg.get("bos_token")), "eos_token": _token_text(cfg.get("eos_token")),
+                 "add_bos_token": cfg.get("add_bos_token") is True, "chat_template": _pick_template(cfg.get("chat_template"))}
+    template = folder / TEMPLATE_FILE
+    if template.is_file():
+        try:
+            facts["chat_template"] = template.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise MoeError(f"{template}: not UTF-8 text; replace it or reconvert the model") from None
+    return facts
+
+
+def _pick_template(value) -> str | None:
+    """tokenizer_config's chat_template: one string, or a list of {"name", "template"} (take "default")."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) else None
+
+
+class _ChatSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """The sandbox, but reaching for an unsafe attribute is an error rather than a silent undefined."""
+
+    def unsafe_undefined(self, obj, attribute):
+        raise jinja2.sandbox.SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+
+class _TemplateRaised(Exception):
+    """raise_exception() called by the template itself."""
+
+
+def _raise_exception(message):
+    raise _TemplateRaised(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Hub templates expect plain json.dumps, not jinja's HTML-escaping tojson
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _environment() -> jinja2.Environment:
+    env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def render_chat_template(template: str, messages: list[dict], **variables) -> str:
+    """Render a Hub chat template; any failure, including an escape attempt, is a MoeError."""
+    try:
+        return _environment().from_string(template).render(messages=messages, **variables)
+    except jinja2.sandbox.SecurityError as exc:
+        raise MoeError(f"chat template refused by the sandbox: {exc}; the template is unsafe, do not use it") from None
+    except _TemplateRaised as exc:
+        raise MoeError(f"chat template: {exc}") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise MoeError(f"chat template: syntax error on line {exc.lineno}: {exc.message}") from None
+    except jinja2.TemplateError as exc:
+        raise MoeError(f"chat template: {exc}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, RecursionError) as exc:
+        raise MoeError(f"chat template failed: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,180 @@
+"""Tokenizer: BOS rule, streaming decode over multi-byte UTF-8, chat templates in the sandbox, bad files."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from moe.runtime.errors import MoeError
+from moe.runtime.tokenizer import Tokenizer, render_chat_template
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers
+
+DEMO = Path(__file__).resolve().parents[1] / "convert" / "demo" / "tinymix"
+MULTIBYTE = "def f(x):\n    return '日本語のテキスト 😀 naïve café' + x  # 🎉🇫🇷 Ω≈ç√ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢\n"
+CHATML = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def demo() -> Tokenizer:
+    return Tokenizer.from_folder(DEMO)
+
+
+def streamed(tok: Tokenizer, ids: list[int], prompt_ids=()) -> list[str]:
+    stream = tok.stream(prompt_ids)
+    return [stream.step(i) for i in ids]
+
+
+def test_stream_equals_full_decode_over_emoji_and_cjk(demo):
+    ids = demo.encode(MULTIBYTE)
+    pieces = streamed(demo, ids)
+    assert "".join(pieces) == demo.decode(ids) == MULTIBYTE
+    assert not any("\ufffd" in p for p in pieces)
+    assert len(ids) > len(MULTIBYTE.encode()) / 4  # byte-level: most of these characters span several tokens
+    assert "" in pieces  # some tokens end inside a character and wait for the next
+
+
+def test_stream_after_a_prompt_continues_it(demo):
+    ids = demo.encode(MULTIBYTE)
+    cut = max(n for n in range(1, 16) if MULTIBYTE.startswith(demo.decode(ids[:n])))  # a character boundary
+    pieces = streamed(demo, ids[cut:], prompt_ids=ids[:cut])
+    assert demo.decode(ids[:cut]) + "".join(pieces) == MULTIBYTE
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=40))
+def test_stream_never_splits_a_character(text):
+    tok = Tokenizer.from_folder(DEMO)
+    ids = tok.encode(text)
+    pieces = streamed(tok, ids)
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def metaspace_tokenizer(folder: Path) -> Path:
+    """A sentencepiece-style tokenizer (Metaspace, byte fallback): its decoder drops the first leading space."""
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁", "▁hello", "▁world", "h", "w"]
+    tok = HFTokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=0, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<s>", "</s>"])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": {"content": "<s>", "__type": "AddedToken"}, "eos_token": "</s>", "add_bos_token": True}))
+    return folder
+
+
+def test_byte_fallback_stream_and_bos(tmp_path):
+    tok = Tokenizer.from_folder(metaspace_tokenizer(tmp_path / "sp"))
+    ids = tok.encode("hello 😀 world")
+    assert ids[0] == tok.bos_id == 1 and tok.add_bos
+    assert tok.encode("hello", add_bos=False)[0] != 1
+    assert tok.eos_ids == {2}
+    prompt, rest = ids[:2], ids[2:]  # "<s> ▁hello"; then "▁", the emoji's four byte tokens, "▁world"
+    pieces = streamed(tok, rest, prompt)
+    assert pieces == [" ", "", "", "", "😀", " world"]
+    assert tok.decode(prompt, skip_special_tokens=True) + "".join(pieces) == "hello 😀 world"
+
+
+def test_no_bos_unless_the_config_asks(demo):
+    assert not demo.add_bos and demo.bos_id == 0
+    assert demo.encode("def f")[0] != 0
+    assert demo.encode("def f", add_bos=True)[0] == 0
+    assert demo.eos_ids == {1}
+
+
+def test_manifest_facts_take_precedence(tmp_path):
+    tok = Tokenizer.from_folder(DEMO, {"tokenizer": {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+                                                     "chat_template": CHATML},
+                                       "config": {"eos_token_ids": [1, 3]}})
+    assert tok.encode("x")[0] == 0
+    assert tok.eos_ids == {1, 3}
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == (
+        "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def copy_demo(tmp_path: Path, config: dict | None = None) -> Path:
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(DEMO / "tokenizer.json", folder)
+    cfg = json.loads((DEMO / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    return folder
+
+
+def test_chat_template_sources(tmp_path):
+    named = [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": CHATML}]
+    tok = Tokenizer.from_folder(copy_demo(tmp_path, {"chat_template": named}))
+    text = tok.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                                   add_generation_prompt=False)
+    assert text == "<s><|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    (tmp_path / "tok" / "chat_template.jinja").write_text("{{ eos_token }}{{ messages | length }}")
+    assert Tokenizer.from_folder(tmp_path / "tok").apply_chat_template([{"role": "user", "content": "x"}]) == "</s>1"
+
+
+def test_template_helpers():
+    out = render_chat_template(
+        "{{ messages | tojson }}|{{ strftime_now('%Y') | length }}|{% for m in messages %}{% if loop.first %}{% continue %}"
+        "{% endif %}{{ m.content }}{% endfor %}",
+        [{"role": "user", "content": "café <b>"}, {"role": "user", "content": "second"}])
+    assert out == '[{"role": "user", "content": "café <b>"}, {"role": "user", "content": "second"}]|4|second'
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ''.__class__.__mro__ }}",
+    "{{ messages.__class__.__base__.__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os }}",
+    "{{ raise_exception.__globals__ }}",
+    "{% set x = messages.append({'role': 'x'}) %}",
+    "{{ messages[0].update({'content': 'pwned'}) }}",
+])
+def test_sandbox_refuses_python_internals(template):
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(MoeError, match="sandbox"):
+        render_chat_template(template, messages)
+    assert messages == [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message is required') }}{% endif %}",
+     "a system message is required"),
+    ("{% for m in messages %}", "syntax error"),
+    ("{{ nothing.here }}", "undefined"),
+])
+def test_template_errors_are_moe_errors(template, message):
+    with pytest.raises(MoeError, match=message):
+        render_chat_template(template, [{"role": "user", "content": "hi"}])
+
+
+def test_no_template_is_a_clear_error(demo):
+    with pytest.raises(MoeError, match="no chat template"):
+        demo.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("name, content", [
+    ("tokenizer.json", "{ not json"),
+    ("tokenizer.json", '{"model": {"type": "Nonsense"}}'),
+    ("tokenizer.json", ""),
+    ("tokenizer_config.json", "[1, 2"),
+    ("tokenizer_config.json", "[1, 2]"),
+    ("chat_template.jinja", b"\xff\xfe{{ x }}"),
+])
+def test_malformed_files_name_the_file(tmp_path, name, content):
+    folder = copy_demo(tmp_path)
+    path = folder / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(MoeError) as info:
+        Tokenizer.from_folder(folder)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_tokenizer_json(tmp_path):
+    with pytest.raises(MoeError, match="tokenizer.json: missing"):
+        Tokenizer.from_folder(tmp_path)
