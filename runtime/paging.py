@@ -1,0 +1,234 @@
+"""Experts paged into a fixed pool of slots under a memory budget.
+
+The pool is allocated once: `budget // slot_bytes` slots, each big enough for the largest
+expert run. A miss reads the expert's run from experts.bin into a slot with one positioned
+read (no mmap residency, so the budget holds whatever the OS does with its page cache), and
+checks its CRC-32 the first time that expert is read. Eviction picks, among slots no one is
+using, the one whose expert has the lowest decayed use count (`freq`), or the least recently
+used one (`lru`). A background thread reads the experts the next layer is predicted to need
+while this layer computes; a slot being read is never handed out until its read completed
+and checked, and a failed read leaves the slot empty.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from .errors import MoeError
+from .experts import ExpertStore, ExpertWeights, weights_in
+from .layout import EXPERT_ALIGN, EXPERTS_FILE, Layout, align, crc32
+from .units import format_size
+
+POLICIES = ("freq", "lru")
+DECAY = 0.98  # per token: an expert's use count halves over ~35 tokens of not being chosen
+
+_EMPTY, _LOADING, _READY = 0, 1, 2
+
+
+def slot_bytes(layout: Layout) -> int:
+    """Bytes of one slot: the largest expert run, rounded up to the alignment."""
+    return max(align(r["nbytes"], EXPERT_ALIGN) for runs in layout.manifest["experts"].values() for r in runs)
+
+
+def min_budget(layout: Layout) -> int:
+    """The smallest workable budget: one layer's top-k experts resident at once."""
+    return layout.config["top_k"] * slot_bytes(layout)
+
+
+class PagedExperts(ExpertStore):
+    """An expert cache of a fixed number of slots, filled from experts.bin on demand and by prefetch."""
+
+    def __init__(self, layout: Layout, budget: int, policy: str = "freq", prefetch: bool = True):
+        super().__init__(layout)
+        if policy not in POLICIES:
+            raise MoeError(f"cache policy {policy!r} is unknown; choose one of {', '.join(POLICIES)}")
+        self.slot_bytes = slot_bytes(layout)
+        minimum = min_budget(layout)
+        if budget < minimum:
+            k = layout.config["top_k"]
+            raise MoeError(
+                f"memory budget {format_size(budget)} is below this model's minimum of {format_size(minimum)} "
+                f"({k} experts of {format_size(self.slot_bytes)} for one layer's top-{k}); give at least that"
+            )
+        self.n_slots = budget // self.slot_bytes
+        self.policy = policy
+        self.pool = np.empty((self.n_slots, self.slot_bytes), np.uint8)  # pages committed as slots fill
+        n_layers = len(layout.config["layers"])
+        n_experts = layout.config["num_experts"]
+        self.slot_of = np.full((n_layers, n_experts), -1, np.int64)  # (L, E) -> slot or -1
+        self.key = np.full((self.n_slots, 2), -1, np.int64)  # slot -> (layer, expert)
+        self.state = np.zeros(self.n_slots, np.int8)
+        self.last_use = np.zeros(self.n_slots, np.int64)
+        self.freq = np.zeros((n_layers, n_experts), np.float64)
+        self.checked = np.zeros((n_layers, n_experts), bool)  # CRC verified once
+        self.prefetched = np.zeros(self.n_slots, bool)  # filled by prefetch, not used yet
+        self.prefetch_hits = np.zeros(n_layers, np.int64)
+        self.predicted = np.zeros(n_layers, np.int64)  # experts predicted for a layer
+        self.predicted_right = np.zeros(n_layers, np.int64)  # of which the router then chose
+        self._prediction: dict[int, set[int]] = {}
+        self._pinned: set[int] = set()
+        self._protected: set[int] = set()  # slots of the layer being computed: prefetch must not take them
+        self._clock = 0
+        self._lock = threading.Lock()
+        self._loads: dict[int, Future] = {}
+        self._fd = os.open(layout.folder / EXPERTS_FILE, os.O_RDONLY)
+        self._runs = {int(k): v for k, v in layout.manifest["experts"].items()}
+        self._entries = {(i, j): layout.expert_tensors(i, j) for i, runs in self._runs.items() for j in range(len(runs))}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moe-prefetch") if prefetch and self.n_slots > 2 * layout.config["top_k"] else None
+        self.read = os.preadv  # the one read call; tests replace it to read slowly or fail
+
+    # -- what the model calls ---------------------------------------------------------------
+
+    def begin_layer(self, layer: int, experts) -> None:
+        """The router chose `experts` for `layer`: keep their slots from prefetch, score the prediction."""
+        chosen = set(experts)
+        guess = self._prediction.pop(layer, None)
+        if guess is not None:
+            self.predicted[layer] += len(guess)
+            self.predicted_right[layer] += len(guess & chosen)
+        with self._lock:
+            self._protected = {int(self.slot_of[layer, e]) for e in chosen if self.slot_of[layer, e] >= 0}
+            self.freq[layer, list(chosen)] += 1.0
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        """The expert's weights in its slot, read from disk on a miss; valid until the next get()."""
+        self._pinned = set()  # the previous expert's views are done with
+        while True:
+            with self._lock:
+                slot = int(self.slot_of[layer, expert])
+                pending = self._loads.get(slot) if slot >= 0 else None
+                if slot >= 0 and pending is None:
+                    self.hits[layer] += 1
+                    if self.prefetched[slot]:
+                        self.prefetch_hits[layer] += 1
+                        self.prefetched[slot] = False
+                    self._hold(slot)
+                    break
+                if slot < 0:
+                    slot = self._claim(layer, expert)
+                    if slot < 0:  # every slot is being filled by prefetch: wait for one
+                        pending = next(iter(self._loads.values()))
+                    else:
+                        self.misses[layer] += 1
+                        self._hold(slot)
+            if pending is not None:
+                try:
+                    pending.result()  # wait for the prefetch's read; if it failed, its slot is empty again
+                except Exception:
+                    pass
+                continue
+            self._fill(slot, layer, expert)
+            break
+        return weights_in(self.pool[slot], self._entries[(layer, expert)], self._runs[layer][expert]["offset"])
+
+    def end_token(self) -> None:
+        """One token went through every layer: age the use counts."""
+        self.freq *= DECAY
+
+    def prefetch(self, layer: int, experts) -> None:
+        """Start reading `experts` of `layer` (a prediction) in the background, into slots no one needs now."""
+        self._prediction[layer] = set(experts)
+        if self._pool is None:
+            return
+        with self._lock:
+            for e in experts:
+                if self.slot_of[layer, e] >= 0:
+                    continue
+                slot = self._claim(layer, e, for_prefetch=True)
+                if slot < 0:
+                    return
+                self.prefetched[slot] = True
+                self._loads[slot] = self._pool.submit(self._fill, slot, layer, e)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @property
+    def bytes_resident(self) -> int:
+        return int((self.state != _EMPTY).sum()) * self.slot_bytes
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _hold(self, slot: int) -> None:
+        """Under the lock: the slot the caller is about to use; prefetch keeps its hands off it."""
+        self._clock += 1
+        self.last_use[slot] = self._clock
+        self._pinned = {slot}
+        self._protected.add(slot)
+
+    def _claim(self, layer: int, expert: int, for_prefetch: bool = False) -> int:
+        """Under the lock: a slot for (layer, expert), marked loading; -1 if prefetch finds none it may take."""
+        busy = self._pinned | set(self._loads)
+        if for_prefetch:
+            busy |= self._protected
+        free = np.flatnonzero(self.state == _EMPTY)
+        free = [s for s in free.tolist() if s not in busy]
+        if free:
+            slot = free[0]
+        else:
+            # Experts this layer already used go last: a prefill may need more of them than fit.
+            candidates = [s for s in range(self.n_slots) if s not in busy and s not in self._protected]
+            if not candidates and not for_prefetch:
+                candidates = [s for s in range(self.n_slots) if s not in busy]
+            if not candidates:
+                return -1
+            candidates = np.array(candidates, np.int64)
+            slot = int(candidates[self._victim(candidates)])
+            old_layer, old_expert = self.key[slot]
+            self.slot_of[old_layer, old_expert] = -1
+        self.key[slot] = (layer, expert)
+        self.slot_of[layer, expert] = slot
+        self.state[slot] = _LOADING
+        self.prefetched[slot] = False
+        return slot
+
+    def _victim(self, candidates: np.ndarray) -> int:
+        if self.policy == "lru":
+            return int(np.argmin(self.last_use[candidates]))
+        keys = self.key[candidates]
+        scores = self.freq[keys[:, 0], keys[:, 1]]
+        return int(np.lexsort((self.last_use[candidates], scores))[0])
+
+    def _fill(self, slot: int, layer: int, expert: int) -> None:
+        """Read the run into the slot and check it; on any failure the slot goes back to empty."""
+        run = self._runs[layer][expert]
+        n = run["nbytes"]
+        view = memoryview(self.pool[slot])[:n]
+        try:
+            got = 0
+            while got < n:
+                r = self.read(self._fd, [view[got:]], run["offset"] + got)
+                if r <= 0:
+                    raise OSError(f"unexpected end of file after {got} of {n} bytes")
+                got += r
+            if not self.checked[layer, expert]:
+                if crc32(view) != run["crc32"]:
+                    raise MoeError(
+                        f"{self.layout.folder / EXPERTS_FILE}: layer {layer} expert {expert} fails its checksum; "
+                        "the file is damaged, run `moe verify` and reconvert", 1)
+                self.checked[layer, expert] = True
+        except BaseException as exc:
+            with self._lock:
+                self.slot_of[layer, expert] = -1
+                self.key[slot] = (-1, -1)
+                self.state[slot] = _EMPTY
+                self._loads.pop(slot, None)
+            if isinstance(exc, MoeError):
+                raise
+            if isinstance(exc, OSError):
+                raise MoeError(
+                    f"{self.layout.folder / EXPERTS_FILE}: reading layer {layer} expert {expert} failed ({exc})", 1
+                ) from exc
+            raise
+        with self._lock:
+            self.bytes_read[layer] += n
+            self.state[slot] = _READY
+            self._loads.pop(slot, None)
