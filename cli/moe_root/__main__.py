@@ -1,3 +1,3 @@
 from moe.cli import main
 
-main()
+raise SystemExit(main())

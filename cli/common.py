@@ -1,0 +1,52 @@
+"""What several commands share: the consoles, opening a model by name, printing JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+out = Console(highlight=False)  # stdout: the product (tables of `info`, `list`, `bench`)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # stderr: everything else, one line per message
+
+
+def status(message: str):
+    """A spinner on stderr while a long step runs, only when stderr is a terminal."""
+    return err.status(message) if err.is_terminal else contextlib.nullcontext()
+
+
+def model_path(spec: str | None) -> Path | str:
+    """`spec` as given (a folder, a converted name or Hub id), or the bundled demo, converted on first use."""
+    if spec is not None:
+        return spec
+    from moe.convert.demo import demo_model
+
+    return demo_model()
+
+
+def open_model(spec: str | None, memory_budget: int | None = None, threads: int | None = None):
+    """(model, seconds it took to load)."""
+    from moe.runtime.model import load_model
+
+    path = model_path(spec)
+    start = time.perf_counter()
+    with status("loading the model..."):
+        model = load_model(path, memory_budget=memory_budget, threads=threads)
+    return model, time.perf_counter() - start
+
+
+def print_json(obj) -> None:
+    """One JSON object on stdout (numpy scalars and arrays become numbers and lists)."""
+    sys.stdout.write(json.dumps(obj, indent=1, default=_plain) + "\n")
+    sys.stdout.flush()
+
+
+def _plain(obj):
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()
+    return str(obj)

@@ -1,0 +1,37 @@
+"""`moe info MODEL`: what a converted model is and what it needs."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from .common import out, print_json
+from .options import Json, ModelArg
+
+EXAMPLE = """Examples:
+
+\b
+  moe info mistralai--Mixtral-8x7B-v0.1
+  moe info ./olmoe-q4 --json
+"""
+
+
+def info(model: ModelArg, json: Json = False) -> None:
+    """Architecture, layers, experts, total and active parameters, size on disk by part, quantization, RAM needed."""
+    from moe.runtime.info import model_info
+
+    facts = model_info(model)
+    if json:
+        print_json(facts)
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in facts.items():
+        table.add_row(key, _text(value))
+    out.print(table)
+
+
+def _text(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_text(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_text(v) for v in value)
+    return str(value)

@@ -1,0 +1,34 @@
+"""`moe list`: the converted models on this machine."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from .common import err, out, print_json
+from .options import Json
+
+EXAMPLE = """Examples:
+
+\b
+  moe list
+  moe list --json
+"""
+
+
+def list_models(json: Json = False) -> None:
+    """List the converted models under ~/.cache/moe/models (or $MOE_HOME), with their sizes."""
+    from moe.runtime.home import list_models as found
+    from moe.runtime.units import format_size
+
+    models = found()
+    if json:
+        print_json(models)
+        return
+    if not models:
+        err.print("no converted models yet; convert one with `moe convert SRC`")
+        return
+    table = Table("name", "architecture", "bits", "size", "path", box=None)
+    for m in models:
+        table.add_row(str(m["name"]), str(m.get("architecture", "?")), str(m.get("bits", "?")),
+                      format_size(m["size"]) if "size" in m else "?", str(m["path"]))
+    out.print(table)

@@ -1,0 +1,119 @@
+"""`moe run [MODEL] PROMPT`: stream a continuation to stdout (the text only; everything else on stderr)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Annotated
+
+import typer
+from moe.runtime.bench import expert_counters, peak_rss_bytes
+from moe.runtime.errors import MoeError
+from moe.runtime.generate import DEFAULT_MAX_TOKENS, generate
+from moe.runtime.units import format_size
+
+from .common import err, open_model, print_json
+from .options import Json, MemoryBudget, Threads
+
+EXAMPLE = """Examples:
+
+\b
+  moe run "def fibonacci(n):"                      (the bundled demo model)
+  moe run mistralai--Mixtral-8x7B-v0.1 "Once upon a time" --max-tokens 100 --temperature 0.8 --seed 1
+  echo "def add(a, b):" | moe run - --max-tokens 20 --temperature 0
+  moe run MODEL "Write a haiku about CPUs" --chat --system "You are terse." --memory-budget 2GB --stats
+"""
+
+
+def run(
+    model: Annotated[str | None, typer.Argument(
+        metavar="MODEL", show_default=False,
+        help="A converted model folder, name or Hub id (see `moe list`); leave it out for the bundled demo.")] = None,
+    prompt: Annotated[str | None, typer.Argument(
+        metavar="PROMPT", show_default=False, help="The text to continue; - reads it from stdin.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=0, help="Most tokens to generate.")] = DEFAULT_MAX_TOKENS,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy (deterministic); higher is more varied.")] = 0.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample only among the k likeliest tokens; 0 is off.")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample from the smallest set of tokens holding this much probability; 1 is off.")] = 1.0,
+    min_p: Annotated[float, typer.Option(help="Drop tokens less likely than min-p times the likeliest; 0 is off.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same text.", show_default=False)] = None,
+    stop: Annotated[list[str] | None, typer.Option(
+        help="Stop before this text (repeatable; \\n and \\t are understood). It is not printed.", show_default=False)] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    system: Annotated[str | None, typer.Option(help="System message for --chat.", show_default=False)] = None,
+    memory_budget: MemoryBudget = None,
+    threads: Threads = None,
+    json: Json = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Print speed and expert-cache figures on stderr.")] = False,
+) -> None:
+    """Generate text from a prompt and stream it to stdout."""
+    if prompt is None:
+        if model is None:
+            raise typer.BadParameter("missing; give the text to continue, or - to read it from stdin", param_hint="PROMPT")
+        model, prompt = None, model
+    if prompt == "-":
+        prompt = _read_stdin()
+    loaded, load_s = open_model(model, memory_budget, threads)
+    generation = generate(
+        loaded, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+        stop=[_unescape(s) for s in stop or []], chat=chat, system=system)
+    try:
+        for piece in generation:
+            if not json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        generation.finish_reason = "interrupted"
+        _finish(generation, loaded, load_s, json, stats)
+        raise
+    _finish(generation, loaded, load_s, json, stats)
+
+
+def _finish(generation, model, load_s: float, json: bool, stats: bool) -> None:
+    figures = {**generation.summary(), "load_s": round(load_s, 4), "peak_rss_bytes": peak_rss_bytes()}
+    if json:
+        print_json({"text": generation.text, **figures, "model_stats": model.stats})
+    elif generation.text and not generation.text.endswith("\n") and sys.stdout.isatty():
+        sys.stdout.write("\n")  # keep the shell prompt off the last line; pipes get the text exactly
+        sys.stdout.flush()
+    if stats:
+        _print_stats(figures, model.stats)
+
+
+def _print_stats(figures: dict, model_stats: dict) -> None:
+    hits, misses, read = expert_counters(model_stats)
+    parts = [
+        f"prompt {figures['prompt_tokens']} tokens at {_rate(figures['prefill_tok_s'])}",
+        f"generated {figures['generated_tokens']} tokens at {_rate(figures['decode_tok_s'])}",
+        f"first token after {figures['ttft_s']:.3f} s",
+        f"load {figures['load_s']:.2f} s",
+        f"peak RSS {format_size(figures['peak_rss_bytes'])}",
+    ]
+    if hits + misses:
+        parts.append(f"expert cache hit rate {hits / (hits + misses):.1%}, {format_size(read)} read")
+    err.print(" | ".join(parts) + f" ({figures['finish_reason']})", style="dim", markup=False)
+
+
+def _rate(tok_s: float | None) -> str:
+    return "-" if tok_s is None else f"{tok_s:.1f} tok/s"
+
+
+def _read_stdin() -> str:
+    if sys.stdin is None or sys.stdin.closed:
+        raise MoeError("PROMPT is - but there is no stdin to read")
+    if sys.stdin.isatty():
+        err.print("[dim]reading the prompt from stdin; end it with Ctrl-D[/dim]")
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError:
+        raise MoeError("stdin is not UTF-8 text; give the prompt as UTF-8") from None
+    if not text:
+        raise MoeError("stdin held no prompt; pipe some text in")
+    return text
+
+
+_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\[nt\\]", lambda m: _ESCAPES[m.group(0)], text)

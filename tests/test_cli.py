@@ -1,0 +1,212 @@
+"""The CLI in-process over a scripted stand-in model: stdout holds only the product, errors are one line."""
+
+import io
+import json
+import signal
+
+import moe.cli.bench
+import moe.cli.run
+import moe.runtime.kernels
+import moe.runtime.model
+import pytest
+from fakes import ScriptedModel
+from moe.cli import main
+from moe.cli.errors import Terminated
+from moe.runtime.errors import MoeError
+
+SCRIPT = "    return a + b\n\nprint(add(1, 2))  # ✓ 😀\n"
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Replace model loading; returns the list of (spec, budget, threads, model) it was asked for."""
+    calls = []
+
+    def fake_open(spec, memory_budget=None, threads=None):
+        model = ScriptedModel(SCRIPT)
+        calls.append((spec, memory_budget, threads, model))
+        return model, 0.01
+
+    monkeypatch.setattr(moe.cli.run, "open_model", fake_open)
+    return calls
+
+
+def moe_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_streams_only_the_text(capsys, opened):
+    code, out, err = moe_cli(capsys, "run", "def add(a, b):\n", "--max-tokens", "100")
+    assert (code, out, err) == (0, SCRIPT, "")
+    assert opened[0][:3] == (None, None, None)  # one positional argument: the prompt, on the demo model
+
+
+def test_model_and_prompt(capsys, opened):
+    code, out, _ = moe_cli(capsys, "run", "some-model", "x", "--memory-budget", "1.5GiB", "-t", "2")
+    assert code == 0 and out == SCRIPT
+    assert opened[0][:3] == ("some-model", 3 * 2**29, 2)
+
+
+def test_prompt_from_stdin(capsys, opened, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("def add(a, b):\n"))
+    code, out, _ = moe_cli(capsys, "run", "-", "--max-tokens", "100", "--temperature", "0")
+    model = opened[0][3]
+    assert code == 0 and out == SCRIPT
+    assert model.prompt_len == len(model.tokenizer.encode("def add(a, b):\n"))
+
+
+def test_empty_stdin_is_bad_input(capsys, opened, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    code, out, err = moe_cli(capsys, "run", "-")
+    assert code == 2 and out == "" and err == "error: stdin held no prompt; pipe some text in\n"
+
+
+def test_json(capsys, opened):
+    code, out, err = moe_cli(capsys, "run", "x", "--json", "--stop", "\\n\\n")
+    result = json.loads(out)
+    assert code == 0 and err == ""
+    assert result["text"] == "    return a + b" and result["finish_reason"] == "stop"
+    assert result["generated_tokens"] > 0 and result["prompt_tokens"] == 1
+    for key in ("ttft_s", "prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_bytes", "model_stats"):
+        assert key in result
+
+
+def test_stats_go_to_stderr(capsys, opened):
+    code, out, err = moe_cli(capsys, "run", "x", "--stats")
+    assert code == 0 and out == SCRIPT
+    assert "tok/s" in err and "expert cache hit rate 75.0%" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "x", "--max-tokens", "-1"], "--max-tokens"),
+    (["run", "x", "--memory-budget", "lots"], "'lots' is not a size"),
+    (["run", "x", "--top-p", "0"], "--top-p"),
+    (["run", "x", "--temperature", "-0.5"], "--temperature"),
+    (["run", "x", "--system", "be brief"], "--chat"),
+    (["run", "x", "--chat"], "no chat template"),
+    (["run"], "PROMPT"),
+    (["run", "x", "--frobnicate"], "--frobnicate"),
+    (["nonsense"], "nonsense"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, opened, args, message):
+    code, out, err = moe_cli(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.fixture
+def failing(monkeypatch):
+    def set_failure(exc):
+        def fake_open(spec, memory_budget=None, threads=None):
+            raise exc
+
+        monkeypatch.setattr(moe.cli.run, "open_model", fake_open)
+
+    return set_failure
+
+
+def test_runtime_error_exit_1(capsys, failing):
+    failing(MoeError("experts.bin: read failed; check the disk", 1))
+    assert moe_cli(capsys, "run", "x") == (1, "", "error: experts.bin: read failed; check the disk\n")
+
+
+def test_unexpected_exception_hides_the_traceback_unless_asked(capsys, failing, monkeypatch):
+    failing(ZeroDivisionError("division by zero"))
+    code, out, err = moe_cli(capsys, "run", "x")
+    assert code == 1 and out == ""
+    assert err == "error: unexpected ZeroDivisionError: division by zero (set MOE_DEBUG=1 or --debug for the traceback)\n"
+    code, _, err = moe_cli(capsys, "--debug", "run", "x")
+    assert code == 1 and "Traceback" in err and "ZeroDivisionError" in err
+    monkeypatch.setenv("MOE_DEBUG", "1")
+    code, _, err = moe_cli(capsys, "run", "x")
+    assert code == 1 and "Traceback" in err
+
+
+class InterruptedModel(ScriptedModel):
+    def __init__(self, after: int, exc: type[BaseException]):
+        super().__init__(SCRIPT)
+        self.after, self.exc = after, exc
+
+    def forward(self, ids, last_only=False):
+        if len(self.forwards) > self.after:
+            raise self.exc()
+        return super().forward(ids, last_only)
+
+
+@pytest.mark.parametrize("exc, code, said", [(KeyboardInterrupt, 130, "interrupted"),
+                                            (Terminated, 128 + signal.SIGTERM, "terminated")])
+def test_interrupt_keeps_the_text_so_far(capsys, monkeypatch, exc, code, said):
+    model = InterruptedModel(after=5, exc=exc)
+    monkeypatch.setattr(moe.cli.run, "open_model", lambda *a: (model, 0.0))
+    got, out, err = moe_cli(capsys, "run", "x")
+    assert got == code and err == said + "\n"
+    assert out == model.tokenizer.decode(model.script[:6])  # the prefill and 5 decode steps gave 6 tokens
+
+
+def test_interrupt_with_json_still_reports(capsys, monkeypatch):
+    model = InterruptedModel(after=3, exc=KeyboardInterrupt)
+    monkeypatch.setattr(moe.cli.run, "open_model", lambda *a: (model, 0.0))
+    code, out, _ = moe_cli(capsys, "run", "x", "--json")
+    result = json.loads(out)
+    assert code == 130 and result["finish_reason"] == "interrupted" and result["generated_tokens"] == 4
+
+
+def test_sigterm_raises_terminated_while_a_command_runs(capsys, monkeypatch):
+    class SelfTerminating(ScriptedModel):
+        def forward(self, ids, last_only=False):
+            if len(self.forwards) == 2:
+                signal.raise_signal(signal.SIGTERM)
+            return super().forward(ids, last_only)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(moe.cli.run, "open_model", lambda *a: (SelfTerminating(SCRIPT), 0.0))
+    code, out, err = moe_cli(capsys, "run", "x")
+    assert code == 143 and err == "terminated\n" and out
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_bench_json(capsys, monkeypatch):
+    loaded = []
+
+    def fake_load(path, memory_budget=None, threads=None):
+        loaded.append((path, memory_budget, threads))
+        return ScriptedModel("word " * 200, eos=False)
+
+    monkeypatch.setattr(moe.runtime.model, "load_model", fake_load)
+    monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
+    monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
+    code, out, err = moe_cli(capsys, "bench", "--json", "--prompt-tokens", "16", "--gen-tokens", "8", "--repeat", "2",
+                             "--memory-budget", "1MB")
+    result = json.loads(out)
+    assert code == 0 and err == ""
+    assert loaded == [("demo", 10**6, None)]
+    for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "expert_cache_hit_rate",
+                "expert_bytes_read_per_token", "compile_s", "warmup_s"):
+        assert key in result
+    assert result["expert_cache_hit_rate"] == 0.75 and result["expert_bytes_read_per_token"] == 1000
+    assert result["peak_rss_bytes"] > 10**6 and result["decode_tok_s"] > 0
+    code, out, _ = moe_cli(capsys, "bench", "--prompt-tokens", "600", "--gen-tokens", "8")
+    assert code == 2 and out == ""
+
+
+def test_bench_table(capsys, monkeypatch):
+    monkeypatch.setattr(moe.runtime.model, "load_model", lambda *a, **k: ScriptedModel("word " * 200, eos=False))
+    monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
+    monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
+    code, out, err = moe_cli(capsys, "bench", "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1")
+    assert code == 0 and "decode" in out and "tok/s" in out and err == ""
+
+
+@pytest.mark.parametrize("command", ["convert", "run", "bench", "perplexity", "info", "list", "verify"])
+def test_every_command_has_help_with_an_example(capsys, command):
+    code, out, _ = moe_cli(capsys, command, "--help")
+    assert code == 0 and "Example" in out and f"moe {command}" in out
+
+
+def test_version_and_bare_moe(capsys):
+    code, out, _ = moe_cli(capsys, "--version")
+    assert code == 0 and out.startswith("moe ")
+    code, out, _ = moe_cli(capsys)
+    assert code == 0 and "Commands" in out
