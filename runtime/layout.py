@@ -145,18 +145,36 @@ class LayoutWriter:
         return start
 
     def add(self, name: str, p: Packed) -> None:
+        self.add_rows(name, p.encoding, p.shape, [p], p.group_size)
+
+    def add_rows(self, name: str, encoding: str, shape: tuple[int, ...], blocks, group_size: int = 0) -> None:
+        """Write one tensor given as consecutive blocks of whole rows (each a Packed), so a large tensor
+        never has to be in memory at once: the codes go straight to the file, the scales (a sixteenth
+        of the codes at most) are held until the codes are complete."""
         fname = EXPERTS_FILE if self._run is not None else MODEL_FILE
         if name in self.tensors:
             raise MoeError(f"tensor {name} written twice; this is a bug in the converter", 1)
-        entry = {"file": fname, "encoding": p.encoding, "shape": list(p.shape)}
-        codes = np.ascontiguousarray(p.codes)
-        entry["offset"] = self._write(fname, codes, TENSOR_ALIGN)
-        entry["crc32"] = crc32(codes)
-        if p.scales is not None:
-            scales = np.ascontiguousarray(p.scales, dtype=np.float16)
-            entry["group_size"] = p.group_size
-            entry["scales_offset"] = self._write(fname, scales, TENSOR_ALIGN)
-            entry["scales_crc32"] = crc32(scales)
+        entry = {"file": fname, "encoding": encoding, "shape": list(shape)}
+        if encoding in ("q4", "q8"):
+            entry["group_size"] = group_size
+        f = self._files[fname]
+        entry["offset"] = self._write(fname, np.empty(0, np.uint8), TENSOR_ALIGN)
+        checksum, scales = 0, []
+        for p in blocks:
+            codes = np.ascontiguousarray(p.codes)
+            f.write(memoryview(codes).cast("B"))
+            checksum = zlib.crc32(memoryview(codes).cast("B"), checksum)
+            if p.scales is not None:
+                scales.append(np.ascontiguousarray(p.scales, dtype=np.float16))
+        nbytes, snbytes = _expected_nbytes(entry)
+        if f.tell() - entry["offset"] != nbytes:
+            raise MoeError(f"tensor {name}: {f.tell() - entry['offset']} bytes of codes for {nbytes}; "
+                           "this is a bug in the converter", 1)
+        entry["crc32"] = checksum
+        if snbytes:
+            s = np.concatenate(scales) if len(scales) > 1 else scales[0]
+            entry["scales_offset"] = self._write(fname, s, TENSOR_ALIGN)
+            entry["scales_crc32"] = crc32(s)
         self.tensors[name] = entry
 
     def begin_expert(self, layer: int, expert: int) -> None:
@@ -285,6 +303,11 @@ def _expected_nbytes(e: dict) -> tuple[int, int]:
     rows, cols = shape
     cp = padded_cols(cols, e["group_size"])
     return rows * (cp // 2 if enc == "q4" else cp), rows * (cp // e["group_size"]) * 2
+
+
+def stored_nbytes(entry: dict) -> int:
+    """Bytes a tensor's codes and scales take in its file (alignment padding excluded)."""
+    return sum(_expected_nbytes(entry))
 
 
 def read_manifest(folder: Path) -> dict:

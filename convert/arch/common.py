@@ -1,0 +1,197 @@
+"""What the architecture files share: config normalization and the recipe a layout tensor is built from.
+
+A layout tensor (`Out`) is its source pieces (`Src`) concatenated along rows. A piece is a
+Hub tensor, optionally one expert's slice of a fused [E, ...] tensor, transposed from
+[in, out] to [out, in], and/or every `step`-th row from `start` (gpt-oss interleaves gate
+and up). `mxfp4` pieces are decoded from `<name>_blocks` and `<name>_scales`.
+Shape letters: H hidden, E experts, F expert intermediate, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...runtime.config import ModelConfig, Rope
+from ...runtime.errors import MoeError
+
+
+@dataclass(frozen=True)
+class Src:
+    name: str
+    expert: int | None = None
+    transpose: bool = False
+    start: int = 0
+    step: int = 1
+    mxfp4: bool = False
+
+    def sources(self) -> tuple[str, ...]:
+        return (self.name + "_blocks", self.name + "_scales") if self.mxfp4 else (self.name,)
+
+
+@dataclass(frozen=True)
+class Out:
+    name: str  # layout name
+    shape: tuple[int, ...]  # what config.json says it must be
+    srcs: tuple[Src, ...]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One expert's tensors, written as one contiguous run of experts.bin."""
+
+    layer: int
+    expert: int
+    outs: tuple[Out, ...]
+
+
+@dataclass
+class Plan:
+    """Everything conversion writes, in source order (layer by layer), and what it deliberately leaves out."""
+
+    config: ModelConfig
+    items: list[Out | Run]
+    skipped: set[str] = field(default_factory=set)
+
+    def outs(self) -> list[Out]:
+        return [o for item in self.items for o in (item.outs if isinstance(item, Run) else (item,))]
+
+    def used(self) -> set[str]:
+        return {n for o in self.outs() for s in o.srcs for n in s.sources()}
+
+
+def get(hf: dict, *keys, default=None):
+    """The first of `keys` present (and not null) in the config."""
+    for k in keys:
+        if hf.get(k) is not None:
+            return hf[k]
+    return default
+
+
+def need(hf: dict, *keys):
+    v = get(hf, *keys)
+    if v is None:
+        raise MoeError(f"config.json: `{keys[0]}` is missing; the checkpoint's config is incomplete")
+    return v
+
+
+def rope(hf: dict, default_theta: float, interleaved: bool = False, defaults: dict | None = None) -> Rope:
+    """Both config styles: `rope_parameters` (transformers 5), or top-level `rope_theta` + `rope_scaling`."""
+    params = dict(defaults or {})
+    params.update(get(hf, "rope_parameters", "rope_scaling", default={}))
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in ("default", "llama3", "yarn"):
+        raise MoeError(f"config.json: rope type {kind!r} is not supported (moe knows default, llama3, yarn)")
+    r = Rope(kind=kind, theta=float(get(params, "rope_theta", default=get(hf, "rope_theta", default=default_theta))),
+             interleaved=interleaved)
+    if kind == "default":
+        return r
+    r.factor = float(need(params, "factor"))
+    r.original_max_position_embeddings = int(get(params, "original_max_position_embeddings",
+                                                 default=hf.get("max_position_embeddings")))
+    if kind == "llama3":
+        r.low_freq_factor = float(need(params, "low_freq_factor"))
+        r.high_freq_factor = float(need(params, "high_freq_factor"))
+    else:
+        r.beta_fast = float(params.get("beta_fast") or 32.0)
+        r.beta_slow = float(params.get("beta_slow") or 1.0)
+        r.attention_factor = params.get("attention_factor")
+        r.truncate = bool(params.get("truncate", True))
+        r.mscale = params.get("mscale")
+        r.mscale_all_dim = params.get("mscale_all_dim")
+    return r
+
+
+def eos_ids(*values) -> list[int]:
+    """Merge eos_token_id values (int or list) from config.json and generation_config.json, in order."""
+    out = []
+    for v in values:
+        for i in v if isinstance(v, list) else [v]:
+            if isinstance(i, int) and i not in out:
+                out.append(i)
+    return out
+
+
+def base_config(hf: dict, **kw) -> dict:
+    """The ModelConfig fields every architecture reads the same way."""
+    hidden = int(need(hf, "hidden_size"))
+    heads = int(need(hf, "num_attention_heads"))
+    return dict(
+        hidden_size=hidden,
+        num_layers=int(need(hf, "num_hidden_layers")),
+        vocab_size=int(need(hf, "vocab_size")),
+        num_heads=heads,
+        num_kv_heads=int(get(hf, "num_key_value_heads", default=heads)),
+        head_dim=int(get(hf, "head_dim", default=hidden // heads)),
+        rms_norm_eps=float(get(hf, "rms_norm_eps", default=1e-5)),
+        max_position_embeddings=int(get(hf, "max_position_embeddings", default=4096)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id") if isinstance(hf.get("bos_token_id"), int) else None,
+        eos_token_ids=eos_ids(hf.get("eos_token_id")),
+        **kw,
+    )
+
+
+def attention(cfg: ModelConfig, i: int, p: str, *, qk_norm: str = "none", bias: bool = False,
+              sinks: bool = False) -> list[Out]:
+    """q, k, v fused into one [q rows, k rows, v rows] matrix; o; optional biases, q/k norms and sinks."""
+    H, q, kv = cfg.hidden_size, cfg.q_dim, cfg.kv_dim
+    out = [Out(f"layers.{i}.attn.qkv", (q + 2 * kv, H), tuple(Src(f"{p}{x}_proj.weight") for x in "qkv")),
+           Out(f"layers.{i}.attn.o", (H, q), (Src(f"{p}o_proj.weight"),))]
+    if bias:
+        out += [Out(f"layers.{i}.attn.qkv_bias", (q + 2 * kv,), tuple(Src(f"{p}{x}_proj.bias") for x in "qkv")),
+                Out(f"layers.{i}.attn.o_bias", (H,), (Src(f"{p}o_proj.bias"),))]
+    if qk_norm in ("head", "full"):
+        qn, kn = (cfg.head_dim, cfg.head_dim) if qk_norm == "head" else (q, kv)
+        out += [Out(f"layers.{i}.attn.q_norm", (qn,), (Src(f"{p}q_norm.weight"),)),
+                Out(f"layers.{i}.attn.k_norm", (kn,), (Src(f"{p}k_norm.weight"),))]
+    if sinks:
+        out.append(Out(f"layers.{i}.attn.sinks", (cfg.num_heads,), (Src(f"{p}sinks"),)))
+    return out
+
+
+def norms(cfg: ModelConfig, i: int, p: str) -> list[Out]:
+    H = cfg.hidden_size
+    return [Out(f"layers.{i}.attn_norm", (H,), (Src(f"{p}input_layernorm.weight"),)),
+            Out(f"layers.{i}.ffn_norm", (H,), (Src(f"{p}post_attention_layernorm.weight"),))]
+
+
+def swiglu(name: str, H: int, F: int, gate: str, up: str, down: str) -> list[Out]:
+    """A SwiGLU MLP from separate [F, H] gate/up and [H, F] down matrices: `name.gate_up`, `name.down`."""
+    return [Out(f"{name}.gate_up", (2 * F, H), (Src(gate), Src(up))), Out(f"{name}.down", (H, F), (Src(down),))]
+
+
+def separate_experts(cfg: ModelConfig, i: int, p: str, gate: str, up: str, down: str) -> list[list[Out]]:
+    """Experts stored one tensor each: `{p}{j}.{gate}` etc."""
+    H, F = cfg.hidden_size, cfg.expert_intermediate_size
+    return [swiglu(f"layers.{i}.experts.{j}", H, F, f"{p}{j}.{gate}", f"{p}{j}.{up}", f"{p}{j}.{down}")
+            for j in range(cfg.num_experts)]
+
+
+def globals_(cfg: ModelConfig, body: str, head: str, names: set[str]) -> tuple[list[Out], list[Out], set[str]]:
+    """(tensors before the layers, after them, deliberately skipped): embed; norm and lm_head (absent when tied)."""
+    V, H = cfg.vocab_size, cfg.hidden_size
+    first = [Out("embed", (V, H), (Src(f"{body}embed_tokens.weight"),))]
+    last = [Out("norm", (H,), (Src(f"{body}norm.weight"),))]
+    skipped = set()
+    if not cfg.tie_word_embeddings:
+        last.append(Out("lm_head", (V, H), (Src(head),)))
+    elif head in names:
+        skipped.add(head)  # a tied head stored anyway is the embedding again
+    return first, last, skipped
+
+
+def stray_buffers(names: set[str]) -> set[str]:
+    """Non-weights some exporters leave in checkpoints: RoPE inverse-frequency buffers."""
+    return {n for n in names if n.endswith("rotary_emb.inv_freq")}
+
+
+def build_plan(cfg: ModelConfig, names: set[str], layer, body: str = "model.", head: str = "lm_head.weight",
+               skipped: set[str] = frozenset()) -> Plan:
+    """A Plan from an architecture's `layer(cfg, i, prefix) -> (tensors, experts: [[Out] per expert])`."""
+    first, last, skip = globals_(cfg, body, head, names)
+    items: list[Out | Run] = list(first)
+    for i in range(cfg.num_layers):
+        layer_tensors, layer_experts = layer(cfg, i, f"{body}layers.{i}.")
+        items += layer_tensors
+        items += [Run(i, j, tuple(outs)) for j, outs in enumerate(layer_experts)]
+    return Plan(cfg, items + last, set(skipped) | skip | stray_buffers(names))

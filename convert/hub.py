@@ -1,0 +1,85 @@
+"""SRC of a conversion: a local folder in the Hub layout, or a Hub id fetched through huggingface_hub.
+
+Hub ids go through `snapshot_download`, so its cache, HF_HOME, HF_HUB_CACHE, HF_TOKEN and
+HF_HUB_OFFLINE all apply, and only the files conversion reads are downloaded. Weights must
+be safetensors: pickle files (.bin, .pt) can run code when loaded and are never read.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime.errors import MoeError
+
+ALLOW_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*",
+                  "generation_config.json", "special_tokens_map.json", "chat_template.jinja"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Source:
+    folder: Path  # a folder holding config.json and the safetensors weights
+    id: str  # the Hub id, or the folder's absolute path
+    revision: str | None  # the commit of a Hub snapshot
+
+
+def resolve(src: str, revision: str | None = None) -> Source:
+    """The folder to convert from: `src` itself, or the Hub snapshot of `src` at `revision`."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise MoeError(f"{src}: is a file; SRC is a folder in the Hugging Face layout or a Hub id (org/name)")
+        if revision:
+            raise MoeError(f"--revision {revision}: only applies to Hub ids, and {src} is a local folder")
+        check_weights(path, src)
+        return Source(path.resolve(), str(path.resolve()), None)
+    if not _HUB_ID.match(src):
+        raise MoeError(f"{src}: no such folder, and not a Hub id (org/name); check the path")
+    folder = _download(src, revision)
+    check_weights(folder, src)
+    return Source(folder, src, folder.name)
+
+
+def check_weights(folder: Path, src: str) -> None:
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise MoeError(f"{src}: only pickle weights ({', '.join(pickles[:3])}), which moe never loads (they can "
+                       "run code); use a checkpoint with .safetensors weights")
+    raise MoeError(f"{src}: no .safetensors weights found; moe converts safetensors checkpoints only")
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = not sys.stderr.isatty() and not are_progress_bars_disabled()
+    if quiet:
+        disable_progress_bars()
+    at = f" at revision {revision}" if revision else ""
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except errors.GatedRepoError:
+        raise MoeError(f"{repo_id}: gated on the Hugging Face Hub; accept its terms on huggingface.co/{repo_id} "
+                       "and set HF_TOKEN") from None
+    except errors.RepositoryNotFoundError:
+        raise MoeError(f"{repo_id}: no such model on the Hugging Face Hub (if it is private, set HF_TOKEN)") from None
+    except errors.RevisionNotFoundError:
+        raise MoeError(f"{repo_id}: no revision {revision!r} on the Hugging Face Hub") from None
+    except errors.LocalEntryNotFoundError:
+        raise MoeError(f"{repo_id}{at}: not in the Hugging Face cache, and the Hub is unreachable (offline mode "
+                       "or no network); connect, or unset HF_HUB_OFFLINE") from None
+    except errors.HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "an error"
+        raise MoeError(f"{repo_id}: the Hugging Face Hub answered {status}; try again later", 1) from None
+    except Exception as exc:  # network stack errors (httpx), disk errors in the cache
+        raise MoeError(f"{repo_id}: download failed ({type(exc).__name__}: {exc}); check the network and "
+                       "try again", 1) from None
+    finally:
+        if quiet:
+            enable_progress_bars()

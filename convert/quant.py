@@ -1,0 +1,191 @@
+"""Group-wise symmetric quantization into the layout's q4 / q8 encodings, reporting its own error.
+
+Each group of `group_size` columns of a row gets one float16 scale d; q4 stores codes
+c = q + 8 (value (c - 8) * d, q in -8..7), q8 stores q in -128..127 (value q * d). The scale
+is searched, not just max-abs: the group's largest value m is mapped to a few candidate
+codes (q4: -8, -7.5, ..., -6 and 7), then a least-squares refit d = sum(q x) / sum(q q) of the
+best is tried, and the candidate with the least squared error wins. A candidate is only
+admissible if no element clips by more than half a step, so every element keeps
+|dequantized - x| <= |d| / 2. Scales are rounded to float16 before the codes are chosen.
+Groups whose largest value is below float16's range (amax < ~4e-7) quantize to zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from ..runtime.kernels import PARALLEL
+from ..runtime.kernels.bits import bf16_to_f32
+from ..runtime.layout import CHUNK, Packed, padded_cols
+
+# candidate codes for the group's largest value, per bit width
+_CANDIDATES = {4: np.array([-8.0, -7.5, -7.0, -6.5, -6.0, 7.0]), 8: np.array([-128.0, -127.0, 127.0])}
+
+
+@dataclass
+class QuantError:
+    """Error of one quantized tensor (or a sum of several): worst element and relative RMS."""
+
+    max_abs: float = 0.0
+    sum_err2: float = 0.0
+    sum_x2: float = 0.0
+
+    @property
+    def rel_rms(self) -> float:
+        return math.sqrt(self.sum_err2 / self.sum_x2) if self.sum_x2 > 0 else 0.0
+
+    def add(self, other: QuantError) -> None:
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.sum_err2 += other.sum_err2
+        self.sum_x2 += other.sum_x2
+
+
+@njit(cache=True, inline="always")
+def _f16_round(x):
+    """x rounded to the nearest float16 value (saturating at 65504), as a float64."""
+    a = abs(x)
+    if a >= 65504.0:
+        r = 65504.0
+    elif a < 2.0**-14:
+        r = np.rint(a * 2.0**24) / 2.0**24  # float16 subnormals: multiples of 2^-24
+    else:
+        m, e = math.frexp(a)  # a = m * 2^e, m in [0.5, 1): 11 significant bits
+        r = math.ldexp(np.rint(m * 2048.0) / 2048.0, e)
+    return -r if x < 0 else r
+
+
+@njit(cache=True, inline="always")
+def _admissible(d, lo, hi, qmin, qmax):
+    """No element of a group spanning lo..hi clips by more than half a step at scale d."""
+    a, b = (lo / d, hi / d) if d > 0 else (hi / d, lo / d)
+    return a >= qmin - 0.5 and b <= qmax + 0.5
+
+
+@njit(cache=True)
+def _group_err(x, g0, gs, d, qmin, qmax):
+    """Squared error of the group at scale d (branch-free, so it vectorizes)."""
+    inv = np.float32(1.0 / d)
+    d32 = np.float32(d)
+    err = np.float32(0.0)
+    for c in range(g0, g0 + gs):
+        q = min(max(np.rint(x[c] * inv), np.float32(qmin)), np.float32(qmax))
+        e = q * d32 - x[c]
+        err += e * e
+    return err
+
+
+@njit(cache=True)
+def _best_scale(x, g0, gs, qmin, qmax, cands):
+    lo = x[g0]
+    hi = x[g0]
+    for c in range(g0, g0 + gs):
+        lo = min(lo, x[c])
+        hi = max(hi, x[c])
+    m = lo if -lo > hi else hi  # the value of largest magnitude
+    best_d = 0.0
+    best = np.inf
+    for t in cands:
+        d = _f16_round(m / t)
+        if d != 0.0 and _admissible(d, lo, hi, qmin, qmax):
+            err = _group_err(x, g0, gs, d, qmin, qmax)
+            if err < best:
+                best, best_d = err, d
+    if best_d == 0.0:
+        return 0.0
+    sxq = np.float32(0.0)
+    sqq = np.float32(0.0)
+    inv = np.float32(1.0 / best_d)
+    for c in range(g0, g0 + gs):
+        q = min(max(np.rint(x[c] * inv), np.float32(qmin)), np.float32(qmax))
+        sxq += q * x[c]
+        sqq += q * q
+    d = _f16_round(sxq / sqq)
+    if d != 0.0 and _admissible(d, lo, hi, qmin, qmax) and _group_err(x, g0, gs, d, qmin, qmax) < best:
+        best_d = d
+    return best_d
+
+
+@njit(cache=True)
+def _quantize_row(x, gs, bits, cands, codes, scales, stats):
+    """x f32 [cols_pad] -> codes uint8 [cols_pad / 2] (q4) or [cols_pad] (q8, two's complement), scales [groups]."""
+    qmin, qmax = (-8, 7) if bits == 4 else (-128, 127)
+    cp = x.shape[0]
+    q = np.empty(cp, np.int32)
+    emax = 0.0
+    e2 = 0.0
+    x2 = 0.0
+    for g in range(cp // gs):
+        g0 = g * gs
+        d = _best_scale(x, g0, gs, qmin, qmax, cands)
+        scales[g] = d
+        inv = np.float32(1.0 / d) if d != 0.0 else np.float32(0.0)
+        d32 = np.float32(d)
+        ge2 = np.float32(0.0)
+        gx2 = np.float32(0.0)
+        gmax = np.float32(0.0)
+        for c in range(g0, g0 + gs):
+            qc = min(max(np.rint(x[c] * inv), np.float32(qmin)), np.float32(qmax))
+            q[c] = np.int32(qc)
+            e = qc * d32 - x[c]
+            gmax = max(gmax, abs(e))
+            ge2 += e * e
+            gx2 += x[c] * x[c]
+        emax = max(emax, gmax)
+        e2 += ge2
+        x2 += gx2
+    stats[0] = emax
+    stats[1] = e2
+    stats[2] = x2
+    if bits == 4:
+        for c0 in range(0, cp, 32):  # chunk of 32 columns: byte b = column b (low nibble), b + 16 (high)
+            for b in range(16):
+                codes[c0 // 2 + b] = np.uint8((q[c0 + b] + 8) | ((q[c0 + b + 16] + 8) << 4))
+    else:
+        for c in range(cp):
+            codes[c] = np.uint8(q[c] & 0xFF)
+
+
+@njit(**PARALLEL)
+def _quantize_f32(w, gs, bits, cands, codes, scales, stats):
+    rows, cols = w.shape
+    cp = scales.shape[1] * gs
+    for r in prange(rows):
+        x = np.zeros(cp, np.float32)
+        for c in range(cols):
+            x[c] = w[r, c]
+        _quantize_row(x, gs, bits, cands, codes[r], scales[r], stats[r])
+
+
+@njit(**PARALLEL)
+def _quantize_bf16(w, gs, bits, cands, codes, scales, stats):
+    rows, cols = w.shape
+    cp = scales.shape[1] * gs
+    for r in prange(rows):
+        x = np.zeros(cp, np.float32)
+        for c in range(cols):
+            x[c] = bf16_to_f32(w[r, c])
+        _quantize_row(x, gs, bits, cands, codes[r], scales[r], stats[r])
+
+
+def quantize(w: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[Packed, QuantError]:
+    """Quantize a 2-D tensor given as its raw values (dtype BF16: uint16 words; F16; F32) to q4 or q8."""
+    if bits not in _CANDIDATES or group_size <= 0 or group_size % CHUNK:
+        raise ValueError(f"bits {bits} / group size {group_size}")
+    rows, cols = w.shape
+    cp = padded_cols(cols, group_size)
+    codes = np.empty((rows, cp // 2 if bits == 4 else cp), np.uint8)
+    scales = np.empty((rows, cp // group_size), np.float64)
+    stats = np.zeros((rows, 3), np.float64)
+    if dtype == "BF16":
+        _quantize_bf16(np.ascontiguousarray(w), group_size, bits, _CANDIDATES[bits], codes, scales, stats)
+    else:
+        w32 = np.ascontiguousarray(w, dtype=np.float32)
+        _quantize_f32(w32, group_size, bits, _CANDIDATES[bits], codes, scales, stats)
+    packed = Packed(f"q{bits}", (rows, cols), codes if bits == 4 else codes.view(np.int8),
+                    scales.astype(np.float16), group_size)
+    err = QuantError(float(stats[:, 0].max(initial=0.0)), float(stats[:, 1].sum()), float(stats[:, 2].sum()))
+    return packed, err

@@ -1,0 +1,92 @@
+"""What `moe info` says about a converted model, computed from its manifest alone."""
+
+from __future__ import annotations
+
+import math
+
+from .home import resolve_model
+from .layout import EXPERTS_FILE, MODEL_FILE, expert_key, read_manifest, stored_nbytes
+
+PARTS = ("embeddings", "attention", "routers", "experts", "other")
+
+
+def kind_of(name: str) -> str:
+    """The role of a layout tensor: embeddings, lm_head, attention, router, experts, shared_expert,
+    dense_mlp, norms, biases (the categories the manifest's `quantization` is stated in)."""
+    if name in ("embed", "lm_head"):
+        return "embeddings" if name == "embed" else "lm_head"
+    if name == "norm" or name.endswith(("_norm", ".attn_norm", ".ffn_norm")):
+        return "norms"
+    if expert_key(name) is not None:
+        return "experts"
+    section = name.split(".")[2] if name.startswith("layers.") else ""
+    if section.startswith("router"):
+        return "router"
+    if name.endswith(("_bias", ".sinks")):
+        return "biases"
+    return {"attn": "attention", "shared": "shared_expert", "mlp": "dense_mlp"}.get(section, "other")
+
+
+def part_of(name: str) -> str:
+    """One of PARTS: the coarse split `moe info` sizes the model by (norms, shared experts, dense MLPs: other)."""
+    if name in ("embed", "lm_head"):
+        return "embeddings"
+    if expert_key(name) is not None:
+        return "experts"
+    section = name.split(".")[2] if name.startswith("layers.") else ""
+    if section.startswith("router"):
+        return "routers"
+    return "attention" if section == "attn" else "other"
+
+
+def model_info(path) -> dict:
+    """Architecture, sizes by part, parameters (total and active per token), quantization and RAM needs."""
+    folder = resolve_model(str(path))
+    m = read_manifest(folder)
+    cfg = m["config"]
+    tensors = m["tensors"]
+    size = {p: 0 for p in PARTS}
+    encodings = {p: set() for p in PARTS}
+    params = {p: 0 for p in PARTS}
+    expert_params: dict[tuple[int, int], int] = {}
+    for name, e in tensors.items():
+        part = part_of(name)
+        size[part] += stored_nbytes(e)
+        encodings[part].add(e["encoding"])
+        n = math.prod(e["shape"])
+        params[part] += n
+        key = expert_key(name)
+        if key is not None:
+            expert_params[key[:2]] = expert_params.get(key[:2], 0) + n
+    top_k = cfg["top_k"]
+    active_expert_params = 0
+    min_budget = 0
+    for layer, runs in m["experts"].items():
+        per_expert = sorted((expert_params.get((int(layer), j), 0) for j in range(len(runs))), reverse=True)
+        active_expert_params += sum(per_expert[:top_k])
+        min_budget = max(min_budget, sum(sorted((r["nbytes"] for r in runs), reverse=True)[:top_k]))
+    files = {k: v["size"] for k, v in m["files"].items()}
+    total = sum(params.values())
+    return {
+        "path": str(folder),
+        "architecture": m.get("architecture"),
+        "hf_architecture": m.get("source", {}).get("hf_architecture"),
+        "source": m.get("source", {}).get("id"),
+        "layers": cfg["num_layers"],
+        "moe_layers": sum(1 for spec in cfg["layers"] if spec["moe"]),
+        "experts": cfg["num_experts"],
+        "top_k": top_k,
+        "shared_expert": cfg.get("shared_expert_intermediate_size", 0) > 0,
+        "hidden_size": cfg["hidden_size"],
+        "vocab_size": cfg["vocab_size"],
+        "total_params": total,
+        "active_params": total - params["experts"] + active_expert_params,
+        "size_bytes": sum(files.values()),
+        "size_by_part": size,
+        "quantization_by_part": {p: sorted(encodings[p]) for p in PARTS if encodings[p]},
+        "quantization": m.get("quantization", {}),
+        # weights only: the KV cache and activations come on top
+        "ram_bytes": files[MODEL_FILE] + files[EXPERTS_FILE],
+        "min_budget_bytes": min_budget,
+        "ram_bytes_min_budget": files[MODEL_FILE] + min_budget,
+    }
