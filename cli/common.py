@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-out = Console(highlight=False)  # stdout: the product (tables of `info`, `list`, `bench`)
+# stdout: the product (tables of `info`, `list`, `bench`); wide when piped, so no path is cut short
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # stderr: everything else, one line per message
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moe.runtime.units import format_size
 from rich.table import Table
 
 from .common import out, print_json
@@ -25,13 +26,18 @@ def info(model: ModelArg, json: Json = False) -> None:
         return
     table = Table(show_header=False, box=None)
     for key, value in facts.items():
-        table.add_row(key, _text(value))
+        table.add_row(key.replace("_", " "), _text(key, value))
     out.print(table)
 
 
-def _text(value) -> str:
+def _text(key: str, value) -> str:
+    """Sizes in bytes as kB/MB/GB, parameter counts in millions, nested facts on one line."""
     if isinstance(value, dict):
-        return ", ".join(f"{k} {_text(v)}" for k, v in value.items())
+        return ", ".join(f"{k} {_text(key, v)}" for k, v in value.items())
     if isinstance(value, list):
-        return ", ".join(_text(v) for v in value)
+        return " ".join(_text(key, v) for v in value)
+    if isinstance(value, int) and not isinstance(value, bool) and ("bytes" in key or key.startswith("size")):
+        return format_size(value)
+    if isinstance(value, int) and not isinstance(value, bool) and key.endswith("params"):
+        return f"{value / 1e6:.2f} M"
     return str(value)

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from moe.runtime.errors import MoeError
+from rich.progress import Progress
 
 from .common import err, open_model, print_json
 from .options import Json, MemoryBudget, ModelArg, Threads
@@ -22,7 +24,7 @@ def perplexity(
     model: ModelArg,
     file: Annotated[Path, typer.Argument(metavar="FILE", show_default=False, help="A UTF-8 text file.")],
     ctx: Annotated[int, typer.Option(min=2, help="Window length in tokens; each window is scored on all but its first token.")] = 512,
-    max_tokens: Annotated[int | None, typer.Option(min=1, show_default=False, help="Use only the first N tokens of the file.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=2, show_default=False, help="Use only the first N tokens of the file.")] = None,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
     json: Json = False,
@@ -30,10 +32,27 @@ def perplexity(
     """Perplexity over consecutive windows of --ctx tokens (no BOS added; a last partial window is dropped)."""
     from moe.runtime.perplexity import perplexity as measure
 
+    text = _read_text(file)
     loaded, _ = open_model(model, memory_budget, threads)
-    result = measure(loaded, file, ctx=ctx, max_tokens=max_tokens)
+    ids = loaded.tokenizer.encode(text, add_bos=False)[:max_tokens]
+    with Progress(console=err, disable=not err.is_terminal, transient=True) as bar:
+        task = bar.add_task("scoring windows", total=None)
+        ppl, scored = measure(loaded, ids, ctx, progress=lambda done, total: bar.update(task, completed=done, total=total))
     if json:
-        print_json(result)
+        print_json({"perplexity": ppl, "tokens": scored})
     else:
-        print(f"{result['perplexity']:.4f}")
-        err.print(f"[dim]{result['tokens']} tokens scored[/dim]")
+        print(f"{ppl:.4f}")
+        err.print(f"{scored} tokens scored in windows of {ctx}", style="dim")
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MoeError(f"{file}: no such file") from None
+    except IsADirectoryError:
+        raise MoeError(f"{file}: is a folder; give a text file") from None
+    except UnicodeDecodeError as exc:
+        raise MoeError(f"{file}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
+    except OSError as exc:
+        raise MoeError(f"{file}: cannot read it ({exc.strerror})") from None
