@@ -146,9 +146,9 @@ def test_linear_dispatch_and_scratch_reuse(enc):
 
 def test_scratch_decode_reuses_buffers():
     scratch = qmatmul.Scratch(max_tokens=2, max_cols=2048)
-    xq, xs = scratch.acts(1, 2048)
-    xq2, xs2 = scratch.acts(2, 1024)
-    assert np.shares_memory(xq, xq2) and np.shares_memory(xs, xs2)
+    first = scratch.acts(1, 2048)
+    again = scratch.acts(2, 1024)
+    assert all(np.shares_memory(a, b) for a, b in zip(first, again, strict=True))
 
 
 @pytest.mark.parametrize("enc", ["q4", "q8"])

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..layout import CHUNK, Packed
-from . import PARALLEL
+from . import FLAGS, PARALLEL, simd
 from .bits import bf16_to_f32, f16_to_f32
 
 _QMAX = np.float32(127.0)
@@ -44,56 +44,210 @@ def quantize_acts(x, xq, xs):
                 qrow[c] = np.int8(np.rint(xrow[c] / scale)) if c < hi and amax > 0 else np.int8(0)
 
 
+@njit(**FLAGS)
+def block_sums(xq, xs, xsum):
+    """xsum f32 [T, nblocks] = xs * (sum of xq over each 32-column block): the SIMD kernels' offset term."""
+    for t in range(xq.shape[0]):
+        qrow = xq[t]
+        for b in range(xs.shape[1]):
+            s = np.int32(0)
+            for i in range(b * CHUNK, (b + 1) * CHUNK):
+                s += np.int32(qrow[i])
+            xsum[t, b] = np.float32(s) * xs[t, b]
+
+
+@njit(**FLAGS)
+def arrange_q4(xq, xqa):
+    """xqa int8 [T, cols_pad] = xq with each pair of blocks (c0, c1) as [c0[:16], c1[:16], c0[16:], c1[16:]]:
+    the order of one 32-byte load of q4 nibbles (low nibbles, then high nibbles); an odd last block stays.
+    """
+    T, cols_pad = xq.shape
+    half = CHUNK // 2
+    pairs_end = cols_pad // (2 * CHUNK) * 2 * CHUNK
+    for t in range(T):
+        qrow = xq[t]
+        arow = xqa[t]
+        for base in range(0, pairs_end, 2 * CHUNK):
+            for i in range(half):
+                arow[base + i] = qrow[base + i]
+                arow[base + half + i] = qrow[base + CHUNK + i]
+                arow[base + CHUNK + i] = qrow[base + half + i]
+                arow[base + CHUNK + half + i] = qrow[base + CHUNK + half + i]
+        for i in range(pairs_end, cols_pad):
+            arow[i] = qrow[i]
+
+
+@njit(**FLAGS)
+def _q4_blocks(crow, srow, per_group, qrow, xsrow, b0, b1):
+    """sum over blocks [b0, b1) of one q4 row with one token's 8-bit activations."""
+    acc = np.float32(0.0)
+    for b in range(b0, b1):
+        isum = np.int32(0)
+        for i in range(CHUNK // 2):
+            v = np.int32(crow[b * (CHUNK // 2) + i])
+            isum += ((v & 15) - 8) * np.int32(qrow[b * CHUNK + i])
+            isum += ((v >> 4) - 8) * np.int32(qrow[b * CHUNK + CHUNK // 2 + i])
+        acc += np.float32(isum) * (xsrow[b] * f16_to_f32(srow[b // per_group]))
+    return acc
+
+
+@njit(**FLAGS)
+def _q8_blocks(crow, srow, per_group, qrow, xsrow, b0, b1):
+    """sum over blocks [b0, b1) of one q8 row with one token's 8-bit activations."""
+    acc = np.float32(0.0)
+    for b in range(b0, b1):
+        isum = np.int32(0)
+        for i in range(b * CHUNK, (b + 1) * CHUNK):
+            isum += np.int32(crow[i]) * np.int32(qrow[i])
+        acc += np.float32(isum) * (xsrow[b] * f16_to_f32(srow[b // per_group]))
+    return acc
+
+
 @njit(**PARALLEL)
-def matmul_q4(codes, scales, gs, xq, xs, out):
+def _matmul_q4_generic(codes, scales, gs, xq, xs, out):
     """codes u8 [rows, cols_pad / 2] (nibbles), scales u16 [rows, cols_pad / gs] (f16 bits)."""
-    rows = codes.shape[0]
-    T = xq.shape[0]
-    ngroups = scales.shape[1]
-    per_group = gs // CHUNK
-    for r in prange(rows):
-        crow = codes[r]
-        srow = scales[r]
-        for t in range(T):
-            qrow = xq[t]
-            xsrow = xs[t]
-            acc = np.float32(0.0)
-            for g in range(ngroups):
-                gacc = np.float32(0.0)
-                for b in range(g * per_group, (g + 1) * per_group):
-                    isum = np.int32(0)
-                    for i in range(CHUNK // 2):
-                        v = np.int32(crow[b * (CHUNK // 2) + i])
-                        isum += ((v & 15) - 8) * np.int32(qrow[b * CHUNK + i])
-                        isum += ((v >> 4) - 8) * np.int32(qrow[b * CHUNK + CHUNK // 2 + i])
-                    gacc += np.float32(isum) * xsrow[b]
-                acc += gacc * f16_to_f32(srow[g])
-            out[t, r] = acc
+    nblocks = xs.shape[1]
+    for r in prange(codes.shape[0]):
+        for t in range(xq.shape[0]):
+            out[t, r] = _q4_blocks(codes[r], scales[r], gs // CHUNK, xq[t], xs[t], 0, nblocks)
 
 
 @njit(**PARALLEL)
-def matmul_q8(codes, scales, gs, xq, xs, out):
+def _matmul_q8_generic(codes, scales, gs, xq, xs, out):
     """codes i8 [rows, cols_pad], scales u16 [rows, cols_pad / gs] (f16 bits)."""
-    rows = codes.shape[0]
+    nblocks = xs.shape[1]
+    for r in prange(codes.shape[0]):
+        for t in range(xq.shape[0]):
+            out[t, r] = _q8_blocks(codes[r], scales[r], gs // CHUNK, xq[t], xs[t], 0, nblocks)
+
+
+@njit(**FLAGS)
+def _simd_span(nblocks, per_group):
+    """(blocks the SIMD step covers, scale index shift): whole steps of 8 blocks, power-of-two groups only."""
+    shift = 0
+    while (1 << shift) < per_group:
+        shift += 1
+    if (1 << shift) != per_group:
+        return 0, 0
+    return nblocks // simd.BLOCKS * simd.BLOCKS, shift
+
+
+@njit(**PARALLEL)
+def _matmul_q4_avx2(codes, scales, gs, xq, xqa, xs, xsum, out):
+    """The q4 product given arrange_q4's xqa and block_sums' xsum; tokens in tiles of 4 within a row."""
     T = xq.shape[0]
-    ngroups = scales.shape[1]
+    nblocks = xs.shape[1]
     per_group = gs // CHUNK
-    for r in prange(rows):
+    nb, shift = _simd_span(nblocks, per_group)
+    for r in prange(codes.shape[0]):
         crow = codes[r]
         srow = scales[r]
-        for t in range(T):
-            qrow = xq[t]
-            xsrow = xs[t]
-            acc = np.float32(0.0)
-            for g in range(ngroups):
-                gacc = np.float32(0.0)
-                for b in range(g * per_group, (g + 1) * per_group):
-                    isum = np.int32(0)
-                    for i in range(b * CHUNK, (b + 1) * CHUNK):
-                        isum += np.int32(crow[i]) * np.int32(qrow[i])
-                    gacc += np.float32(isum) * xsrow[b]
-                acc += gacc * f16_to_f32(srow[g])
-            out[t, r] = acc
+        t = 0
+        while t + 4 <= T:
+            if per_group == 1:
+                a = simd.q4_dot4(crow, srow, xqa, xs, xsum, t, nb, 0)
+            else:
+                a = simd.q4_dot4_grouped(crow, srow, xqa, xs, xsum, t, nb, shift)
+            for j in range(4):
+                out[t + j, r] = a[j]
+                if nb < nblocks:
+                    out[t + j, r] += _q4_blocks(crow, srow, per_group, xq[t + j], xs[t + j], nb, nblocks)
+            t += 4
+        while t < T:
+            if per_group == 1:
+                a1 = simd.q4_dot1(crow, srow, xqa, xs, xsum, t, nb, 0)
+            else:
+                a1 = simd.q4_dot1_grouped(crow, srow, xqa, xs, xsum, t, nb, shift)
+            out[t, r] = a1[0]
+            if nb < nblocks:
+                out[t, r] += _q4_blocks(crow, srow, per_group, xq[t], xs[t], nb, nblocks)
+            t += 1
+
+
+@njit(**PARALLEL)
+def _matmul_q8_avx2(codes, scales, gs, xq, xs, xsum, out):
+    """The q8 product given block_sums' xsum; tokens in tiles of 4 within a row."""
+    T = xq.shape[0]
+    nblocks = xs.shape[1]
+    per_group = gs // CHUNK
+    nb, shift = _simd_span(nblocks, per_group)
+    for r in prange(codes.shape[0]):
+        crow = codes[r]
+        srow = scales[r]
+        t = 0
+        while t + 4 <= T:
+            if per_group == 1:
+                a = simd.q8_dot4(crow, srow, xq, xs, xsum, t, nb, 0)
+            else:
+                a = simd.q8_dot4_grouped(crow, srow, xq, xs, xsum, t, nb, shift)
+            for j in range(4):
+                out[t + j, r] = a[j]
+                if nb < nblocks:
+                    out[t + j, r] += _q8_blocks(crow, srow, per_group, xq[t + j], xs[t + j], nb, nblocks)
+            t += 4
+        while t < T:
+            if per_group == 1:
+                a1 = simd.q8_dot1(crow, srow, xq, xs, xsum, t, nb, 0)
+            else:
+                a1 = simd.q8_dot1_grouped(crow, srow, xq, xs, xsum, t, nb, shift)
+            out[t, r] = a1[0]
+            if nb < nblocks:
+                out[t, r] += _q8_blocks(crow, srow, per_group, xq[t], xs[t], nb, nblocks)
+            t += 1
+
+
+@njit(**FLAGS)
+def _matmul_q4_avx2_alloc(codes, scales, gs, xq, xs, out):
+    xqa = np.empty_like(xq)
+    xsum = np.empty_like(xs)
+    arrange_q4(xq, xqa)
+    block_sums(xq, xs, xsum)
+    _matmul_q4_avx2(codes, scales, gs, xq, xqa, xs, xsum, out)
+
+
+@njit(**FLAGS)
+def _matmul_q8_avx2_alloc(codes, scales, gs, xq, xs, out):
+    xsum = np.empty_like(xs)
+    block_sums(xq, xs, xsum)
+    _matmul_q8_avx2(codes, scales, gs, xq, xs, xsum, out)
+
+
+# One compiled call per linear(): quantize, prepare and multiply (each names its kernel, so a cached
+# compilation never mixes the generic and the AVX2 paths).
+@njit(**FLAGS)
+def _linear_q4_avx2(codes, scales, gs, x, xq, xqa, xs, xsum, out):
+    quantize_acts(x, xq, xs)
+    arrange_q4(xq, xqa)
+    block_sums(xq, xs, xsum)
+    _matmul_q4_avx2(codes, scales, gs, xq, xqa, xs, xsum, out)
+
+
+@njit(**FLAGS)
+def _linear_q8_avx2(codes, scales, gs, x, xq, xs, xsum, out):
+    quantize_acts(x, xq, xs)
+    block_sums(xq, xs, xsum)
+    _matmul_q8_avx2(codes, scales, gs, xq, xs, xsum, out)
+
+
+@njit(**FLAGS)
+def _linear_q4_generic(codes, scales, gs, x, xq, xs, out):
+    quantize_acts(x, xq, xs)
+    _matmul_q4_generic(codes, scales, gs, xq, xs, out)
+
+
+@njit(**FLAGS)
+def _linear_q8_generic(codes, scales, gs, x, xq, xs, out):
+    quantize_acts(x, xq, xs)
+    _matmul_q8_generic(codes, scales, gs, xq, xs, out)
+
+
+KERNELS = simd.kernel_choice()
+if KERNELS == "avx2":
+    matmul_q4 = _matmul_q4_avx2_alloc  # interface entry; linear() passes its scratch instead of allocating
+    matmul_q8 = _matmul_q8_avx2_alloc
+else:
+    matmul_q4 = _matmul_q4_generic
+    matmul_q8 = _matmul_q8_generic
 
 
 @njit(**PARALLEL)
@@ -142,25 +296,32 @@ def matmul_f16(w, x, out):
 
 
 class Scratch:
-    """Reusable buffers for the 8-bit activations, grown on demand, so repeated calls allocate nothing."""
+    """Reusable activation buffers (xq, arranged xq, xs, block sums), grown on demand: repeated calls allocate nothing."""
 
     def __init__(self, max_tokens: int = 1, max_cols: int = 0):
-        self._xq = np.zeros(0, np.int8)
-        self._xs = np.zeros(0, np.float32)
+        self._xq = self._xqa = np.zeros(0, np.int8)
+        self._xs = self._xsum = np.zeros(0, np.float32)
         self.reserve(max_tokens, max_cols)
 
     def reserve(self, tokens: int, cols: int) -> None:
         cols_pad = -(-cols // CHUNK) * CHUNK
         if tokens * cols_pad > self._xq.size:
             self._xq = np.zeros(tokens * cols_pad, np.int8)
+            self._xqa = np.zeros(tokens * cols_pad, np.int8)
             self._xs = np.zeros(tokens * cols_pad // CHUNK, np.float32)
+            self._xsum = np.zeros(tokens * cols_pad // CHUNK, np.float32)
 
-    def acts(self, tokens: int, cols_pad: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views xq int8 [tokens, cols_pad] and xs f32 [tokens, cols_pad / 32] into the buffers."""
+    def acts(self, tokens: int, cols_pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Views xq, xqa int8 [tokens, cols_pad] and xs, xsum f32 [tokens, cols_pad / 32] into the buffers."""
         self.reserve(tokens, cols_pad)
-        xq = self._xq[: tokens * cols_pad].reshape(tokens, cols_pad)
-        xs = self._xs[: tokens * cols_pad // CHUNK].reshape(tokens, cols_pad // CHUNK)
-        return xq, xs
+        n = tokens * cols_pad
+        shape = (tokens, cols_pad // CHUNK)
+        return (
+            self._xq[:n].reshape(tokens, cols_pad),
+            self._xqa[:n].reshape(tokens, cols_pad),
+            self._xs[: n // CHUNK].reshape(shape),
+            self._xsum[: n // CHUNK].reshape(shape),
+        )
 
 
 def linear(p: Packed, x: np.ndarray, out: np.ndarray, scratch: Scratch) -> np.ndarray:
@@ -168,10 +329,16 @@ def linear(p: Packed, x: np.ndarray, out: np.ndarray, scratch: Scratch) -> np.nd
     enc = p.encoding
     if enc == "q4" or enc == "q8":
         cols_pad = p.codes.shape[1] * (2 if enc == "q4" else 1)
-        xq, xs = scratch.acts(x.shape[0], cols_pad)
-        quantize_acts(x, xq, xs)
-        kernel = matmul_q4 if enc == "q4" else matmul_q8
-        kernel(p.codes, p.scales.view(np.uint16), p.group_size, xq, xs, out)
+        xq, xqa, xs, xsum = scratch.acts(x.shape[0], cols_pad)
+        scales = p.scales.view(np.uint16)
+        if enc == "q4" and KERNELS == "avx2":
+            _linear_q4_avx2(p.codes, scales, p.group_size, x, xq, xqa, xs, xsum, out)
+        elif enc == "q4":
+            _linear_q4_generic(p.codes, scales, p.group_size, x, xq, xs, out)
+        elif KERNELS == "avx2":
+            _linear_q8_avx2(p.codes, scales, p.group_size, x, xq, xs, xsum, out)
+        else:
+            _linear_q8_generic(p.codes, scales, p.group_size, x, xq, xs, out)
     elif enc == "f32":
         matmul_f32(p.codes, x, out)
     elif enc == "bf16":
