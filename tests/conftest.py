@@ -1,7 +1,14 @@
 """Every test runs with its own moe home and Hugging Face cache, offline."""
 
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 from huggingface_hub import constants
+
+# Compiled kernels are cached outside the user's home (moe.runtime.kernels would pick ~/.cache/moe at import).
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(tempfile.gettempdir()) / "moe-tests-numba-cache"))
 
 
 @pytest.fixture(autouse=True)

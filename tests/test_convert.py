@@ -1,0 +1,262 @@
+"""Conversion of every architecture: tensors accounted for, values moved to the right place, quantization bounds."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from moe.convert import arch, convert
+from moe.convert.safetensors_io import Checkpoint
+from moe.convert.synthetic import write_synthetic_checkpoint
+from moe.runtime.layout import dequantize, open_layout, verify
+from safetensors.torch import load_file
+from tiny import make_checkpoint
+
+ARCHS = ["mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """make_checkpoint, cached per module: source(arch, **kw) -> folder."""
+    made = {}
+
+    def get(name, **kw):
+        key = (name, tuple(sorted(kw.items())))
+        if key not in made:
+            made[key] = make_checkpoint(name, tmp_path_factory.mktemp(name), **kw)
+        return made[key]
+
+    return get
+
+
+def state_dict(folder):
+    """The source tensors as float32 torch tensors, multimodal prefixes stripped."""
+    sd = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        for name, t in load_file(f).items():
+            sd[name.removeprefix("language_model.")] = t.float()
+    return sd
+
+
+def reference(name_of_arch, sd, name):
+    """What layout tensor `name` must hold, written from ARCHITECTURES.md independently of the converter."""
+    if name in ("embed", "norm", "lm_head"):
+        return sd[{"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}[name]]
+    parts = name.split(".")
+    p = f"model.layers.{parts[1]}."
+    rest = ".".join(parts[2:])
+    a = p + "self_attn."
+    plain = {"attn_norm": p + "input_layernorm.weight", "ffn_norm": p + "post_attention_layernorm.weight",
+             "attn.o": a + "o_proj.weight", "attn.o_bias": a + "o_proj.bias", "attn.q_norm": a + "q_norm.weight",
+             "attn.k_norm": a + "k_norm.weight", "attn.sinks": a + "sinks"}
+    if rest in plain:
+        return sd[plain[rest]]
+    if rest in ("attn.qkv", "attn.qkv_bias"):
+        kind = "weight" if rest == "attn.qkv" else "bias"
+        return torch.cat([sd[f"{a}{x}_proj.{kind}"] for x in "qkv"])
+    ff = p + ("feed_forward." if name_of_arch.startswith("llama4") else "mlp.")
+    if rest in ("router", "router_bias"):
+        key = {"mixtral": p + "block_sparse_moe.gate.weight", "gpt_oss": ff + "router.weight",
+               "llama4": ff + "router.weight"}.get(name_of_arch.removesuffix("_multimodal"), ff + "gate.weight")
+        return sd[key.replace("weight", "bias") if rest == "router_bias" else key]
+    if parts[2] in ("shared", "mlp"):
+        q = ff + ("shared_expert." if parts[2] == "shared" else "")
+        if parts[3] == "gate_up":
+            return torch.cat([sd[q + "gate_proj.weight"], sd[q + "up_proj.weight"]])
+        return sd[q + "down_proj.weight"]
+    j, what = int(parts[3]), parts[4]
+    if name_of_arch == "mixtral":
+        e = f"{p}block_sparse_moe.experts.{j}."
+        return torch.cat([sd[e + "w1.weight"], sd[e + "w3.weight"]]) if what == "gate_up" else sd[e + "w2.weight"]
+    if name_of_arch in ("qwen3_moe", "olmoe"):
+        e = f"{ff}experts.{j}."
+        if what == "gate_up":
+            return torch.cat([sd[e + "gate_proj.weight"], sd[e + "up_proj.weight"]])
+        return sd[e + "down_proj.weight"]
+    gate_up, down = sd[ff + "experts.gate_up_proj"][j], sd[ff + "experts.down_proj"][j]  # (H, 2F), (F, H)
+    if name_of_arch.startswith("llama4"):
+        return gate_up.T if what == "gate_up" else down.T  # gate = first F columns
+    if what == "gate_up":  # gpt-oss: gate = even columns, up = odd
+        return torch.cat([gate_up[:, 0::2].T, gate_up[:, 1::2].T])
+    if what == "gate_up_bias":
+        b = sd[ff + "experts.gate_up_proj_bias"][j]
+        return torch.cat([b[0::2], b[1::2]])
+    return down.T if what == "down" else sd[ff + "experts.down_proj_bias"][j]
+
+
+def layout_values(folder):
+    layout = open_layout(folder)
+    values = {name: dequantize(layout.packed(name)).copy() for name in layout.manifest["tensors"]}
+    layout.close()
+    return values
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_every_source_tensor_is_accounted_for(source, name, tmp_path):
+    src = source(name)
+    hf = json.loads((src / "config.json").read_text())
+    with Checkpoint(src) as ckpt:
+        names = set(ckpt.names())
+    plan = arch.for_config(hf).plan(hf, names)
+    assert plan.used() | plan.skipped == names
+    assert plan.used().isdisjoint(plan.skipped)
+    if name == "llama4_multimodal":
+        assert plan.skipped == {n for n in names if n.startswith(("vision_model.", "multi_modal_projector."))}
+    out = convert(src, tmp_path / "out")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["tensors"]) == {o.name for o in plan.outs()}
+    assert verify(out) == []
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_sixteen_bits_keeps_every_value_in_its_place(source, name, tmp_path):
+    src = source(name)
+    sd = state_dict(src)
+    out = convert(src, tmp_path / "out", bits=16)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for tensor, values in layout_values(out).items():
+        expected = reference(name, sd, tensor).numpy()
+        np.testing.assert_array_equal(values, expected, err_msg=tensor)
+        encoding = manifest["tensors"][tensor]["encoding"]
+        assert encoding == ("bf16" if values.ndim == 2 else "f32"), tensor
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_quantized_values_stay_within_half_a_step(source, name, bits, tmp_path):
+    src = source(name)
+    exact = layout_values(convert(src, tmp_path / "exact", bits=16))
+    out = convert(src, tmp_path / "q", bits=bits, group_size=32)
+    layout = open_layout(out)
+    quantized = {"q4": 0, "q8": 0}
+    for tensor, e in layout.manifest["tensors"].items():
+        p = layout.packed(tensor)
+        got = dequantize(p)
+        if e["encoding"] in ("f32", "bf16", "f16"):
+            np.testing.assert_array_equal(got, exact[tensor], err_msg=tensor)
+            continue
+        quantized[e["encoding"]] += 1
+        step = np.repeat(np.abs(p.scales.astype(np.float32)), p.group_size, axis=1)[:, : p.shape[1]]
+        assert np.all(np.abs(got - exact[tensor]) <= step / 2 * (1 + 1e-5) + 1e-30), tensor
+        is_expert = ".experts." in tensor
+        assert e["encoding"] == (f"q{bits}" if is_expert else "q8"), tensor
+    layout.close()
+    assert quantized[f"q{bits}"] > 0
+    routers = [t for t in layout.manifest["tensors"] if t.endswith(".router")]
+    assert routers and all(layout.manifest["tensors"][t]["encoding"] == "f32" for t in routers)
+
+
+def test_group_size_64_and_odd_widths(source, tmp_path):
+    out = convert(source("mixtral"), tmp_path / "out", bits=4, group_size=64)
+    layout = open_layout(out)
+    down = layout.manifest["tensors"]["layers.0.experts.0.down"]
+    assert down["shape"] == [64, 40] and down["group_size"] == 64
+    assert layout.packed("layers.0.experts.0.down").codes.shape == (64, 32)  # 40 columns padded to 64
+    layout.close()
+    assert verify(out) == []
+
+
+def test_fp16_source_stays_fp16(source, tmp_path):
+    src = source("olmoe", dtype="f16")
+    sd = state_dict(src)
+    out = convert(src, tmp_path / "out", bits=16)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tensors"]["layers.0.attn.qkv"]["encoding"] == "f16"
+    for tensor, values in layout_values(out).items():
+        np.testing.assert_array_equal(values, reference("olmoe", sd, tensor).numpy(), err_msg=tensor)
+
+
+def crcs(folder):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return {n: (e["crc32"], e.get("scales_crc32")) for n, e in manifest["tensors"].items()}, manifest
+
+
+@pytest.mark.parametrize("variant", [{"shards": 3}, {"config_style": "legacy"}])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "llama4", "gpt_oss"])
+def test_shards_and_legacy_configs_convert_identically(source, name, variant, tmp_path):
+    a, ma = crcs(convert(source(name), tmp_path / "a"))
+    b, mb = crcs(convert(source(name, **variant), tmp_path / "b"))
+    assert a == b
+    assert ma["config"] == mb["config"]
+
+
+def test_multimodal_llama4_is_its_text_model(source, tmp_path):
+    a, ma = crcs(convert(source("llama4"), tmp_path / "a"))
+    b, mb = crcs(convert(source("llama4_multimodal"), tmp_path / "b"))
+    assert a == b and ma["config"] == mb["config"]
+    assert mb["source"]["hf_architecture"] == "Llama4ForConditionalGeneration"
+
+
+def test_mxfp4_experts_decode_to_the_bf16_values(source, tmp_path):
+    """make_checkpoint snaps gpt-oss experts to the MXFP4 grid, so both checkpoints hold the same numbers."""
+    bf16 = source("gpt_oss", intermediate_size=64)
+    packed = source("gpt_oss", intermediate_size=64, mxfp4=True)
+    with Checkpoint(packed) as ckpt:
+        assert ckpt.info("model.layers.0.mlp.experts.gate_up_proj_blocks").dtype == "U8"
+    a = layout_values(convert(bf16, tmp_path / "a16", bits=16))
+    b = layout_values(convert(packed, tmp_path / "b16", bits=16))
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # -0.0 and +0.0 compare equal
+    a4, _ = crcs(convert(bf16, tmp_path / "a4", bits=4))
+    b4, _ = crcs(convert(packed, tmp_path / "b4", bits=4))
+    assert a4 == b4
+
+
+def test_config_normalization(source, tmp_path):
+    def config(name, **kw):
+        out = convert(source(name, **kw), tmp_path / f"{name}{len(kw)}", bits=4)
+        return json.loads((out / "manifest.json").read_text())["config"]
+
+    qwen = config("qwen3_moe")
+    assert qwen["head_dim"] == 24 and [s["moe"] for s in qwen["layers"]] == [True, False, True]
+    assert qwen["layers"][0]["qk_norm"] == "head" and qwen["dense_intermediate_size"] == 96
+    assert qwen["norm_topk_prob"] is True and qwen["eos_token_ids"] == [1]
+    olmoe = config("olmoe")
+    assert olmoe["layers"][0]["qk_norm"] == "full" and olmoe["norm_topk_prob"] is False and olmoe["top_k"] == 3
+    llama = config("llama4")
+    assert [s["moe"] for s in llama["layers"]] == [False, True, False, True]
+    assert [s["rope"] for s in llama["layers"]] == [True, True, True, False]
+    assert llama["layers"][1] | {} == {"moe": True, "rope": True, "attention": "chunked", "window": 8,
+                                       "qk_norm": "l2", "attn_temperature": False}
+    assert llama["layers"][3] | {} == {"moe": True, "rope": False, "attention": "full", "window": 0,
+                                       "qk_norm": "none", "attn_temperature": True}
+    assert llama["rope"]["kind"] == "llama3" and llama["rope"]["interleaved"] is True
+    assert llama["router"] == "sigmoid_topk" and llama["shared_expert_intermediate_size"] == 40
+    assert llama["floor_scale"] == 4
+    gpt = config("gpt_oss")
+    assert [(s["attention"], s["window"]) for s in gpt["layers"]] == [("sliding", 8), ("full", 0), ("sliding", 8)]
+    assert gpt["rope"]["kind"] == "yarn" and gpt["rope"]["factor"] == 32 and gpt["rope"]["truncate"] is False
+    assert gpt["router"] == "topk_softmax" and gpt["attention_sinks"] and gpt["expert_bias"]
+    assert gpt["head_dim"] == 24 and gpt["activation"] == "gpt_oss"
+    mix = config("mixtral")
+    assert mix["rope"] == mix["rope"] | {"kind": "default", "theta": 1e6} and mix["layers"][0]["attention"] == "full"
+
+
+def test_manifest_records_tokenizer_quantization_source_and_stats(source, tmp_path):
+    src = source("mixtral")
+    out = convert(src, tmp_path / "out")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["tokenizer"]["files"] == ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    assert all((out / f).read_bytes() == (src / f).read_bytes() for f in m["tokenizer"]["files"])
+    assert m["tokenizer"] | {} == m["tokenizer"] | {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False}
+    assert m["quantization"]["experts"] == "q4" and m["quantization"]["attention"] == "q8"
+    assert m["quantization"]["router"] == "f32" and m["quantization"]["norms"] == "f32"
+    assert m["source"] == {"id": str(src.resolve()), "revision": None, "hf_architecture": "MixtralForCausalLM"}
+    stats = m["stats"]
+    assert stats["source_bytes"] == sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    assert 0.02 < stats["quant_error"]["experts"]["rel_rms"] < 0.15
+    assert stats["quant_error"]["other"]["rel_rms"] < 0.01
+    assert stats["worst"]["tensor"].startswith("layers.")
+
+
+def test_synthetic_checkpoint_small_geometry(tmp_path):
+    geometry = dict(num_hidden_layers=2, hidden_size=64, num_experts=4, intermediate_size=40, num_experts_per_tok=2,
+                    vocab_size=300, num_attention_heads=4, num_key_value_heads=4)
+    src = write_synthetic_checkpoint(tmp_path / "src", geometry, seed=1, shard_bytes=60_000)
+    with Checkpoint(src) as ckpt:
+        assert len(ckpt.files) > 1 and len(ckpt.names()) == 1 + 2 * (9 + 4 * 3) + 2
+        assert ckpt.info("model.layers.1.mlp.experts.3.down_proj.weight").shape == (64, 40)
+    out = convert(src, tmp_path / "out")
+    assert json.loads((out / "manifest.json").read_text())["config"]["num_experts"] == 4
+    assert verify(out) == []
