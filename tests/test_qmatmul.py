@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from moe.runtime.kernels import qmatmul
-from moe.runtime.kernels.bits import bf16_to_f32, f16_to_f32
+from moe.runtime.kernels.bits import bf16_to_f32, f16_to_f32, f16_to_f32_exact
 from moe.runtime.layout import CHUNK, Packed, dequantize, pack_q4, padded_cols
 from numba import njit
 
@@ -55,13 +55,19 @@ def acts(T: int, cols: int, rng) -> np.ndarray:
 @njit
 def _convert(fn_id, h, out):
     for i in range(h.size):
-        out[i] = f16_to_f32(h[i]) if fn_id == 0 else bf16_to_f32(h[i])
+        if fn_id == 0:
+            out[i] = f16_to_f32(h[i])
+        elif fn_id == 1:
+            out[i] = f16_to_f32_exact(h[i])
+        else:
+            out[i] = bf16_to_f32(h[i])
 
 
-def test_f16_conversion_exact_over_all_bit_patterns():
+@pytest.mark.parametrize("fn_id", [0, 1], ids=["hardware", "integer"])
+def test_f16_conversion_exact_over_all_bit_patterns(fn_id):
     h = np.arange(1 << 16, dtype=np.uint16)
     got = np.empty(h.size, np.float32)
-    _convert(0, h, got)
+    _convert(fn_id, h, got)
     ref = h.view(np.float16).astype(np.float32)
     finite = np.isfinite(ref)
     assert np.array_equal(got.view(np.uint32)[finite], ref.view(np.uint32)[finite])
@@ -72,7 +78,7 @@ def test_f16_conversion_exact_over_all_bit_patterns():
 def test_bf16_conversion_exact_over_all_bit_patterns():
     h = np.arange(1 << 16, dtype=np.uint16)
     got = np.empty(h.size, np.float32)
-    _convert(1, h, got)
+    _convert(2, h, got)
     ref = (h.astype(np.uint32) << 16).view(np.float32)
     finite = np.isfinite(ref)
     assert np.array_equal(got.view(np.uint32)[finite], ref.view(np.uint32)[finite])

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import platform
+
+import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import config
 from numba.extending import intrinsic
 
 _F16_EXP = np.uint32(0x7C00 << 13)  # float16 exponent field, moved to float32's mantissa-aligned position
@@ -39,8 +43,8 @@ def bf16_to_f32(h):
 
 
 @njit(cache=True, inline="always")
-def f16_to_f32(h):
-    """Exact IEEE half -> single, branch-free so loops over it vectorize.
+def f16_to_f32_exact(h):
+    """Exact IEEE half -> single in integer arithmetic, for CPUs without a half-precision conversion.
 
     Normal numbers re-bias the exponent; inf/nan get float32's all-ones exponent; subnormals
     (exponent 0) are made normal with exponent 1 and the implicit one subtracted as a float.
@@ -59,3 +63,31 @@ def f16_to_f32(h):
     if np.uint32(h) & np.uint32(0x8000):
         f = -f
     return f
+
+
+def _hardware_half() -> bool:
+    """Whether the CPU numba compiles for converts half to single in one instruction (x86 F16C, any arm64)."""
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return True
+    if config.CPU_FEATURES is not None:
+        return "+f16c" in config.CPU_FEATURES.split(",")
+    return bool(llvm.get_host_cpu_features().get("f16c", False))
+
+
+@intrinsic
+def f16_to_f32(typingctx, h):
+    """IEEE half bits (any integer type, low 16 bits) -> float32, exactly: LLVM's fpext from half when the
+    target converts in hardware (vcvtph2ps, fcvt; vectorizes), else f16_to_f32_exact."""
+    if not isinstance(h, types.Integer):
+        return None
+    sig = types.float32(h)
+
+    def codegen(context, builder, signature, args):
+        if not _hardware_half():
+            return context.compile_internal(builder, f16_to_f32_exact.py_func, signature, args)
+        v = args[0]
+        if h.bitwidth > 16:
+            v = builder.trunc(v, ir.IntType(16))
+        return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
+
+    return sig, codegen

@@ -12,36 +12,42 @@ fixed order: results are bit-identical whatever the thread count.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from ..layout import CHUNK, Packed
 from . import FLAGS, PARALLEL, simd
-from .bits import bf16_to_f32, f16_to_f32
+from .bits import bf16_to_f32, f16_to_f32, u32_as_f32
 
 _QMAX = np.float32(127.0)
 
 
-@njit(cache=True, nogil=True)  # exact division, no fast-math: x / scale, as the twin computes it
+@njit(cache=True, nogil=True, error_model="numpy")
 def quantize_acts(x, xq, xs):
     """x f32 [T, cols] -> xq int8 [T, cols_pad], xs f32 [T, cols_pad / 32]: x ~ xq * xs per 32 columns.
 
     scale = max|x| / 127 and xq = round(x / scale) (half to even); padding columns are zero.
+    Exact division, no fast-math: x / scale, as the twin computes it. max |x| is taken over the bits
+    of |x|: an integer max vectorizes, a float max with NaN semantics does not.
     """
     T, cols = x.shape
-    nblocks = xq.shape[1] // CHUNK
     for t in range(T):
-        xrow = x[t]
-        qrow = xq[t]
-        for b in range(nblocks):
+        for b in range(xq.shape[1] // CHUNK):
             lo = b * CHUNK
-            hi = min(lo + CHUNK, cols)
-            amax = np.float32(0.0)
-            for c in range(lo, hi):
-                amax = max(amax, abs(xrow[c]))
+            xb = x[t, lo : min(lo + CHUNK, cols)]
+            bits = xb.view(np.uint32)
+            qb = xq[t, lo : lo + CHUNK]
+            amax_bits = np.uint32(0)
+            for i in range(xb.size):
+                amax_bits = max(amax_bits, bits[i] & np.uint32(0x7FFFFFFF))
+            amax = u32_as_f32(amax_bits)
             scale = amax / _QMAX
             xs[t, b] = scale
-            for c in range(lo, lo + CHUNK):
-                qrow[c] = np.int8(np.rint(xrow[c] / scale)) if c < hi and amax > 0 else np.int8(0)
+            div = scale if amax > 0 else np.float32(1.0)
+            for i in range(xb.size):
+                qb[i] = np.int8(np.rint(xb[i] / div))
+            for i in range(xb.size, CHUNK):
+                qb[i] = 0
 
 
 @njit(**FLAGS)
@@ -79,7 +85,7 @@ def arrange_q4(xq, xqa):
 
 @njit(**FLAGS)
 def _q4_blocks(crow, srow, per_group, qrow, xsrow, b0, b1):
-    """sum over blocks [b0, b1) of one q4 row with one token's 8-bit activations."""
+    """sum over blocks [b0, b1) of one q4 row with one token's 8-bit activations (all 1-D)."""
     acc = np.float32(0.0)
     for b in range(b0, b1):
         isum = np.int32(0)
@@ -93,7 +99,7 @@ def _q4_blocks(crow, srow, per_group, qrow, xsrow, b0, b1):
 
 @njit(**FLAGS)
 def _q8_blocks(crow, srow, per_group, qrow, xsrow, b0, b1):
-    """sum over blocks [b0, b1) of one q8 row with one token's 8-bit activations."""
+    """sum over blocks [b0, b1) of one q8 row with one token's 8-bit activations (all 1-D)."""
     acc = np.float32(0.0)
     for b in range(b0, b1):
         isum = np.int32(0)
@@ -140,28 +146,21 @@ def _matmul_q4_avx2(codes, scales, gs, xq, xqa, xs, xsum, out):
     per_group = gs // CHUNK
     nb, shift = _simd_span(nblocks, per_group)
     for r in prange(codes.shape[0]):
-        crow = codes[r]
-        srow = scales[r]
-        t = 0
-        while t + 4 <= T:
+        for t in range(0, T - T % 4, 4):
             if per_group == 1:
-                a = simd.q4_dot4(crow, srow, xqa, xs, xsum, t, nb, 0)
+                a = simd.q4_dot4(codes, scales, r, xqa, xs, xsum, t, nb, 0)
             else:
-                a = simd.q4_dot4_grouped(crow, srow, xqa, xs, xsum, t, nb, shift)
+                a = simd.q4_dot4_grouped(codes, scales, r, xqa, xs, xsum, t, nb, shift)
             for j in range(4):
                 out[t + j, r] = a[j]
-                if nb < nblocks:
-                    out[t + j, r] += _q4_blocks(crow, srow, per_group, xq[t + j], xs[t + j], nb, nblocks)
-            t += 4
-        while t < T:
+        for t in range(T - T % 4, T):
             if per_group == 1:
-                a1 = simd.q4_dot1(crow, srow, xqa, xs, xsum, t, nb, 0)
+                out[t, r] = simd.q4_dot1(codes, scales, r, xqa, xs, xsum, t, nb, 0)[0]
             else:
-                a1 = simd.q4_dot1_grouped(crow, srow, xqa, xs, xsum, t, nb, shift)
-            out[t, r] = a1[0]
-            if nb < nblocks:
-                out[t, r] += _q4_blocks(crow, srow, per_group, xq[t], xs[t], nb, nblocks)
-            t += 1
+                out[t, r] = simd.q4_dot1_grouped(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
+        if nb < nblocks:
+            for t in range(T):
+                out[t, r] += _q4_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, nblocks)
 
 
 @njit(**PARALLEL)
@@ -172,28 +171,21 @@ def _matmul_q8_avx2(codes, scales, gs, xq, xs, xsum, out):
     per_group = gs // CHUNK
     nb, shift = _simd_span(nblocks, per_group)
     for r in prange(codes.shape[0]):
-        crow = codes[r]
-        srow = scales[r]
-        t = 0
-        while t + 4 <= T:
+        for t in range(0, T - T % 4, 4):
             if per_group == 1:
-                a = simd.q8_dot4(crow, srow, xq, xs, xsum, t, nb, 0)
+                a = simd.q8_dot4(codes, scales, r, xq, xs, xsum, t, nb, 0)
             else:
-                a = simd.q8_dot4_grouped(crow, srow, xq, xs, xsum, t, nb, shift)
+                a = simd.q8_dot4_grouped(codes, scales, r, xq, xs, xsum, t, nb, shift)
             for j in range(4):
                 out[t + j, r] = a[j]
-                if nb < nblocks:
-                    out[t + j, r] += _q8_blocks(crow, srow, per_group, xq[t + j], xs[t + j], nb, nblocks)
-            t += 4
-        while t < T:
+        for t in range(T - T % 4, T):
             if per_group == 1:
-                a1 = simd.q8_dot1(crow, srow, xq, xs, xsum, t, nb, 0)
+                out[t, r] = simd.q8_dot1(codes, scales, r, xq, xs, xsum, t, nb, 0)[0]
             else:
-                a1 = simd.q8_dot1_grouped(crow, srow, xq, xs, xsum, t, nb, shift)
-            out[t, r] = a1[0]
-            if nb < nblocks:
-                out[t, r] += _q8_blocks(crow, srow, per_group, xq[t], xs[t], nb, nblocks)
-            t += 1
+                out[t, r] = simd.q8_dot1_grouped(codes, scales, r, xq, xs, xsum, t, nb, shift)[0]
+        if nb < nblocks:
+            for t in range(T):
+                out[t, r] += _q8_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, nblocks)
 
 
 @njit(**FLAGS)
@@ -250,49 +242,68 @@ else:
     matmul_q8 = _matmul_q8_generic
 
 
+def _widen(v, kind):
+    """One stored weight as float32: a float as is; 16-bit patterns as bfloat16 (kind 1) or float16 (kind 2)."""
+
+
+@overload(_widen)
+def _widen_typed(v, kind):
+    if isinstance(v, types.Float):
+        return lambda v, kind: np.float32(v)
+
+    def widen_bits(v, kind):
+        if kind == 1:
+            return bf16_to_f32(v)
+        return f16_to_f32(v)
+
+    return widen_bits
+
+
 @njit(**PARALLEL)
+def _matmul_float(w, x, out, kind):
+    """w [rows, cols] of kind `kind` (see _widen); tokens in tiles of 4, so each weight is widened once
+    per 4 tokens and the 4 sums run side by side."""
+    rows, cols = w.shape
+    T = x.shape[0]
+    for r in prange(rows):
+        wrow = w[r]
+        for t in range(0, T - T % 4, 4):
+            x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for c in range(cols):
+                v = _widen(wrow[c], kind)
+                a0 += v * x0[c]
+                a1 += v * x1[c]
+                a2 += v * x2[c]
+                a3 += v * x3[c]
+            out[t, r] = a0
+            out[t + 1, r] = a1
+            out[t + 2, r] = a2
+            out[t + 3, r] = a3
+        for t in range(T - T % 4, T):
+            xrow = x[t]
+            acc = np.float32(0.0)
+            for c in range(cols):
+                acc += _widen(wrow[c], kind) * xrow[c]
+            out[t, r] = acc
+
+
+@njit(**FLAGS)
 def matmul_f32(w, x, out):
     """w f32 [rows, cols]."""
-    rows, cols = w.shape
-    T = x.shape[0]
-    for r in prange(rows):
-        wrow = w[r]
-        for t in range(T):
-            xrow = x[t]
-            acc = np.float32(0.0)
-            for c in range(cols):
-                acc += wrow[c] * xrow[c]
-            out[t, r] = acc
+    _matmul_float(w, x, out, 0)
 
 
-@njit(**PARALLEL)
+@njit(**FLAGS)
 def matmul_bf16(w, x, out):
     """w u16 [rows, cols] (bfloat16 bits)."""
-    rows, cols = w.shape
-    T = x.shape[0]
-    for r in prange(rows):
-        wrow = w[r]
-        for t in range(T):
-            xrow = x[t]
-            acc = np.float32(0.0)
-            for c in range(cols):
-                acc += bf16_to_f32(wrow[c]) * xrow[c]
-            out[t, r] = acc
+    _matmul_float(w, x, out, 1)
 
 
-@njit(**PARALLEL)
+@njit(**FLAGS)
 def matmul_f16(w, x, out):
     """w u16 [rows, cols] (float16 bits)."""
-    rows, cols = w.shape
-    T = x.shape[0]
-    for r in prange(rows):
-        wrow = w[r]
-        for t in range(T):
-            xrow = x[t]
-            acc = np.float32(0.0)
-            for c in range(cols):
-                acc += f16_to_f32(wrow[c]) * xrow[c]
-            out[t, r] = acc
+    _matmul_float(w, x, out, 2)
 
 
 class Scratch:

@@ -149,28 +149,33 @@ def _per_block(builder, vs: list):
 
 
 def _make_dot(kind: str, nt: int, uniform: bool):
-    """An intrinsic (crow, srow, xq, xs, xsum, t0, nb, shift) -> nt float32 dot products over blocks [0, nb).
+    """An intrinsic (codes, scales, r, xq, xs, xsum, t0, nb, shift) -> nt float32 dot products of row r.
 
-    crow: the row's codes (u8 nibbles for q4, i8 for q8), srow: its u16 scales; xq int8 [T, cols_pad]
-    (arranged for q4), xs and xsum f32 [T, cols_pad / 32]; tokens t0 .. t0+nt-1; nb a multiple of 8;
-    the scale of block b is srow[b >> shift] (`uniform`: shift is 0).
+    codes: u8 nibbles [rows, cols_pad / 2] (q4) or i8 [rows, cols_pad] (q8), scales u16 [rows, groups];
+    xq int8 [T, cols_pad] (arranged for q4), xs and xsum f32 [T, cols_pad / 32]; tokens t0 .. t0+nt-1;
+    blocks [0, nb), nb a multiple of 8; block b's scale is scales[r, b >> shift] (`uniform`: shift 0).
+    Arrays are taken whole, with the row index, as slicing them per row costs reference counting.
     """
 
     def codegen(context, builder, sig, args):
-        crow_t, srow_t, xq_t, xs_t, xsum_t = sig.args[:5]
-        crow, _ = _bytes(context, builder, crow_t, args[0])
-        srow, _ = _bytes(context, builder, srow_t, args[1])
-        xq, xq_stride = _bytes(context, builder, xq_t, args[2])
-        xs, xs_stride = _bytes(context, builder, xs_t, args[3])
-        xsum, xsum_stride = _bytes(context, builder, xsum_t, args[4])
-        t0, nb, shift = args[5], args[6], args[7]
+        codes_t, scales_t, _, xq_t, xs_t, xsum_t = sig.args[:6]
+        codes, codes_stride = _bytes(context, builder, codes_t, args[0])
+        scales, scales_stride = _bytes(context, builder, scales_t, args[1])
+        r = args[2]
+        crow = builder.gep(codes, [builder.mul(r, codes_stride)], inbounds=True)
+        srow = builder.gep(scales, [builder.mul(r, scales_stride)], inbounds=True)
+        xq, xq_stride = _bytes(context, builder, xq_t, args[3])
+        xs, xs_stride = _bytes(context, builder, xs_t, args[4])
+        xsum, xsum_stride = _bytes(context, builder, xsum_t, args[5])
+        t0, nb, shift = args[6], args[7], args[8]
         xq_rows, xs_rows, xsum_rows = [], [], []
         for j in range(nt):
             t = builder.add(t0, ir.Constant(I64, j))
             xq_rows.append(builder.gep(xq, [builder.mul(t, xq_stride)], inbounds=True))
             xs_rows.append(builder.gep(xs, [builder.mul(t, xs_stride)], inbounds=True))
             xsum_rows.append(builder.gep(xsum, [builder.mul(t, xsum_stride)], inbounds=True))
-        accs = [cgutils.alloca_once_value(builder, _splat(V8F32, 0.0)) for _ in range(nt)]
+        # two accumulators per token (block sums, offset terms) keep the FMA chains short
+        accs = [cgutils.alloca_once_value(builder, _splat(V8F32, 0.0)) for _ in range(2 * nt)]
         vnni = has_vnni(target_features())
         low4 = _splat(V32I8, 0x0F)
         four = _splat(V32I8, 4)
@@ -206,22 +211,22 @@ def _make_dot(kind: str, nt: int, uniform: bool):
             xs_off = builder.mul(b, ir.Constant(I64, 4))
             offset = -8.0 if kind == "q4" else -128.0 if vnni else 0.0  # times sum(xq), per block
             for j in range(nt):
-                acc = builder.load(accs[j])
                 if offset:
                     xsum8 = builder.fmul(_load(builder, xsum_rows[j], xs_off, V8F32), _splat(V8F32, offset))
-                    acc = _fma(builder, ws, xsum8, acc)
+                    builder.store(_fma(builder, ws, xsum8, builder.load(accs[nt + j])), accs[nt + j])
                 isum, order = _per_block(builder, ints[j])
                 d = _lanes(builder, builder.fmul(ws, _load(builder, xs_rows[j], xs_off, V8F32)), order)
-                builder.store(_fma(builder, builder.sitofp(isum, V8F32), d, acc), accs[j])
-        sums = [_hsum(builder, builder.load(acc)) for acc in accs]
+                builder.store(_fma(builder, builder.sitofp(isum, V8F32), d, builder.load(accs[j])), accs[j])
+        fast = ("reassoc", "nsz", "contract")
+        sums = [_hsum(builder, builder.fadd(builder.load(accs[j]), builder.load(accs[nt + j]), flags=fast))
+                for j in range(nt)]
         return context.make_tuple(builder, sig.return_type, sums)
 
-    def typer(typingctx, crow, srow, xq, xs, xsum, t0, nb, shift):
-        arrays = (crow, srow, xq, xs, xsum)
-        if not all(isinstance(a, types.Array) for a in arrays):
+    def typer(typingctx, codes, scales, r, xq, xs, xsum, t0, nb, shift):
+        if not all(isinstance(a, types.Array) and a.ndim == 2 for a in (codes, scales, xq, xs, xsum)):
             return None
-        sig = types.UniTuple(types.float32, nt)(crow, srow, xq, xs, xsum, types.int64, types.int64, types.int64)
-        return sig, codegen
+        i64 = types.int64
+        return types.UniTuple(types.float32, nt)(codes, scales, i64, xq, xs, xsum, i64, i64, i64), codegen
 
     typer.__name__ = f"{kind}_dot{nt}_{'uniform' if uniform else 'grouped'}"
     return intrinsic(typer)
