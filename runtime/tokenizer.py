@@ -15,8 +15,6 @@ from tokenizers.decoders import DecodeStream
 from .errors import MoeError
 
 TOKENIZER_FILE = "tokenizer.json"
-CONFIG_FILE = "tokenizer_config.json"
-TEMPLATE_FILE = "chat_template.jinja"
 STREAM_CONTEXT = 4  # prompt tokens fed to a stream first, so the first piece joins the prompt as full decode would
 
 
@@ -37,7 +35,12 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder, manifest: dict | None = None) -> Tokenizer:
-        """The tokenizer of a converted model (facts from the manifest) or of a Hub-layout folder (from its files)."""
+        """The tokenizer of a converted model: tokenizer.json from its folder, the rest from its manifest.
+
+        The converter read tokenizer_config.json, special_tokens_map.json and chat_template.jinja once, into
+        the manifest's `tokenizer` facts (bos_token, eos_token, add_bos_token, chat_template); without a
+        manifest there is no BOS and no chat template.
+        """
         folder = Path(folder)
         path = folder / TOKENIZER_FILE
         if not path.is_file():
@@ -46,10 +49,7 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
             raise MoeError(f"{path}: not a valid tokenizer file ({_first_line(exc)}); replace it or reconvert the model") from None
-        facts = (manifest or {}).get("tokenizer")
-        if not isinstance(facts, dict):
-            facts = _read_config(folder)
-        eos_ids = (manifest or {}).get("config", {}).get("eos_token_ids") or []
+        facts, eos_ids = _facts(manifest or {}, folder)
         return cls(tok, bos_token=facts.get("bos_token"), eos_token=facts.get("eos_token"),
                    add_bos_token=facts.get("add_bos_token", False), eos_ids=eos_ids,
                    chat_template=facts.get("chat_template"), source=folder)
@@ -93,45 +93,24 @@ class TextStream:
         return self._stream.step(self._tok, int(token_id)) or ""
 
 
+def _facts(manifest: dict, folder: Path) -> tuple[dict, list[int]]:
+    """The manifest's tokenizer facts and EOS ids, checked for type (a manifest is a file from anywhere)."""
+    facts = manifest.get("tokenizer") or {}
+    config = manifest.get("config") or {}
+    eos_ids = (config.get("eos_token_ids") or []) if isinstance(config, dict) else None
+    sound = (
+        isinstance(facts, dict)
+        and all(isinstance(facts.get(k), (str, type(None))) for k in ("bos_token", "eos_token", "chat_template"))
+        and isinstance(facts.get("add_bos_token", False), bool)
+        and isinstance(eos_ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in eos_ids)
+    )
+    if not sound:
+        raise MoeError(f"{folder / 'manifest.json'}: malformed tokenizer facts; reconvert the model")
+    return facts, eos_ids
+
+
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _token_text(value) -> str | None:
-    """Special tokens appear as strings or as AddedToken dicts ({"content": ...}) in tokenizer_config.json."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _read_config(folder: Path) -> dict:
-    """bos/eos tokens, add_bos_token and the chat template from tokenizer_config.json and chat_template.jinja."""
-    facts: dict = {}
-    path = folder / CONFIG_FILE
-    if path.is_file():
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise MoeError(f"{path}: not valid JSON ({exc}); replace it or reconvert the model") from None
-        if not isinstance(cfg, dict):
-            raise MoeError(f"{path}: expected a JSON object; replace it or reconvert the model")
-        facts = {"bos_token": _token_text(cfg.get("bos_token")), "eos_token": _token_text(cfg.get("eos_token")),
-                 "add_bos_token": cfg.get("add_bos_token") is True, "chat_template": _pick_template(cfg.get("chat_template"))}
-    template = folder / TEMPLATE_FILE
-    if template.is_file():
-        try:
-            facts["chat_template"] = template.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise MoeError(f"{template}: not UTF-8 text; replace it or reconvert the model") from None
-    return facts
-
-
-def _pick_template(value) -> str | None:
-    """tokenizer_config's chat_template: one string, or a list of {"name", "template"} (take "default")."""
-    if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        value = named.get("default")
-    return value if isinstance(value, str) else None
 
 
 class _ChatSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):

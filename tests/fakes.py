@@ -10,6 +10,9 @@ from moe.runtime.tokenizer import Tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "convert" / "demo" / "tinymix"
 EOS = 1
+# what the converter writes into the demo's manifest
+DEMO_FACTS = {"tokenizer": {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False, "chat_template": None},
+              "config": {"eos_token_ids": [EOS]}}
 
 
 class ScriptedModel:
@@ -19,7 +22,7 @@ class ScriptedModel:
     """
 
     def __init__(self, script: str, margin: float = 8.0, max_context: int = 512, eos: bool = True):
-        self.tokenizer = Tokenizer.from_folder(DEMO)
+        self.tokenizer = Tokenizer.from_folder(DEMO, DEMO_FACTS)
         self.script = self.tokenizer.encode(script) + ([EOS] if eos else [])
         self.margin = margin
         self.max_context = max_context

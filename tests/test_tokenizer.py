@@ -1,10 +1,10 @@
 """Tokenizer: BOS rule, streaming decode over multi-byte UTF-8, chat templates in the sandbox, bad files."""
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
+from fakes import DEMO, DEMO_FACTS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from moe.runtime.errors import MoeError
@@ -12,7 +12,6 @@ from moe.runtime.tokenizer import Tokenizer, render_chat_template
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers
 
-DEMO = Path(__file__).resolve().parents[1] / "convert" / "demo" / "tinymix"
 MULTIBYTE = "def f(x):\n    return '日本語のテキスト 😀 naïve café' + x  # 🎉🇫🇷 Ω≈ç√ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢\n"
 CHATML = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -22,7 +21,7 @@ CHATML = (
 
 @pytest.fixture(scope="module")
 def demo() -> Tokenizer:
-    return Tokenizer.from_folder(DEMO)
+    return Tokenizer.from_folder(DEMO, DEMO_FACTS)
 
 
 def streamed(tok: Tokenizer, ids: list[int], prompt_ids=()) -> list[str]:
@@ -49,7 +48,7 @@ def test_stream_after_a_prompt_continues_it(demo):
 @settings(max_examples=60, deadline=None)
 @given(st.text(max_size=40))
 def test_stream_never_splits_a_character(text):
-    tok = Tokenizer.from_folder(DEMO)
+    tok = Tokenizer.from_folder(DEMO, DEMO_FACTS)
     ids = tok.encode(text)
     pieces = streamed(tok, ids)
     assert "".join(pieces) == tok.decode(ids) == text
@@ -66,13 +65,12 @@ def metaspace_tokenizer(folder: Path) -> Path:
     tok.add_special_tokens(["<s>", "</s>"])
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": {"content": "<s>", "__type": "AddedToken"}, "eos_token": "</s>", "add_bos_token": True}))
     return folder
 
 
 def test_byte_fallback_stream_and_bos(tmp_path):
-    tok = Tokenizer.from_folder(metaspace_tokenizer(tmp_path / "sp"))
+    facts = {"tokenizer": {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}}
+    tok = Tokenizer.from_folder(metaspace_tokenizer(tmp_path / "sp"), facts)
     ids = tok.encode("hello 😀 world")
     assert ids[0] == tok.bos_id == 1 and tok.add_bos
     assert tok.encode("hello", add_bos=False)[0] != 1
@@ -90,33 +88,16 @@ def test_no_bos_unless_the_config_asks(demo):
     assert demo.eos_ids == {1}
 
 
-def test_manifest_facts_take_precedence(tmp_path):
+def test_facts_from_the_manifest():
     tok = Tokenizer.from_folder(DEMO, {"tokenizer": {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
                                                      "chat_template": CHATML},
                                        "config": {"eos_token_ids": [1, 3]}})
     assert tok.encode("x")[0] == 0
     assert tok.eos_ids == {1, 3}
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == (
-        "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
-
-
-def copy_demo(tmp_path: Path, config: dict | None = None) -> Path:
-    folder = tmp_path / "tok"
-    folder.mkdir()
-    shutil.copy(DEMO / "tokenizer.json", folder)
-    cfg = json.loads((DEMO / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, **(config or {})}))
-    return folder
-
-
-def test_chat_template_sources(tmp_path):
-    named = [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": CHATML}]
-    tok = Tokenizer.from_folder(copy_demo(tmp_path, {"chat_template": named}))
-    text = tok.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
-                                   add_generation_prompt=False)
-    assert text == "<s><|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
-    (tmp_path / "tok" / "chat_template.jinja").write_text("{{ eos_token }}{{ messages | length }}")
-    assert Tokenizer.from_folder(tmp_path / "tok").apply_chat_template([{"role": "user", "content": "x"}]) == "</s>1"
+    assert tok.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]) == (
+        "<s><|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    bare = Tokenizer.from_folder(DEMO)
+    assert bare.bos_id is None and not bare.eos_ids and bare.chat_template is None
 
 
 def test_template_helpers():
@@ -158,21 +139,23 @@ def test_no_template_is_a_clear_error(demo):
         demo.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
-@pytest.mark.parametrize("name, content", [
-    ("tokenizer.json", "{ not json"),
-    ("tokenizer.json", '{"model": {"type": "Nonsense"}}'),
-    ("tokenizer.json", ""),
-    ("tokenizer_config.json", "[1, 2"),
-    ("tokenizer_config.json", "[1, 2]"),
-    ("chat_template.jinja", b"\xff\xfe{{ x }}"),
-])
-def test_malformed_files_name_the_file(tmp_path, name, content):
-    folder = copy_demo(tmp_path)
-    path = folder / name
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+@pytest.mark.parametrize("content", ["{ not json", '{"model": {"type": "Nonsense"}}', "", "\xff\xfe"])
+def test_malformed_tokenizer_json_names_the_file(tmp_path, content):
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(content.encode("latin-1"))
     with pytest.raises(MoeError) as info:
-        Tokenizer.from_folder(folder)
+        Tokenizer.from_folder(tmp_path, DEMO_FACTS)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("facts", [
+    {"tokenizer": {"bos_token": 0}}, {"tokenizer": {"chat_template": ["x"]}}, {"tokenizer": {"add_bos_token": "yes"}},
+    {"tokenizer": "x"}, {"config": {"eos_token_ids": ["1"]}}, {"config": {"eos_token_ids": 1}}, {"config": "x"},
+])
+def test_malformed_manifest_facts_name_the_manifest(tmp_path, facts):
+    shutil.copy(DEMO / "tokenizer.json", tmp_path)
+    with pytest.raises(MoeError, match="manifest.json: malformed tokenizer facts"):
+        Tokenizer.from_folder(tmp_path, facts)
 
 
 def test_missing_tokenizer_json(tmp_path):
