@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from moe.runtime.kernels import qmatmul
+from moe.runtime.kernels import qmatmul, simd
 from moe.runtime.kernels.bits import bf16_to_f32, f16_to_f32, f16_to_f32_exact
 from moe.runtime.layout import CHUNK, Packed, dequantize, pack_q4, padded_cols
 from numba import njit
+from numba.core.codegen import get_host_cpu_features
 
 SHAPES = [(1, 32, 1), (3, 40, 2), (37, 96, 1), (64, 200, 5), (130, 256, 70), (5, 1000, 3), (17, 64, 64)]
 
@@ -105,18 +110,26 @@ def _close(got: np.ndarray, ref: np.ndarray, scale: np.ndarray, rtol: float) -> 
     assert np.all(np.abs(got - ref) <= rtol * scale + 1e-30), np.abs(got - ref).max()
 
 
+KERNELS = {
+    "generic": {"q4": qmatmul._matmul_q4_generic, "q8": qmatmul._matmul_q8_generic},
+    "simd": {"q4": qmatmul._matmul_q4_avx2_alloc, "q8": qmatmul._matmul_q8_avx2_alloc},
+}
+needs_simd = pytest.mark.skipif(qmatmul.KERNELS != "avx2", reason="no AVX2 on this CPU (or MOE_KERNELS=generic)")
+PATHS = ["generic", pytest.param("simd", marks=needs_simd)]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("enc", ["q4", "q8"])
-@pytest.mark.parametrize("gs", [32, 64])
+@pytest.mark.parametrize("gs", [32, 64, 96, 256])
 @pytest.mark.parametrize("rows,cols,T", SHAPES)
-def test_quantized_matches_dequantized_twin(enc, gs, rows, cols, T):
+def test_quantized_matches_dequantized_twin(path, enc, gs, rows, cols, T):
     rng = np.random.default_rng(rows * 7 + cols * 3 + T + gs)
     p = make_packed(enc, rows, cols, gs, rng)
     x = acts(T, cols, rng)
     cp = padded_cols(cols, gs)
     xq, xs = quantize_acts_twin(x, cp)
     out = np.full((T, rows), np.nan, np.float32)
-    kernel = qmatmul.matmul_q4 if enc == "q4" else qmatmul.matmul_q8
-    kernel(p.codes, p.scales.view(np.uint16), gs, xq, xs, out)
+    KERNELS[path][enc](p.codes, p.scales.view(np.uint16), gs, xq, xs, out)
     w = dequantize(p).astype(np.float64)  # [rows, cols]
     xd = (xq[:, :cols] * xs.repeat(CHUNK, axis=1)[:, :cols]).astype(np.float64)
     _close(out, xd @ w.T, np.abs(xd) @ np.abs(w).T, 1e-5)
@@ -155,6 +168,25 @@ def test_scratch_decode_reuses_buffers():
     first = scratch.acts(1, 2048)
     again = scratch.acts(2, 1024)
     assert all(np.shares_memory(a, b) for a, b in zip(first, again, strict=True))
+
+
+@pytest.mark.skipif(qmatmul.KERNELS != "avx2" or "avx512f" not in simd.target_features(),
+                    reason="needs a CPU beyond AVX2 to emulate an AVX2-only one")
+def test_avx2_only_cpu_in_a_subprocess():
+    """The SIMD path compiled for an AVX2-only target (no AVX-512, no VNNI) gives the same answers."""
+    features = ",".join(
+        ("-" + f[1:]) if any(k in f for k in ("avx512", "vnni", "amx", "avx10")) else f
+        for f in get_host_cpu_features().split(",")
+    )
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=features)
+    env.pop("MOE_KERNELS", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__, "-k",
+         "quantized_matches_dequantized_twin and simd and (32 or 64)"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:]
 
 
 @pytest.mark.parametrize("enc", ["q4", "q8"])
