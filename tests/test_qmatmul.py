@@ -110,26 +110,18 @@ def _close(got: np.ndarray, ref: np.ndarray, scale: np.ndarray, rtol: float) -> 
     assert np.all(np.abs(got - ref) <= rtol * scale + 1e-30), np.abs(got - ref).max()
 
 
-KERNELS = {
-    "generic": {"q4": qmatmul._matmul_q4_generic, "q8": qmatmul._matmul_q8_generic},
-    "simd": {"q4": qmatmul._matmul_q4_avx2_alloc, "q8": qmatmul._matmul_q8_avx2_alloc},
-}
-needs_simd = pytest.mark.skipif(qmatmul.KERNELS != "avx2", reason="no AVX2 on this CPU (or MOE_KERNELS=generic)")
-PATHS = ["generic", pytest.param("simd", marks=needs_simd)]
-
-
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("enc", ["q4", "q8"])
 @pytest.mark.parametrize("gs", [32, 64, 96, 256])
 @pytest.mark.parametrize("rows,cols,T", SHAPES)
-def test_quantized_matches_dequantized_twin(path, enc, gs, rows, cols, T):
+def test_quantized_matches_dequantized_twin(enc, gs, rows, cols, T):
     rng = np.random.default_rng(rows * 7 + cols * 3 + T + gs)
     p = make_packed(enc, rows, cols, gs, rng)
     x = acts(T, cols, rng)
     cp = padded_cols(cols, gs)
     xq, xs = quantize_acts_twin(x, cp)
     out = np.full((T, rows), np.nan, np.float32)
-    KERNELS[path][enc](p.codes, p.scales.view(np.uint16), gs, xq, xs, out)
+    kernel = qmatmul.matmul_q4 if enc == "q4" else qmatmul.matmul_q8
+    kernel(p.codes, p.scales.view(np.uint16), gs, xq, xs, out)
     w = dequantize(p).astype(np.float64)  # [rows, cols]
     xd = (xq[:, :cols] * xs.repeat(CHUNK, axis=1)[:, :cols]).astype(np.float64)
     _close(out, xd @ w.T, np.abs(xd) @ np.abs(w).T, 1e-5)
@@ -170,23 +162,38 @@ def test_scratch_decode_reuses_buffers():
     assert all(np.shares_memory(a, b) for a, b in zip(first, again, strict=True))
 
 
-@pytest.mark.skipif(qmatmul.KERNELS != "avx2" or "avx512f" not in simd.target_features(),
-                    reason="needs a CPU beyond AVX2 to emulate an AVX2-only one")
-def test_avx2_only_cpu_in_a_subprocess():
-    """The SIMD path compiled for an AVX2-only target (no AVX-512, no VNNI) gives the same answers."""
-    features = ",".join(
-        ("-" + f[1:]) if any(k in f for k in ("avx512", "vnni", "amx", "avx10")) else f
-        for f in get_host_cpu_features().split(",")
-    )
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=features)
-    env.pop("MOE_KERNELS", None)
+def _without(features: str, dropped: tuple[str, ...]) -> str:
+    return ",".join(("-" + f[1:]) if any(k in f for k in dropped) else f for f in features.split(","))
+
+
+# Other CPUs, emulated by compiling for them: AVX2 without AVX-512/VNNI (the SIMD path's AVX2 code),
+# and a baseline x86-64 (the generic path, integer half conversion).
+TARGETS = {
+    "avx2-only": ("haswell", lambda f: _without(f, ("avx512", "vnni", "amx", "avx10")), "1"),
+    "generic": ("x86-64", lambda f: "", "0"),
+}
+
+
+@pytest.mark.skipif(not simd.target_has_simd() or "avx512vnni" not in simd.target_features(),
+                    reason="emulates smaller x86 CPUs from an AVX-512 VNNI one")
+@pytest.mark.parametrize("target", TARGETS)
+def test_other_cpus_in_a_subprocess(target):
+    """The kernels compiled for another CPU give the same answers (numba caches per target)."""
+    cpu, features, expect_simd = TARGETS[target]
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features(get_host_cpu_features()),
+               MOE_EXPECT_SIMD=expect_simd)
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__, "-k",
-         "quantized_matches_dequantized_twin and simd and (32 or 64)"],
+         "target_reports or (twin and (32 or 64)) or linear"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:]
+
+
+@pytest.mark.skipif("MOE_EXPECT_SIMD" not in os.environ, reason="run by test_other_cpus_in_a_subprocess")
+def test_target_reports_simd_as_expected():
+    assert simd.target_has_simd() == (os.environ["MOE_EXPECT_SIMD"] == "1")
 
 
 @pytest.mark.parametrize("enc", ["q4", "q8"])

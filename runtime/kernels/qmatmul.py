@@ -109,137 +109,104 @@ def _q8_blocks(crow, srow, per_group, qrow, xsrow, b0, b1):
     return acc
 
 
-@njit(**PARALLEL)
-def _matmul_q4_generic(codes, scales, gs, xq, xs, out):
-    """codes u8 [rows, cols_pad / 2] (nibbles), scales u16 [rows, cols_pad / gs] (f16 bits)."""
-    nblocks = xs.shape[1]
-    for r in prange(codes.shape[0]):
-        for t in range(xq.shape[0]):
-            out[t, r] = _q4_blocks(codes[r], scales[r], gs // CHUNK, xq[t], xs[t], 0, nblocks)
-
-
-@njit(**PARALLEL)
-def _matmul_q8_generic(codes, scales, gs, xq, xs, out):
-    """codes i8 [rows, cols_pad], scales u16 [rows, cols_pad / gs] (f16 bits)."""
-    nblocks = xs.shape[1]
-    for r in prange(codes.shape[0]):
-        for t in range(xq.shape[0]):
-            out[t, r] = _q8_blocks(codes[r], scales[r], gs // CHUNK, xq[t], xs[t], 0, nblocks)
-
-
 @njit(**FLAGS)
 def _simd_span(nblocks, per_group):
-    """(blocks the SIMD step covers, scale index shift): whole steps of 8 blocks, power-of-two groups only."""
+    """(blocks the SIMD row step covers, scale index shift): whole steps of 8 blocks when the target has
+    the SIMD kernels and groups span a power of two of blocks; the generic loop takes the rest."""
     shift = 0
     while (1 << shift) < per_group:
         shift += 1
-    if (1 << shift) != per_group:
+    if not simd.available() or (1 << shift) != per_group:
         return 0, 0
     return nblocks // simd.BLOCKS * simd.BLOCKS, shift
 
 
 @njit(**PARALLEL)
-def _matmul_q4_avx2(codes, scales, gs, xq, xqa, xs, xsum, out):
-    """The q4 product given arrange_q4's xqa and block_sums' xsum; tokens in tiles of 4 within a row."""
+def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
+    """q4 (bits 4, activations xqa arranged) or q8 (bits 8, xqa = xq) times prepared activations.
+
+    Rows in parallel; within a row, tokens in tiles of 4 through the SIMD step, then the blocks it
+    leaves (all of them on a target without it) through the generic loop.
+    """
     T = xq.shape[0]
     nblocks = xs.shape[1]
     per_group = gs // CHUNK
     nb, shift = _simd_span(nblocks, per_group)
     for r in prange(codes.shape[0]):
         for t in range(0, T - T % 4, 4):
-            if per_group == 1:
-                a = simd.q4_dot4(codes, scales, r, xqa, xs, xsum, t, nb, 0)
+            if bits == 4:
+                a = simd.q4_dot4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
             else:
-                a = simd.q4_dot4_grouped(codes, scales, r, xqa, xs, xsum, t, nb, shift)
+                a = simd.q8_dot4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
             for j in range(4):
                 out[t + j, r] = a[j]
         for t in range(T - T % 4, T):
-            if per_group == 1:
-                out[t, r] = simd.q4_dot1(codes, scales, r, xqa, xs, xsum, t, nb, 0)[0]
+            if bits == 4:
+                out[t, r] = simd.q4_dot1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
             else:
-                out[t, r] = simd.q4_dot1_grouped(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
+                out[t, r] = simd.q8_dot1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
         if nb < nblocks:
             for t in range(T):
-                out[t, r] += _q4_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, nblocks)
-
-
-@njit(**PARALLEL)
-def _matmul_q8_avx2(codes, scales, gs, xq, xs, xsum, out):
-    """The q8 product given block_sums' xsum; tokens in tiles of 4 within a row."""
-    T = xq.shape[0]
-    nblocks = xs.shape[1]
-    per_group = gs // CHUNK
-    nb, shift = _simd_span(nblocks, per_group)
-    for r in prange(codes.shape[0]):
-        for t in range(0, T - T % 4, 4):
-            if per_group == 1:
-                a = simd.q8_dot4(codes, scales, r, xq, xs, xsum, t, nb, 0)
-            else:
-                a = simd.q8_dot4_grouped(codes, scales, r, xq, xs, xsum, t, nb, shift)
-            for j in range(4):
-                out[t + j, r] = a[j]
-        for t in range(T - T % 4, T):
-            if per_group == 1:
-                out[t, r] = simd.q8_dot1(codes, scales, r, xq, xs, xsum, t, nb, 0)[0]
-            else:
-                out[t, r] = simd.q8_dot1_grouped(codes, scales, r, xq, xs, xsum, t, nb, shift)[0]
-        if nb < nblocks:
-            for t in range(T):
-                out[t, r] += _q8_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, nblocks)
+                if bits == 4:
+                    out[t, r] += _q4_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, nblocks)
+                else:
+                    out[t, r] += _q8_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, nblocks)
 
 
 @njit(**FLAGS)
-def _matmul_q4_avx2_alloc(codes, scales, gs, xq, xs, out):
+def prepare_acts(x, xq, xqa, xs, xsum):
+    """quantize_acts, then what the SIMD kernels also read: xqa (arrange_q4) and xsum (block_sums)."""
+    quantize_acts(x, xq, xs)
+    if simd.available():
+        arrange_q4(xq, xqa)
+        block_sums(xq, xs, xsum)
+
+
+@njit(**FLAGS)
+def matmul_q4_prepared(codes, scales, gs, xq, xqa, xs, xsum, out):
+    """matmul_q4 with prepare_acts' buffers (quantize once, multiply by several weights)."""
+    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 4)
+
+
+@njit(**FLAGS)
+def matmul_q8_prepared(codes, scales, gs, xq, xs, xsum, out):
+    """matmul_q8 with prepare_acts' buffers."""
+    _matmul_quant(codes, scales, gs, xq, xq, xs, xsum, out, 8)
+
+
+@njit(**FLAGS)
+def matmul_q4(codes, scales, gs, xq, xs, out):
+    """codes u8 [rows, cols_pad / 2] (nibbles), scales u16 [rows, cols_pad / gs] (f16 bits), xq and xs from
+    quantize_acts. Allocates the SIMD kernel's small buffers; linear() and linear_q4 reuse a Scratch."""
     xqa = np.empty_like(xq)
     xsum = np.empty_like(xs)
-    arrange_q4(xq, xqa)
-    block_sums(xq, xs, xsum)
-    _matmul_q4_avx2(codes, scales, gs, xq, xqa, xs, xsum, out)
+    if simd.available():
+        arrange_q4(xq, xqa)
+        block_sums(xq, xs, xsum)
+    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 4)
 
 
 @njit(**FLAGS)
-def _matmul_q8_avx2_alloc(codes, scales, gs, xq, xs, out):
+def matmul_q8(codes, scales, gs, xq, xs, out):
+    """codes i8 [rows, cols_pad], scales u16 [rows, cols_pad / gs] (f16 bits), xq and xs from quantize_acts."""
     xsum = np.empty_like(xs)
-    block_sums(xq, xs, xsum)
-    _matmul_q8_avx2(codes, scales, gs, xq, xs, xsum, out)
-
-
-# One compiled call per linear(): quantize, prepare and multiply (each names its kernel, so a cached
-# compilation never mixes the generic and the AVX2 paths).
-@njit(**FLAGS)
-def _linear_q4_avx2(codes, scales, gs, x, xq, xqa, xs, xsum, out):
-    quantize_acts(x, xq, xs)
-    arrange_q4(xq, xqa)
-    block_sums(xq, xs, xsum)
-    _matmul_q4_avx2(codes, scales, gs, xq, xqa, xs, xsum, out)
+    if simd.available():
+        block_sums(xq, xs, xsum)
+    _matmul_quant(codes, scales, gs, xq, xq, xs, xsum, out, 8)
 
 
 @njit(**FLAGS)
-def _linear_q8_avx2(codes, scales, gs, x, xq, xs, xsum, out):
-    quantize_acts(x, xq, xs)
-    block_sums(xq, xs, xsum)
-    _matmul_q8_avx2(codes, scales, gs, xq, xs, xsum, out)
+def linear_q4(codes, scales, gs, x, xq, xqa, xs, xsum, out):
+    """One compiled call: prepare_acts(x) into the given buffers, then the q4 product."""
+    prepare_acts(x, xq, xqa, xs, xsum)
+    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 4)
 
 
 @njit(**FLAGS)
-def _linear_q4_generic(codes, scales, gs, x, xq, xs, out):
-    quantize_acts(x, xq, xs)
-    _matmul_q4_generic(codes, scales, gs, xq, xs, out)
-
-
-@njit(**FLAGS)
-def _linear_q8_generic(codes, scales, gs, x, xq, xs, out):
-    quantize_acts(x, xq, xs)
-    _matmul_q8_generic(codes, scales, gs, xq, xs, out)
-
-
-KERNELS = simd.kernel_choice()
-if KERNELS == "avx2":
-    matmul_q4 = _matmul_q4_avx2_alloc  # interface entry; linear() passes its scratch instead of allocating
-    matmul_q8 = _matmul_q8_avx2_alloc
-else:
-    matmul_q4 = _matmul_q4_generic
-    matmul_q8 = _matmul_q8_generic
+def linear_q8(codes, scales, gs, x, xq, xqa, xs, xsum, out):
+    """One compiled call: prepare_acts(x) into the given buffers, then the q8 product."""
+    prepare_acts(x, xq, xqa, xs, xsum)
+    _matmul_quant(codes, scales, gs, xq, xq, xs, xsum, out, 8)
 
 
 def _widen(v, kind):
@@ -341,15 +308,8 @@ def linear(p: Packed, x: np.ndarray, out: np.ndarray, scratch: Scratch) -> np.nd
     if enc == "q4" or enc == "q8":
         cols_pad = p.codes.shape[1] * (2 if enc == "q4" else 1)
         xq, xqa, xs, xsum = scratch.acts(x.shape[0], cols_pad)
-        scales = p.scales.view(np.uint16)
-        if enc == "q4" and KERNELS == "avx2":
-            _linear_q4_avx2(p.codes, scales, p.group_size, x, xq, xqa, xs, xsum, out)
-        elif enc == "q4":
-            _linear_q4_generic(p.codes, scales, p.group_size, x, xq, xs, out)
-        elif KERNELS == "avx2":
-            _linear_q8_avx2(p.codes, scales, p.group_size, x, xq, xs, xsum, out)
-        else:
-            _linear_q8_generic(p.codes, scales, p.group_size, x, xq, xs, out)
+        kernel = linear_q4 if enc == "q4" else linear_q8
+        kernel(p.codes, p.scales.view(np.uint16), p.group_size, x, xq, xqa, xs, xsum, out)
     elif enc == "f32":
         matmul_f32(p.codes, x, out)
     elif enc == "bf16":

@@ -26,7 +26,6 @@ run-time state, so cached kernels are always the right ones.
 
 from __future__ import annotations
 
-import os
 import platform
 
 import llvmlite.binding as llvm
@@ -54,12 +53,24 @@ def has_vnni(features: set[str]) -> bool:
     return {"avx512vnni", "avx512vl"} <= features or "avxvnni" in features
 
 
-def kernel_choice() -> str:
-    """'avx2' when numba targets an x86 CPU with AVX2, FMA and F16C, else 'generic'; MOE_KERNELS=generic forces it."""
+def target_has_simd() -> bool:
+    """Whether numba compiles for an x86-64 CPU with AVX2, FMA and F16C (the SIMD kernels' needs).
+
+    To run the generic kernels on such a machine, compile for another CPU, e.g. NUMBA_CPU_NAME=x86-64
+    NUMBA_CPU_FEATURES=+64bit,+sse2 (numba keys its cache on the target, so nothing stale is reused).
+    """
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if os.environ.get("MOE_KERNELS") == "generic" or not x86 or not set(_X86_NEEDS) <= target_features():
-        return "generic"
-    return "avx2"
+    return x86 and set(_X86_NEEDS) <= target_features()
+
+
+@intrinsic
+def available(typingctx):
+    """In a kernel: a compile-time constant, target_has_simd() for the CPU being compiled for."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(ir.IntType(1), int(target_has_simd()))
+
+    return types.boolean(), codegen
 
 
 def _splat(vty: ir.VectorType, value) -> ir.Constant:
@@ -100,17 +111,27 @@ def _lanes(builder, v, idx: list[int]):
     return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), idx))
 
 
-def _row_scales(builder, srow, b, shift, uniform: bool):
-    """<8 x float> weight scales of blocks b .. b+7: scale index (b + k) >> shift."""
-    if uniform:  # group size 32: one scale per block
-        h = _load(builder, srow, builder.mul(b, ir.Constant(I64, 2)), V8I16)
-        return builder.fpext(builder.bitcast(h, V8HALF), V8F32)
-    v = ir.Constant(V8I16, None)
-    for k in range(BLOCKS):
-        g = builder.lshr(builder.add(b, ir.Constant(I64, k)), shift)
-        h = _load(builder, srow, builder.mul(g, ir.Constant(I64, 2)), I16)
-        v = builder.insert_element(v, h, ir.Constant(I32, k))
-    return builder.fpext(builder.bitcast(v, V8HALF), V8F32)
+def _row_scales(builder, srow, b, shift):
+    """<8 x float> weight scales of blocks b .. b+7: scale index (b + k) >> shift.
+
+    Group size 32 (shift 0) loads 8 scales at once; larger groups gather them one by one (the branch
+    is loop-invariant: LLVM unswitches the loop).
+    """
+    with builder.if_else(builder.icmp_unsigned("==", shift, ir.Constant(I64, 0))) as (uniform, grouped):
+        with uniform:
+            whole = _load(builder, srow, builder.mul(b, ir.Constant(I64, 2)), V8I16)
+            whole_block = builder.block
+        with grouped:
+            gathered = ir.Constant(V8I16, None)
+            for k in range(BLOCKS):
+                g = builder.lshr(builder.add(b, ir.Constant(I64, k)), shift)
+                h = _load(builder, srow, builder.mul(g, ir.Constant(I64, 2)), I16)
+                gathered = builder.insert_element(gathered, h, ir.Constant(I32, k))
+            gathered_block = builder.block
+    h = builder.phi(V8I16)
+    h.add_incoming(whole, whole_block)
+    h.add_incoming(gathered, gathered_block)
+    return builder.fpext(builder.bitcast(h, V8HALF), V8F32)
 
 
 def _dot_u8s8(builder, vnni: bool, pairs):
@@ -148,16 +169,19 @@ def _per_block(builder, vs: list):
     return builder.add(first, second), list(range(8))
 
 
-def _make_dot(kind: str, nt: int, uniform: bool):
+def _make_dot(kind: str, nt: int):
     """An intrinsic (codes, scales, r, xq, xs, xsum, t0, nb, shift) -> nt float32 dot products of row r.
 
     codes: u8 nibbles [rows, cols_pad / 2] (q4) or i8 [rows, cols_pad] (q8), scales u16 [rows, groups];
     xq int8 [T, cols_pad] (arranged for q4), xs and xsum f32 [T, cols_pad / 32]; tokens t0 .. t0+nt-1;
-    blocks [0, nb), nb a multiple of 8; block b's scale is scales[r, b >> shift] (`uniform`: shift 0).
+    blocks [0, nb), nb a multiple of 8; block b's scale is scales[r, b >> shift]. On a target without
+    the SIMD instructions it returns zeros (the callers then set nb = 0).
     Arrays are taken whole, with the row index, as slicing them per row costs reference counting.
     """
 
     def codegen(context, builder, sig, args):
+        if not target_has_simd():
+            return context.make_tuple(builder, sig.return_type, [ir.Constant(F32, 0.0)] * nt)
         codes_t, scales_t, _, xq_t, xs_t, xsum_t = sig.args[:6]
         codes, codes_stride = _bytes(context, builder, codes_t, args[0])
         scales, scales_stride = _bytes(context, builder, scales_t, args[1])
@@ -207,7 +231,7 @@ def _make_dot(kind: str, nt: int, uniform: bool):
                         if not vnni:
                             x = _call(builder, "llvm.x86.avx2.psign.b", V32I8, x, w)
                         ints[j].append(_dot_u8s8(builder, vnni, [(wu, x)]))
-            ws = _row_scales(builder, srow, b, shift, uniform)
+            ws = _row_scales(builder, srow, b, shift)
             xs_off = builder.mul(b, ir.Constant(I64, 4))
             offset = -8.0 if kind == "q4" else -128.0 if vnni else 0.0  # times sum(xq), per block
             for j in range(nt):
@@ -228,15 +252,11 @@ def _make_dot(kind: str, nt: int, uniform: bool):
         i64 = types.int64
         return types.UniTuple(types.float32, nt)(codes, scales, i64, xq, xs, xsum, i64, i64, i64), codegen
 
-    typer.__name__ = f"{kind}_dot{nt}_{'uniform' if uniform else 'grouped'}"
+    typer.__name__ = f"{kind}_dot{nt}"
     return intrinsic(typer)
 
 
-q4_dot1 = _make_dot("q4", 1, True)
-q4_dot4 = _make_dot("q4", 4, True)
-q4_dot1_grouped = _make_dot("q4", 1, False)
-q4_dot4_grouped = _make_dot("q4", 4, False)
-q8_dot1 = _make_dot("q8", 1, True)
-q8_dot4 = _make_dot("q8", 4, True)
-q8_dot1_grouped = _make_dot("q8", 1, False)
-q8_dot4_grouped = _make_dot("q8", 4, False)
+q4_dot1 = _make_dot("q4", 1)
+q4_dot4 = _make_dot("q4", 4)
+q8_dot1 = _make_dot("q8", 1)
+q8_dot4 = _make_dot("q8", 4)
