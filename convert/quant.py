@@ -3,7 +3,7 @@
 Each group of `group_size` columns of a row gets one float16 scale d; q4 stores codes
 c = q + 8 (value (c - 8) * d, q in -8..7), q8 stores q in -128..127 (value q * d). The scale
 is searched, not just max-abs: the group's largest value m is mapped to a few candidate
-codes (q4: -8, -7.5, ..., -6 and 7), then a least-squares refit d = sum(q x) / sum(q q) of the
+codes (q4: -8, -7.5, -7 and 7; q8: -128 and 127), then a least-squares refit d = sum(q x) / sum(q q) of the
 best is tried, and the candidate with the least squared error wins. A candidate is only
 admissible if no element clips by more than half a step, so every element keeps
 |dequantized - x| <= |d| / 2. Scales are rounded to float16 before the codes are chosen.
@@ -16,14 +16,16 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
-from ..runtime.kernels import PARALLEL
+from ..runtime.kernels import FLAGS, PARALLEL
 from ..runtime.kernels.bits import bf16_to_f32
 from ..runtime.layout import CHUNK, Packed, padded_cols
 
-# candidate codes for the group's largest value, per bit width
-_CANDIDATES = {4: np.array([-8.0, -7.5, -7.0, -6.5, -6.0, 7.0]), 8: np.array([-128.0, -127.0, 127.0])}
+# candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
+_CANDIDATES = {4: 1.0 / np.array([-8.0, -7.5, -7.0, 7.0]), 8: 1.0 / np.array([-128.0, 127.0])}
 
 
 @dataclass
@@ -44,54 +46,80 @@ class QuantError:
         self.sum_x2 += other.sum_x2
 
 
-@njit(cache=True, inline="always")
+@intrinsic
+def _f64_bits(typingctx, x):
+    """The IEEE bits of a float64, as a uint64."""
+    if x != types.float64:
+        return None
+    return types.uint64(x), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(64))
+
+
+@intrinsic
+def _bits_f64(typingctx, u):
+    if u != types.uint64:
+        return None
+    return types.float64(u), lambda context, builder, sig, args: builder.bitcast(args[0], ir.DoubleType())
+
+
+_DROP = np.uint64(42)  # float64 keeps 52 mantissa bits, float16 10
+_HALF = np.uint64(1 << 41) - np.uint64(1)
+_KEEP = ~np.uint64((1 << 42) - 1)
+
+
+@njit(**FLAGS)
 def _f16_round(x):
-    """x rounded to the nearest float16 value (saturating at 65504), as a float64."""
-    a = abs(x)
+    """x rounded to the nearest float16 value (ties to even, saturating at 65504), as a float64."""
+    a = np.float64(abs(x))
     if a >= 65504.0:
         r = 65504.0
     elif a < 2.0**-14:
         r = np.rint(a * 2.0**24) / 2.0**24  # float16 subnormals: multiples of 2^-24
     else:
-        m, e = math.frexp(a)  # a = m * 2^e, m in [0.5, 1): 11 significant bits
-        r = math.ldexp(np.rint(m * 2048.0) / 2048.0, e)
+        b = _f64_bits(a)
+        r = _bits_f64((b + _HALF + ((b >> _DROP) & np.uint64(1))) & _KEEP)
     return -r if x < 0 else r
 
 
-@njit(cache=True, inline="always")
-def _admissible(d, lo, hi, qmin, qmax):
-    """No element of a group spanning lo..hi clips by more than half a step at scale d."""
-    a, b = (lo / d, hi / d) if d > 0 else (hi / d, lo / d)
+@njit(**FLAGS)
+def _admissible(inv, lo, hi, qmin, qmax):
+    """No element of a group spanning lo..hi clips by more than half a step at scale 1 / inv."""
+    a, b = (lo * inv, hi * inv) if inv > 0 else (hi * inv, lo * inv)
     return a >= qmin - 0.5 and b <= qmax + 0.5
 
 
-@njit(cache=True)
-def _group_err(x, g0, gs, d, qmin, qmax):
-    """Squared error of the group at scale d (branch-free, so it vectorizes)."""
-    inv = np.float32(1.0 / d)
+@njit(**FLAGS)
+def _group_err(x, g0, gs, d, inv, qmin, qmax):
+    """Squared error of the group at scale d = 1 / inv (branch-free, so it vectorizes)."""
+    inv = np.float32(inv)
     d32 = np.float32(d)
     err = np.float32(0.0)
-    for c in range(g0, g0 + gs):
-        q = min(max(np.rint(x[c] * inv), np.float32(qmin)), np.float32(qmax))
-        e = q * d32 - x[c]
-        err += e * e
+    for c0 in range(g0, g0 + gs, CHUNK):
+        for c in range(c0, c0 + CHUNK):  # a constant trip count: LLVM vectorizes it whole
+            q = min(max(np.rint(x[c] * inv), np.float32(qmin)), np.float32(qmax))
+            e = q * d32 - x[c]
+            err += e * e
     return err
 
 
-@njit(cache=True)
-def _best_scale(x, g0, gs, qmin, qmax, cands):
+@njit(**FLAGS)
+def _best_scale(x, g0, gs, qmin, qmax, inv_cands):
+    """The admissible float16 scale of least squared error among the candidates and a least-squares refit."""
     lo = x[g0]
     hi = x[g0]
-    for c in range(g0, g0 + gs):
-        lo = min(lo, x[c])
-        hi = max(hi, x[c])
+    for c0 in range(g0, g0 + gs, CHUNK):
+        for c in range(c0, c0 + CHUNK):
+            lo = min(lo, x[c])
+            hi = max(hi, x[c])
     m = lo if -lo > hi else hi  # the value of largest magnitude
     best_d = 0.0
     best = np.inf
-    for t in cands:
-        d = _f16_round(m / t)
-        if d != 0.0 and _admissible(d, lo, hi, qmin, qmax):
-            err = _group_err(x, g0, gs, d, qmin, qmax)
+    for rt in inv_cands:
+        d = _f16_round(m * rt)
+        if d == 0.0:
+            continue
+        inv = 1.0 / d
+        if _admissible(inv, lo, hi, qmin, qmax):
+            err = _group_err(x, g0, gs, d, inv, qmin, qmax)
             if err < best:
                 best, best_d = err, d
     if best_d == 0.0:
@@ -99,18 +127,19 @@ def _best_scale(x, g0, gs, qmin, qmax, cands):
     sxq = np.float32(0.0)
     sqq = np.float32(0.0)
     inv = np.float32(1.0 / best_d)
-    for c in range(g0, g0 + gs):
-        q = min(max(np.rint(x[c] * inv), np.float32(qmin)), np.float32(qmax))
-        sxq += q * x[c]
-        sqq += q * q
+    for c0 in range(g0, g0 + gs, CHUNK):
+        for c in range(c0, c0 + CHUNK):
+            q = min(max(np.rint(x[c] * inv), np.float32(qmin)), np.float32(qmax))
+            sxq += q * x[c]
+            sqq += q * q
     d = _f16_round(sxq / sqq)
-    if d != 0.0 and _admissible(d, lo, hi, qmin, qmax) and _group_err(x, g0, gs, d, qmin, qmax) < best:
+    if d != 0.0 and _admissible(1.0 / d, lo, hi, qmin, qmax) and _group_err(x, g0, gs, d, 1.0 / d, qmin, qmax) < best:
         best_d = d
     return best_d
 
 
-@njit(cache=True)
-def _quantize_row(x, gs, bits, cands, codes, scales, stats):
+@njit(**FLAGS)
+def _quantize_row(x, gs, bits, inv_cands, codes, scales, stats):
     """x f32 [cols_pad] -> codes uint8 [cols_pad / 2] (q4) or [cols_pad] (q8, two's complement), scales [groups]."""
     qmin, qmax = (-8, 7) if bits == 4 else (-128, 127)
     cp = x.shape[0]
@@ -120,20 +149,21 @@ def _quantize_row(x, gs, bits, cands, codes, scales, stats):
     x2 = 0.0
     for g in range(cp // gs):
         g0 = g * gs
-        d = _best_scale(x, g0, gs, qmin, qmax, cands)
+        d = _best_scale(x, g0, gs, qmin, qmax, inv_cands)
         scales[g] = d
         inv = np.float32(1.0 / d) if d != 0.0 else np.float32(0.0)
         d32 = np.float32(d)
         ge2 = np.float32(0.0)
         gx2 = np.float32(0.0)
         gmax = np.float32(0.0)
-        for c in range(g0, g0 + gs):
-            qc = min(max(np.rint(x[c] * inv), np.float32(qmin)), np.float32(qmax))
-            q[c] = np.int32(qc)
-            e = qc * d32 - x[c]
-            gmax = max(gmax, abs(e))
-            ge2 += e * e
-            gx2 += x[c] * x[c]
+        for c0 in range(g0, g0 + gs, CHUNK):
+            for c in range(c0, c0 + CHUNK):
+                qc = min(max(np.rint(x[c] * inv), np.float32(qmin)), np.float32(qmax))
+                q[c] = np.int32(qc)
+                e = qc * d32 - x[c]
+                gmax = max(gmax, abs(e))
+                ge2 += e * e
+                gx2 += x[c] * x[c]
         emax = max(emax, gmax)
         e2 += ge2
         x2 += gx2
@@ -150,25 +180,25 @@ def _quantize_row(x, gs, bits, cands, codes, scales, stats):
 
 
 @njit(**PARALLEL)
-def _quantize_f32(w, gs, bits, cands, codes, scales, stats):
+def _quantize_f32(w, gs, bits, inv_cands, codes, scales, stats):
     rows, cols = w.shape
     cp = scales.shape[1] * gs
     for r in prange(rows):
         x = np.zeros(cp, np.float32)
         for c in range(cols):
             x[c] = w[r, c]
-        _quantize_row(x, gs, bits, cands, codes[r], scales[r], stats[r])
+        _quantize_row(x, gs, bits, inv_cands, codes[r], scales[r], stats[r])
 
 
 @njit(**PARALLEL)
-def _quantize_bf16(w, gs, bits, cands, codes, scales, stats):
+def _quantize_bf16(w, gs, bits, inv_cands, codes, scales, stats):
     rows, cols = w.shape
     cp = scales.shape[1] * gs
     for r in prange(rows):
         x = np.zeros(cp, np.float32)
         for c in range(cols):
             x[c] = bf16_to_f32(w[r, c])
-        _quantize_row(x, gs, bits, cands, codes[r], scales[r], stats[r])
+        _quantize_row(x, gs, bits, inv_cands, codes[r], scales[r], stats[r])
 
 
 def quantize(w: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[Packed, QuantError]:

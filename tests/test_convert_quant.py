@@ -6,7 +6,7 @@ from moe.convert.mxfp4 import decode
 from moe.convert.quant import quantize
 from moe.runtime.layout import dequantize, pack_q4
 
-CANDIDATES = {4: [-8.0, -7.5, -7.0, -6.5, -6.0, 7.0], 8: [-128.0, -127.0, 127.0]}
+CANDIDATES = {4: [-8.0, -7.5, -7.0, 7.0], 8: [-128.0, 127.0]}
 
 
 def f16(x):
