@@ -46,9 +46,25 @@ class ExpertStore:
         self.hits = np.zeros(n_layers, np.int64)
         self.misses = np.zeros(n_layers, np.int64)
         self.bytes_read = np.zeros(n_layers, np.int64)
+        self.prefetch_hits = np.zeros(n_layers, np.int64)
+        self.predicted = np.zeros(n_layers, np.int64)  # experts predicted for a layer by prefetch
+        self.predicted_right = np.zeros(n_layers, np.int64)  # of which its router then chose
+        self.wants_prediction = False  # whether prefetch() does anything, so the model can skip predicting
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         raise NotImplementedError
+
+    def begin_layer(self, layer: int, experts) -> None:
+        """The router chose `experts` for `layer`; they are about to be fetched with get()."""
+
+    def prefetch(self, layer: int, experts) -> None:
+        """A prediction of the experts `layer` will choose; a paging store starts reading them."""
+
+    def end_token(self, tokens: int = 1) -> None:
+        """`tokens` tokens went through every layer."""
+
+    def close(self) -> None:
+        """Release files and threads."""
 
 
 class MappedExperts(ExpertStore):

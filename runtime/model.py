@@ -27,6 +27,8 @@ from .kernels.norms import rmsnorm
 from .kernels.qmatmul import Scratch, linear
 from .kernels.routing import group_by_expert, sigmoid_topk, softmax_topk, topk_softmax
 from .layout import MANIFEST, Layout, Packed, open_layout
+from .paging import PagedExperts, auto_budget, peak_rss
+from .units import parse_size
 
 DEFAULT_MAX_CONTEXT = 4096
 F32 = np.float32
@@ -143,6 +145,10 @@ class Model:
         }
         self._scratch = Scratch()  # grows to the largest call once, then is reused
         self._decode = _Buffers(cfg, 1, self._widths)
+        moe_layers = cfg.moe_layers()
+        self._next_moe = [next((j for j in moe_layers if j > i), -1) for i in range(cfg.num_layers)]
+        self._guess_xn = np.zeros((1, cfg.hidden_size), F32)  # next MoE layer's router input and logits
+        self._guess = np.zeros((1, cfg.num_experts), F32)
         self._prefill: _Buffers | None = None
 
     # -- public API ---------------------------------------------------------------------------
@@ -159,14 +165,22 @@ class Model:
     def stats(self) -> dict:
         """Tokens run, expert cache figures, and per MoE layer how many tokens each expert received."""
         s = self.experts
+        hits, misses = int(s.hits.sum()), int(s.misses.sum())
         return {
             "tokens": self._tokens,
-            "hits": int(s.hits.sum()),
-            "misses": int(s.misses.sum()),
+            "memory_budget_bytes": getattr(s, "budget", None),
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": hits / (hits + misses) if hits + misses else 1.0,
+            "prefetch_hits": int(s.prefetch_hits.sum()),
+            "prefetch_accuracy": int(s.predicted_right.sum()) / int(s.predicted.sum()) if s.predicted.sum() else None,
             "bytes_read": int(s.bytes_read.sum()),
+            "bytes_read_per_token": int(s.bytes_read.sum()) / self._tokens if self._tokens else 0.0,
+            "peak_rss_bytes": peak_rss(),
             "layers": [
                 {"layer": i, "expert_uses": self._uses[i].tolist(), "hits": int(s.hits[i]),
-                 "misses": int(s.misses[i]), "bytes_read": int(s.bytes_read[i])}
+                 "misses": int(s.misses[i]), "prefetch_hits": int(s.prefetch_hits[i]),
+                 "bytes_read": int(s.bytes_read[i])}
                 for i in self.config.moe_layers()
             ],
         }
@@ -203,6 +217,7 @@ class Model:
             np.add(B.x, B.y, out=B.x)
         self.pos = pos0 + T
         self._tokens += T
+        self.experts.end_token(T)
         if last_only:
             rows, logits = slice(T - 1, T), B.logits
         else:
@@ -224,6 +239,7 @@ class Model:
         return generate(self, prompt, max_tokens, **options)
 
     def close(self) -> None:
+        self.experts.close()
         self.layout.close()
 
     # -- the forward pass -----------------------------------------------------------------------
@@ -300,6 +316,9 @@ class Model:
         if self.routing_trace is not None:
             self.routing_trace.append((i, B.idx.copy(), B.w.copy()))
         n_active = group_by_expert(B.idx, cfg.num_experts, B.offsets, B.order, B.active, self._uses[i])
+        self.experts.begin_layer(i, B.active[:n_active].tolist())
+        if B.T == 1 and self.experts.wants_prediction and self._next_moe[i] >= 0:
+            self._predict(self._next_moe[i], B)
         if layer.shared is not None:
             self._mlp(layer.shared, B.xn, B.y, B)
         else:
@@ -324,6 +343,16 @@ class Model:
                 np.add(ye, w.down_bias, out=ye)
             scatter_add(ye, B.order, k, lo, hi, B.w, not scale_input, B.y)
 
+    def _predict(self, j: int, B: _Buffers) -> None:
+        """Layer j's router applied to the current hidden state: the experts to read while this layer computes."""
+        layer = self.layers[j]
+        rmsnorm(B.x3, layer.ffn_norm, self.config.rms_norm_eps, self._guess_xn.reshape(1, 1, -1))
+        linear(layer.router, self._guess_xn, self._guess, self._scratch)
+        if layer.router_bias is not None:
+            np.add(self._guess, layer.router_bias, out=self._guess)
+        k = self.config.top_k
+        self.experts.prefetch(j, np.argpartition(-self._guess[0], k - 1)[:k].tolist())
+
     def _mlp(self, weights: tuple[Packed, Packed], x: np.ndarray, out: np.ndarray, B: _Buffers) -> None:
         """A SwiGLU MLP (dense layer or shared expert) over all T tokens: out = down(silu(gate x) * up x)."""
         gate_up, down = weights
@@ -333,11 +362,15 @@ class Model:
         linear(down, act_buf, out, self._scratch)
 
 
-def load_model(path, memory_budget=None, threads: int | None = None, max_context: int | None = None) -> Model:
+def load_model(path, memory_budget=None, threads: int | None = None, max_context: int | None = None,
+               cache_policy: str = "freq", prefetch: bool = True) -> Model:
     """Open a converted model (a folder, or a name or Hub id converted before) and map its files; copies no expert.
 
-    memory_budget (bytes or text such as "2GB") bounds the expert cache; threads sets numba's
-    thread count; max_context sizes the KV cache (default: the model's, at most 4096).
+    memory_budget (bytes or text such as "2GB") bounds the expert cache: experts are then paged
+    into a fixed pool (cache_policy "freq" or "lru", prefetch of the next layer's predicted
+    experts). Without one, experts come straight from the memory map when the model fits in
+    available RAM, else a budget is chosen (and said on stderr). threads sets numba's thread
+    count; max_context sizes the KV cache (default: the model's, at most 4096).
     """
     folder = Path(path)
     if not (folder / MANIFEST).is_file():
@@ -345,9 +378,7 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
 
         folder = resolve_model(str(path))
     if memory_budget is not None:
-        from .units import parse_size
-
-        parse_size(memory_budget, "memory budget")
+        memory_budget = parse_size(memory_budget, "memory budget")
     if threads is not None:
         _set_threads(threads)
     layout = open_layout(folder)
@@ -356,7 +387,13 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
         max_context = min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     elif not 1 <= max_context <= cfg.max_position_embeddings:
         raise MoeError(f"max_context {max_context} must be between 1 and the model's {cfg.max_position_embeddings}")
-    model = Model(layout, MappedExperts(layout), max_context)
+    if memory_budget is None:
+        memory_budget = auto_budget(layout)
+    if memory_budget is None:
+        experts: ExpertStore = MappedExperts(layout)
+    else:
+        experts = PagedExperts(layout, memory_budget, cache_policy, prefetch)
+    model = Model(layout, experts, max_context)
     if kernels.cache_is_cold():
         kernels.announce_compiling()
         _warm_up(model)

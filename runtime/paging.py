@@ -13,6 +13,8 @@ and checked, and a failed read leaves the slot empty.
 from __future__ import annotations
 
 import os
+import resource
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from .errors import MoeError
 from .experts import ExpertStore, ExpertWeights, weights_in
-from .layout import EXPERT_ALIGN, EXPERTS_FILE, Layout, align, crc32
+from .layout import EXPERT_ALIGN, EXPERTS_FILE, MODEL_FILE, Layout, align, crc32
 from .units import format_size
 
 POLICIES = ("freq", "lru")
@@ -39,6 +41,41 @@ def min_budget(layout: Layout) -> int:
     return layout.config["top_k"] * slot_bytes(layout)
 
 
+def available_ram() -> int:
+    """Bytes the OS could give us now: MemAvailable on Linux, else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """This process's peak resident set, in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def auto_budget(layout: Layout) -> int | None:
+    """None when the whole model fits comfortably in available RAM (experts then come from the memory map);
+    otherwise a budget that leaves room for the rest, announced on stderr."""
+    sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
+    available = available_ram()
+    if sum(sizes.values()) <= 0.8 * available:
+        return None
+    budget = max(min_budget(layout), int(0.6 * available) - sizes.get(MODEL_FILE, 0))
+    print(
+        f"moe: the model ({format_size(sum(sizes.values()))}) does not fit comfortably in the "
+        f"{format_size(available)} of available RAM; paging experts under a budget of {format_size(budget)} "
+        "(choose one with --memory-budget)",
+        file=sys.stderr,
+    )
+    return budget
+
+
 class PagedExperts(ExpertStore):
     """An expert cache of a fixed number of slots, filled from experts.bin on demand and by prefetch."""
 
@@ -54,6 +91,7 @@ class PagedExperts(ExpertStore):
                 f"memory budget {format_size(budget)} is below this model's minimum of {format_size(minimum)} "
                 f"({k} experts of {format_size(self.slot_bytes)} for one layer's top-{k}); give at least that"
             )
+        self.budget = budget
         self.n_slots = budget // self.slot_bytes
         self.policy = policy
         self.pool = np.empty((self.n_slots, self.slot_bytes), np.uint8)  # pages committed as slots fill
@@ -66,9 +104,6 @@ class PagedExperts(ExpertStore):
         self.freq = np.zeros((n_layers, n_experts), np.float64)
         self.checked = np.zeros((n_layers, n_experts), bool)  # CRC verified once
         self.prefetched = np.zeros(self.n_slots, bool)  # filled by prefetch, not used yet
-        self.prefetch_hits = np.zeros(n_layers, np.int64)
-        self.predicted = np.zeros(n_layers, np.int64)  # experts predicted for a layer
-        self.predicted_right = np.zeros(n_layers, np.int64)  # of which the router then chose
         self._prediction: dict[int, set[int]] = {}
         self._pinned: set[int] = set()
         self._protected: set[int] = set()  # slots of the layer being computed: prefetch must not take them
@@ -78,7 +113,9 @@ class PagedExperts(ExpertStore):
         self._fd = os.open(layout.folder / EXPERTS_FILE, os.O_RDONLY)
         self._runs = {int(k): v for k, v in layout.manifest["experts"].items()}
         self._entries = {(i, j): layout.expert_tensors(i, j) for i, runs in self._runs.items() for j in range(len(runs))}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moe-prefetch") if prefetch and self.n_slots > 2 * layout.config["top_k"] else None
+        # Prefetch needs room beyond the layer being computed: more than two layers' top-k.
+        self.wants_prediction = prefetch and self.n_slots > 2 * layout.config["top_k"]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moe-prefetch") if self.wants_prediction else None
         self.read = os.preadv  # the one read call; tests replace it to read slowly or fail
 
     # -- what the model calls ---------------------------------------------------------------
@@ -125,9 +162,9 @@ class PagedExperts(ExpertStore):
             break
         return weights_in(self.pool[slot], self._entries[(layer, expert)], self._runs[layer][expert]["offset"])
 
-    def end_token(self) -> None:
-        """One token went through every layer: age the use counts."""
-        self.freq *= DECAY
+    def end_token(self, tokens: int = 1) -> None:
+        """`tokens` tokens went through every layer: age the use counts."""
+        self.freq *= DECAY**tokens
 
     def prefetch(self, layer: int, experts) -> None:
         """Start reading `experts` of `layer` (a prediction) in the background, into slots no one needs now."""

@@ -1,0 +1,154 @@
+"""Expert paging: the same logits bit for bit under any budget, and never a stale or half-read expert."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from moe.convert import convert
+from moe.runtime.errors import MoeError
+from moe.runtime.model import load_model
+from moe.runtime.paging import PagedExperts, min_budget, slot_bytes
+from tiny import make_checkpoint
+
+ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "gpt_oss")
+IDS = np.random.default_rng(0).integers(4, 4096, 24)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Every architecture converted to 4 bits once for this module."""
+    root = tmp_path_factory.mktemp("paging")
+    out = {}
+    for arch in ARCHS:
+        src = make_checkpoint(arch, root / f"{arch}-hf", seed=3)
+        out[arch] = convert(str(src), root / f"{arch}-q4", bits=4)
+    return out
+
+
+def _decode_logits(model, ids):
+    """Prefill half the ids, then decode the rest one at a time; every step's logits."""
+    model.reset()
+    rows = [model.forward(ids[:12])]
+    rows += [model.forward(ids[i: i + 1]).copy() for i in range(12, len(ids))]
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_identical_under_every_budget(converted, arch):
+    path = converted[arch]
+    mapped = load_model(path)
+    want = _decode_logits(mapped, IDS)
+    smallest = min_budget(mapped.layout)
+    one = slot_bytes(mapped.layout)
+    for budget in (smallest, smallest + one, 3 * smallest, 10**9):
+        for policy in ("lru", "freq"):
+            model = load_model(path, memory_budget=budget, cache_policy=policy)
+            got = _decode_logits(model, IDS)
+            assert np.array_equal(got, want), (arch, budget, policy)
+            s = model.stats
+            assert s["misses"] > 0 and s["bytes_read"] > 0
+            model.close()
+
+
+def test_budget_below_minimum_names_it(converted):
+    path = converted["olmoe"]
+    model = load_model(path)
+    smallest = min_budget(model.layout)
+    with pytest.raises(MoeError, match="minimum of"):
+        load_model(path, memory_budget=smallest - 1)
+
+
+def test_counts_hits_misses_and_bytes(converted):
+    path = converted["qwen3_moe"]
+    layout = load_model(path).layout
+    model = load_model(path, memory_budget=4 * slot_bytes(layout))
+    _decode_logits(model, IDS)
+    store = model.experts
+    s = model.stats
+    assert s["hits"] > 0 and s["misses"] > 0
+    assert s["bytes_read"] == int(store.bytes_read.sum())
+    for layer, runs in layout.manifest["experts"].items():
+        nbytes = {r["nbytes"] for r in runs}
+        assert len(nbytes) == 1
+        assert store.bytes_read[int(layer)] == store.misses[int(layer)] * nbytes.pop()
+    assert store.bytes_resident <= store.n_slots * store.slot_bytes <= 4 * slot_bytes(layout)
+
+
+def test_prefetch_is_counted_and_identical(converted):
+    path = converted["gpt_oss"]
+    want = _decode_logits(load_model(path), IDS)
+    model = load_model(path, memory_budget=6 * slot_bytes(load_model(path).layout))
+    assert model.experts._pool is not None, "prefetch should run when the pool holds more than two layers' top-k"
+    got = _decode_logits(model, IDS)
+    assert np.array_equal(got, want)
+    store = model.experts
+    assert store.predicted.sum() > 0
+    assert 0 <= store.predicted_right.sum() <= store.predicted.sum()
+
+
+def test_slow_reads_never_serve_half_an_expert(converted):
+    """Reads that arrive in small pieces, slowly, while prefetch runs: still identical logits."""
+    path = converted["olmoe"]
+    want = _decode_logits(load_model(path), IDS)
+    model = load_model(path, memory_budget=7 * slot_bytes(load_model(path).layout))
+
+    def slow_read(fd, buffers, offset):
+        time.sleep(0.0005)
+        piece = [buffers[0][:4096]]
+        return os.preadv(fd, piece, offset)
+
+    model.experts.read = slow_read
+    assert np.array_equal(_decode_logits(model, IDS), want)
+
+
+def test_failed_read_is_an_error_and_leaves_no_half_expert(converted):
+    path = converted["mixtral"]
+    model = load_model(path, memory_budget=min_budget(load_model(path).layout))
+    calls = {"n": 0}
+    lock = threading.Lock()
+
+    def failing_read(fd, buffers, offset):
+        with lock:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                buffers[0][:16] = b"\xff" * 16  # half a read landed, then the disk failed
+                raise OSError(5, "Input/output error")
+        return os.preadv(fd, buffers, offset)
+
+    model.experts.read = failing_read
+    with pytest.raises(MoeError, match=r"reading layer \d+ expert \d+ failed"):
+        _decode_logits(model, IDS)
+    store = model.experts
+    assert not (store.state == 1).any(), "no slot may stay half-read"
+    model.experts.read = os.preadv
+    want = _decode_logits(load_model(path), IDS)
+    assert np.array_equal(_decode_logits(model, IDS), want)
+
+
+def test_damaged_expert_fails_its_checksum_on_first_read(converted, tmp_path):
+    import shutil
+
+    path = tmp_path / "damaged"
+    shutil.copytree(converted["mixtral"], path)
+    model = load_model(path)
+    run = model.layout.manifest["experts"]["0"][1]
+    model.close()
+    with open(path / "experts.bin", "r+b") as f:
+        f.seek(run["offset"] + 10)
+        byte = f.read(1)
+        f.seek(run["offset"] + 10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    model = load_model(path, memory_budget=10**9)
+    with pytest.raises(MoeError, match="layer 0 expert 1 fails its checksum"):
+        for _ in range(20):
+            model.logits(np.arange(4, 40))
+
+
+def test_paged_store_rejects_unknown_policy(converted):
+    model = load_model(converted["mixtral"])
+    with pytest.raises(MoeError, match="policy"):
+        PagedExperts(model.layout, 10**9, policy="random")
