@@ -148,6 +148,9 @@ def test_linear_dispatch_and_scratch_reuse(enc):
     scratch = qmatmul.Scratch(max_tokens=4, max_cols=96)
     for rows, cols, T in [(9, 96, 1), (5, 40, 4), (7, 300, 2), (9, 96, 1)]:
         p = make_packed(enc, rows, cols, 32, rng)
+        for a in (p.codes, p.scales):  # as memory-mapped tensors are
+            if a is not None:
+                a.setflags(write=False)
         x = acts(T, cols, rng)
         out = np.empty((T, rows), np.float32)
         qmatmul.linear(p, x, out, scratch)

@@ -274,32 +274,34 @@ def matmul_f16(w, x, out):
 
 
 class Scratch:
-    """Reusable activation buffers (xq, arranged xq, xs, block sums), grown on demand: repeated calls allocate nothing."""
+    """Reusable activation buffers (xq, arranged xq, xs, block sums), grown on demand; the views for each
+    (tokens, cols_pad) are kept, so a repeated call allocates nothing, not even a view."""
 
     def __init__(self, max_tokens: int = 1, max_cols: int = 0):
-        self._xq = self._xqa = np.zeros(0, np.int8)
-        self._xs = self._xsum = np.zeros(0, np.float32)
+        self._size = 0
+        self._views: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
         self.reserve(max_tokens, max_cols)
 
     def reserve(self, tokens: int, cols: int) -> None:
-        cols_pad = -(-cols // CHUNK) * CHUNK
-        if tokens * cols_pad > self._xq.size:
-            self._xq = np.zeros(tokens * cols_pad, np.int8)
-            self._xqa = np.zeros(tokens * cols_pad, np.int8)
-            self._xs = np.zeros(tokens * cols_pad // CHUNK, np.float32)
-            self._xsum = np.zeros(tokens * cols_pad // CHUNK, np.float32)
+        n = tokens * (-(-cols // CHUNK) * CHUNK)
+        if n > self._size:
+            self._size = n
+            self._buffers = (np.zeros(n, np.int8), np.zeros(n, np.int8),
+                             np.zeros(n // CHUNK, np.float32), np.zeros(n // CHUNK, np.float32))
+            self._views.clear()
 
     def acts(self, tokens: int, cols_pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Views xq, xqa int8 [tokens, cols_pad] and xs, xsum f32 [tokens, cols_pad / 32] into the buffers."""
-        self.reserve(tokens, cols_pad)
-        n = tokens * cols_pad
-        shape = (tokens, cols_pad // CHUNK)
-        return (
-            self._xq[:n].reshape(tokens, cols_pad),
-            self._xqa[:n].reshape(tokens, cols_pad),
-            self._xs[: n // CHUNK].reshape(shape),
-            self._xsum[: n // CHUNK].reshape(shape),
-        )
+        views = self._views.get((tokens, cols_pad))
+        if views is None:
+            self.reserve(tokens, cols_pad)
+            n = tokens * cols_pad
+            xq, xqa, xs, xsum = self._buffers
+            shape = (tokens, cols_pad // CHUNK)
+            views = (xq[:n].reshape(tokens, cols_pad), xqa[:n].reshape(tokens, cols_pad),
+                     xs[: n // CHUNK].reshape(shape), xsum[: n // CHUNK].reshape(shape))
+            self._views[(tokens, cols_pad)] = views
+        return views
 
 
 def linear(p: Packed, x: np.ndarray, out: np.ndarray, scratch: Scratch) -> np.ndarray:
@@ -307,9 +309,8 @@ def linear(p: Packed, x: np.ndarray, out: np.ndarray, scratch: Scratch) -> np.nd
     enc = p.encoding
     if enc == "q4" or enc == "q8":
         cols_pad = p.codes.shape[1] * (2 if enc == "q4" else 1)
-        xq, xqa, xs, xsum = scratch.acts(x.shape[0], cols_pad)
         kernel = linear_q4 if enc == "q4" else linear_q8
-        kernel(p.codes, p.scales.view(np.uint16), p.group_size, x, xq, xqa, xs, xsum, out)
+        kernel(p.codes, p.scales.view(np.uint16), p.group_size, x, *scratch.acts(x.shape[0], cols_pad), out)
     elif enc == "f32":
         matmul_f32(p.codes, x, out)
     elif enc == "bf16":

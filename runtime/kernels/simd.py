@@ -247,7 +247,8 @@ def _make_dot(kind: str, nt: int):
         return context.make_tuple(builder, sig.return_type, sums)
 
     def typer(typingctx, codes, scales, r, xq, xs, xsum, t0, nb, shift):
-        if not all(isinstance(a, types.Array) and a.ndim == 2 for a in (codes, scales, xq, xs, xsum)):
+        arrays = (codes, scales, xq, xs, xsum)
+        if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
             return None
         i64 = types.int64
         return types.UniTuple(types.float32, nt)(codes, scales, i64, xq, xs, xsum, i64, i64, i64), codegen
