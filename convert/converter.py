@@ -48,12 +48,12 @@ def convert(src, out=None, bits: int = 4, group_size: int = 32, revision: str | 
     """
     check_options(bits, group_size)
     started = time.perf_counter()
+    out = Path(out).expanduser() if out else home.default_output(str(src), bits)
+    check_output(out, force)  # before any download
     source = hub.resolve(str(src), revision)
     hf = read_json(source.folder / "config.json", required=True)
     generation = read_json(source.folder / "generation_config.json") or {}
     arch = arch_registry.for_config(hf)
-    out = Path(out).expanduser() if out else home.default_output(str(src), bits)
-    check_output(out, force)
     with Checkpoint(source.folder) as ckpt:
         plan = arch.plan(hf, set(ckpt.names()))
         cfg = plan.config

@@ -63,7 +63,7 @@ def _experts(cfg: ModelConfig, i: int, p: str, mxfp4: bool) -> list[list[common.
 
 def plan(hf: dict, names: set[str]) -> common.Plan:
     def layer(cfg: ModelConfig, i: int, p: str):
-        tensors = common.attention(cfg, i, p + "self_attn.", bias=True, sinks=True) + common.norms(cfg, i, p)
+        tensors = common.attention(cfg, i, p + "self_attn.", bias=cfg.attention_bias, sinks=True) + common.norms(cfg, i, p)
         E, H = cfg.num_experts, cfg.hidden_size
         tensors += [common.Out(f"layers.{i}.router", (E, H), (common.Src(p + "mlp.router.weight"),)),
                     common.Out(f"layers.{i}.router_bias", (E,), (common.Src(p + "mlp.router.bias"),))]
