@@ -42,14 +42,18 @@ class ExpertStore:
 
     def __init__(self, layout: Layout):
         self.layout = layout
-        n_layers = len(layout.config["layers"])
+        self.wants_prediction = False  # whether prefetch() does anything, so the model can skip predicting
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Per layer: cache hits and misses, bytes read, prefetch hits and prediction accuracy, all zero."""
+        n_layers = len(self.layout.config["layers"])
         self.hits = np.zeros(n_layers, np.int64)
         self.misses = np.zeros(n_layers, np.int64)
         self.bytes_read = np.zeros(n_layers, np.int64)
         self.prefetch_hits = np.zeros(n_layers, np.int64)
         self.predicted = np.zeros(n_layers, np.int64)  # experts predicted for a layer by prefetch
         self.predicted_right = np.zeros(n_layers, np.int64)  # of which its router then chose
-        self.wants_prediction = False  # whether prefetch() does anything, so the model can skip predicting
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         raise NotImplementedError

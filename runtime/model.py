@@ -418,3 +418,4 @@ def _warm_up(model: Model) -> None:
     model.reset()
     model._tokens = 0
     model._uses[:] = 0
+    model.experts.reset_counters()
