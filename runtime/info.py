@@ -11,20 +11,18 @@ PARTS = ("embeddings", "attention", "routers", "experts", "other")
 
 
 def kind_of(name: str) -> str:
-    """The role of a layout tensor: embeddings, lm_head, attention, router, experts, shared_expert,
-    dense_mlp, norms, biases (the categories the manifest's `quantization` is stated in)."""
+    """The role of a layout tensor: embeddings, lm_head, norms, biases (and sinks), experts, router, attention,
+    shared_expert, dense_mlp (the categories the manifest's `quantization` is stated in)."""
     if name in ("embed", "lm_head"):
         return "embeddings" if name == "embed" else "lm_head"
     if name == "norm" or name.endswith(("_norm", ".attn_norm", ".ffn_norm")):
         return "norms"
+    if name.endswith(("_bias", ".sinks")):
+        return "biases"
     if expert_key(name) is not None:
         return "experts"
     section = name.split(".")[2] if name.startswith("layers.") else ""
-    if section.startswith("router"):
-        return "router"
-    if name.endswith(("_bias", ".sinks")):
-        return "biases"
-    return {"attn": "attention", "shared": "shared_expert", "mlp": "dense_mlp"}.get(section, "other")
+    return {"router": "router", "attn": "attention", "shared": "shared_expert", "mlp": "dense_mlp"}.get(section, "other")
 
 
 def part_of(name: str) -> str:
