@@ -50,7 +50,6 @@ def bench(
 
 
 def _rows(f: dict) -> list[tuple[str, str]]:
-    hit = f["expert_cache_hit_rate"]
     return [
         ("load", f"{f['load_s']:.3f} s"),
         ("kernel compilation (first run only)", f"{f['compile_s']:.3f} s"),
@@ -59,7 +58,7 @@ def _rows(f: dict) -> list[tuple[str, str]]:
         ("prefill", f"{f['prefill_tok_s']:.1f} tok/s"),
         ("decode", f"{f['decode_tok_s']:.2f} tok/s over {f['gen_tokens']} tokens"),
         ("peak RSS", format_size(f["peak_rss_bytes"])),
-        ("expert cache hit rate", "-" if hit is None else f"{hit:.1%}"),
+        ("expert cache hit rate", f"{f['expert_cache_hit_rate']:.1%}"),
         ("expert bytes read per token", format_size(f["expert_bytes_read_per_token"])),
         ("threads, repeats", f"{f['threads']}, median of {f['repeat']}"),
     ]

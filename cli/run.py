@@ -7,9 +7,10 @@ import sys
 from typing import Annotated
 
 import typer
-from moe.runtime.bench import expert_counters, peak_rss_bytes
+from moe.runtime.bench import expert_counters
 from moe.runtime.errors import MoeError
 from moe.runtime.generate import DEFAULT_MAX_TOKENS, generate
+from moe.runtime.paging import peak_rss
 from moe.runtime.units import format_size
 
 from .common import err, open_model, print_json
@@ -70,7 +71,7 @@ def run(
 
 
 def _finish(generation, model, load_s: float, json: bool, stats: bool) -> None:
-    figures = {**generation.summary(), "load_s": round(load_s, 4), "peak_rss_bytes": peak_rss_bytes()}
+    figures = {**generation.summary(), "load_s": round(load_s, 4), "peak_rss_bytes": peak_rss()}
     if json:
         print_json({"text": generation.text, **figures, "model_stats": model.stats})
     elif generation.text and not generation.text.endswith("\n") and sys.stdout.isatty():

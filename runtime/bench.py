@@ -8,21 +8,14 @@ kernels and the pages they touch in (`warmup_s`). Each repeat then runs one pref
 
 from __future__ import annotations
 
-import resource
 import statistics
-import sys
 import time
 
 import numpy as np
 
 from . import kernels
 from .errors import MoeError
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
+from .paging import peak_rss
 
 
 def expert_counters(stats: dict) -> tuple[int, int, int]:
@@ -31,12 +24,12 @@ def expert_counters(stats: dict) -> tuple[int, int, int]:
 
 
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=None, threads: int | None = None,
-          repeat: int = 3, load=None) -> dict:
-    """Measure one model; `load(path, memory_budget, threads)` defaults to moe.runtime.model.load_model."""
+          repeat: int = 3) -> dict:
+    """Measure the model at `path` (a folder or converted name); figures as the module says."""
+    from .model import load_model as load
+
     if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
         raise MoeError("--prompt-tokens, --gen-tokens and --repeat must each be at least 1")
-    if load is None:
-        from .model import load_model as load
     compile_s = 0.0
     if kernels.cache_is_cold():
         start = time.perf_counter()
@@ -59,7 +52,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
 
     runs = [_one_run(model, ids, gen_tokens) for _ in range(repeat)]
     model.close()
-    figures = {key: _median([run[key] for run in runs]) for key in runs[0]}
+    figures = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     return {
         "load_s": round(load_s, 4),
         "compile_s": round(compile_s, 4),
@@ -67,8 +60,8 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
         "ttft_s": round(figures["ttft_s"], 5),
         "prefill_tok_s": round(prompt_tokens / figures["ttft_s"], 3),
         "decode_tok_s": round(gen_tokens / figures["decode_s"], 3),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "expert_cache_hit_rate": None if figures["hit_rate"] is None else round(figures["hit_rate"], 5),
+        "peak_rss_bytes": peak_rss(),
+        "expert_cache_hit_rate": round(figures["hit_rate"], 5),
         "expert_bytes_read_per_token": round(figures["bytes_per_token"], 1),
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
@@ -93,13 +86,9 @@ def _one_run(model, ids: np.ndarray, gen_tokens: int) -> dict:
     return {
         "ttft_s": prefilled - start,  # the prefill and the first token's choice
         "decode_s": decoded - prefilled,
-        "hit_rate": (hits - hits0) / lookups if lookups else None,
+        "hit_rate": (hits - hits0) / lookups if lookups else 1.0,  # no lookups: every expert mapped, none read
         "bytes_per_token": (read - read_prefill) / gen_tokens,  # during decode: what paging costs per new token
     }
-
-
-def _median(values: list):
-    return None if None in values else statistics.median(values)
 
 
 def _threads() -> int:
