@@ -26,17 +26,17 @@ def expert_counters(stats: dict) -> tuple[int, int, int]:
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=None, threads: int | None = None,
           repeat: int = 3) -> dict:
     """Measure the model at `path` (a folder or converted name); figures as the module says."""
-    from .model import load_model as load
+    from .model import load_model
 
     if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
         raise MoeError("--prompt-tokens, --gen-tokens and --repeat must each be at least 1")
     compile_s = 0.0
     if kernels.cache_is_cold():
         start = time.perf_counter()
-        load(path, memory_budget=memory_budget, threads=threads).close()
+        load_model(path, memory_budget=memory_budget, threads=threads).close()
         compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    model = load(path, memory_budget=memory_budget, threads=threads)
+    model = load_model(path, memory_budget=memory_budget, threads=threads)
     load_s = time.perf_counter() - start
     if prompt_tokens + gen_tokens > model.max_context:
         raise MoeError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} exceeds the model's "
