@@ -260,3 +260,26 @@ def test_synthetic_checkpoint_small_geometry(tmp_path):
     out = convert(src, tmp_path / "out")
     assert json.loads((out / "manifest.json").read_text())["config"]["num_experts"] == 4
     assert verify(out) == []
+
+
+def test_tokenizer_facts_from_the_various_hub_styles(source, tmp_path):
+    from moe.convert.converter import tokenizer_info
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    src = source("mixtral")
+    tokenizer = json.loads((src / "tokenizer.json").read_text())
+    tokenizer["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                                                          {"Sequence": {"id": "A", "type_id": 0}}]}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config = {"bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>",
+              "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    info = tokenizer_info(folder)
+    assert info == {"files": ["tokenizer.json", "tokenizer_config.json"], "chat_template": "D", "bos_token": "<s>",
+                    "eos_token": "</s>", "add_bos_token": True}
+    (folder / "chat_template.jinja").write_text("J")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"add_bos_token": False}))
+    info = tokenizer_info(folder)
+    assert info["chat_template"] == "J" and info["add_bos_token"] is False
+    assert "chat_template.jinja" in info["files"]
