@@ -63,9 +63,10 @@ def block_sums(xq, xs, xsum):
 
 
 @njit(**FLAGS)
-def arrange_q4(xq, xqa):
+def arrange_pairs(xq, xqa):
     """xqa int8 [T, cols_pad] = xq with each pair of blocks (c0, c1) as [c0[:16], c1[:16], c0[16:], c1[16:]]:
-    the order of one 32-byte load of q4 nibbles (low nibbles, then high nibbles); an odd last block stays.
+    the order of one 32-byte load of q4 nibbles (low nibbles, then high nibbles), which the SIMD kernels
+    also use for q8; an odd last block stays.
     """
     T, cols_pad = xq.shape
     half = CHUNK // 2
@@ -121,45 +122,60 @@ def _simd_span(nblocks, per_group):
     return nblocks // simd.BLOCKS * simd.BLOCKS, shift
 
 
+ROW_TILE = 8  # rows whose codes stay in L1 while a tile of 4 tokens runs over them (prefill)
+
+
 @njit(**PARALLEL)
 def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
-    """q4 (bits 4, activations xqa arranged) or q8 (bits 8, xqa = xq) times prepared activations.
+    """q4 (bits 4) or q8 (bits 8) weights times prepared activations.
 
-    Rows in parallel; within a row, tokens in tiles of 4 through the SIMD step, then the blocks it
-    leaves (all of them on a target without it) through the generic loop.
+    Tiles of ROW_TILE rows in parallel; within one, tiles of 4 tokens run over its rows through the
+    SIMD step, single tokens after; then the blocks it leaves (all of them on a target without it)
+    go through the generic loop.
     """
+    rows = codes.shape[0]
     T = xq.shape[0]
     nblocks = xs.shape[1]
     per_group = gs // CHUNK
     nb, shift = _simd_span(nblocks, per_group)
-    for r in prange(codes.shape[0]):
+    for tile in prange((rows + ROW_TILE - 1) // ROW_TILE):
+        r0 = tile * ROW_TILE
+        r1 = min(r0 + ROW_TILE, rows)
         for t in range(0, T - T % 4, 4):
-            if bits == 4:
-                a = simd.q4_dot4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
-            else:
-                a = simd.q8_dot4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
-            for j in range(4):
-                out[t + j, r] = a[j]
-        for t in range(T - T % 4, T):
-            if bits == 4:
-                out[t, r] = simd.q4_dot1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
-            else:
-                out[t, r] = simd.q8_dot1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
-        if nb < nblocks:
-            for t in range(T):
+            for r in range(r0, r1):
                 if bits == 4:
-                    out[t, r] += _q4_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, nblocks)
+                    a = simd.q4_dot4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
                 else:
-                    out[t, r] += _q8_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, nblocks)
+                    a = simd.q8_dot4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
+                for j in range(4):
+                    out[t + j, r] = a[j]
+        for t in range(T - T % 4, T):
+            for r in range(r0, r1):
+                if bits == 4:
+                    out[t, r] = simd.q4_dot1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
+                else:
+                    out[t, r] = simd.q8_dot1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
+        if nb < nblocks:
+            for r in range(r0, r1):
+                for t in range(T):
+                    if bits == 4:
+                        out[t, r] += _q4_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, nblocks)
+                    else:
+                        out[t, r] += _q8_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, nblocks)
+
+
+@njit(**FLAGS)
+def _prepare(xq, xs, xqa, xsum):
+    if simd.available():
+        arrange_pairs(xq, xqa)
+        block_sums(xq, xs, xsum)
 
 
 @njit(**FLAGS)
 def prepare_acts(x, xq, xqa, xs, xsum):
-    """quantize_acts, then what the SIMD kernels also read: xqa (arrange_q4) and xsum (block_sums)."""
+    """quantize_acts, then what the SIMD kernels also read: xqa (arrange_pairs) and xsum (block_sums)."""
     quantize_acts(x, xq, xs)
-    if simd.available():
-        arrange_q4(xq, xqa)
-        block_sums(xq, xs, xsum)
+    _prepare(xq, xs, xqa, xsum)
 
 
 @njit(**FLAGS)
@@ -169,9 +185,9 @@ def matmul_q4_prepared(codes, scales, gs, xq, xqa, xs, xsum, out):
 
 
 @njit(**FLAGS)
-def matmul_q8_prepared(codes, scales, gs, xq, xs, xsum, out):
+def matmul_q8_prepared(codes, scales, gs, xq, xqa, xs, xsum, out):
     """matmul_q8 with prepare_acts' buffers."""
-    _matmul_quant(codes, scales, gs, xq, xq, xs, xsum, out, 8)
+    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 8)
 
 
 @njit(**FLAGS)
@@ -180,19 +196,17 @@ def matmul_q4(codes, scales, gs, xq, xs, out):
     quantize_acts. Allocates the SIMD kernel's small buffers; linear() and linear_q4 reuse a Scratch."""
     xqa = np.empty_like(xq)
     xsum = np.empty_like(xs)
-    if simd.available():
-        arrange_q4(xq, xqa)
-        block_sums(xq, xs, xsum)
+    _prepare(xq, xs, xqa, xsum)
     _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 4)
 
 
 @njit(**FLAGS)
 def matmul_q8(codes, scales, gs, xq, xs, out):
     """codes i8 [rows, cols_pad], scales u16 [rows, cols_pad / gs] (f16 bits), xq and xs from quantize_acts."""
+    xqa = np.empty_like(xq)
     xsum = np.empty_like(xs)
-    if simd.available():
-        block_sums(xq, xs, xsum)
-    _matmul_quant(codes, scales, gs, xq, xq, xs, xsum, out, 8)
+    _prepare(xq, xs, xqa, xsum)
+    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 8)
 
 
 @njit(**FLAGS)
@@ -206,7 +220,7 @@ def linear_q4(codes, scales, gs, x, xq, xqa, xs, xsum, out):
 def linear_q8(codes, scales, gs, x, xq, xqa, xs, xsum, out):
     """One compiled call: prepare_acts(x) into the given buffers, then the q8 product."""
     prepare_acts(x, xq, xqa, xs, xsum)
-    _matmul_quant(codes, scales, gs, xq, xq, xs, xsum, out, 8)
+    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 8)
 
 
 def _widen(v, kind):

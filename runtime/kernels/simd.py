@@ -11,14 +11,16 @@ Per 32-column block b of a row (float16 scale w_b) and a token (int8 xq, scale x
       term from `xsum` = x_b * sum xq (once per call), added as w_b * (-8 * xsum_b).
   q8: sum c * xq = u8 x s8 of |c| and sign(xq, c) (AVX2); with VNNI, (c + 128) as u8 times xq,
       less 128 * sum xq like q4.
+Blocks are taken in pairs, whose int32 partial sums share one vector (block 2k in the low half).
 The u8 x s8 products are vpmaddubsw + vpmaddwd (AVX2) or vpdpbusd (AVX-512 VNNI / AVX-VNNI, used
 when the target has it). Horizontal adds fold the int32 partial sums of eight blocks into one vector
 holding a whole block per lane, converted once to float and multiplied by w_b * x_b into a vector
 accumulator; the accumulator is reduced once per row.
 
-q4 activations come arranged (see qmatmul.arrange_q4): for each pair of blocks (c0, c1), 64 bytes
-[c0[0:16], c1[0:16], c0[16:32], c1[16:32]], so one 32-byte load of nibbles (c0's 16 bytes, then
-c1's), masked and shifted, meets the activations of its low and of its high nibbles.
+Activations come arranged (see qmatmul.arrange_pairs): for each pair of blocks (c0, c1), 64 bytes
+[c0[0:16], c1[0:16], c0[16:32], c1[16:32]], so one 32-byte load of q4 nibbles (c0's 16 bytes, then
+c1's), masked and shifted, meets the activations of its low and of its high nibbles; q8 weights are
+gathered in the same order (two 16-byte loads per vector).
 
 What is emitted depends only on the CPU numba compiles for (part of numba's cache key), never on
 run-time state, so cached kernels are always the right ones.
@@ -107,10 +109,6 @@ def _fma(builder, a, b, c):
     return _call(builder, "llvm.fmuladd.v8f32", V8F32, a, b, c)
 
 
-def _lanes(builder, v, idx: list[int]):
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), idx))
-
-
 def _row_scales(builder, srow, b, shift):
     """<8 x float> weight scales of blocks b .. b+7: scale index (b + k) >> shift.
 
@@ -134,20 +132,24 @@ def _row_scales(builder, srow, b, shift):
     return builder.fpext(builder.bitcast(h, V8HALF), V8F32)
 
 
-def _dot_u8s8(builder, vnni: bool, pairs):
-    """<8 x i32>: each lane the sum of 4 adjacent products u8 * s8 over all (u, s) pairs of <32 x i8>."""
+def _dot_u8s8(builder, vnni: bool, pairs, wide: bool):
+    """<8 x i32>: each lane the sum of 4 adjacent products u8 * s8 over all (u, s) pairs of <32 x i8>.
+
+    vpmaddubsw saturates its int16 sums of two products: safe for one pair of any operands and, when
+    not `wide`, for the sum of two pairs with u <= 15 (q4's nibbles); `wide` widens each to int32 first.
+    """
     if vnni:
         acc = _splat(V8I32, 0)
         for u, s in pairs:
             acc = _call(builder, "llvm.x86.avx512.vpdpbusd.256", V8I32, acc,
                         builder.bitcast(u, V8I32), builder.bitcast(s, V8I32))
         return acc
-    # |sum of two u8 * s8 products| <= 2 * 255 * 128 fits int16 for u <= 15 or |s| <= 127 with u <= 128
-    p = None
-    for u, s in pairs:
-        q = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, u, s)
-        p = q if p is None else builder.add(p, q)
-    return _call(builder, "llvm.x86.avx2.pmadd.wd", V8I32, p, _splat(V16I16, 1))
+    ones = _splat(V16I16, 1)
+    products = [_call(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, u, s) for u, s in pairs]
+    if wide:
+        sums = [_call(builder, "llvm.x86.avx2.pmadd.wd", V8I32, p, ones) for p in products]
+        return builder.add(sums[0], sums[1])
+    return _call(builder, "llvm.x86.avx2.pmadd.wd", V8I32, builder.add(products[0], products[1]), ones)
 
 
 def _phadd(builder, a, b):
@@ -155,27 +157,30 @@ def _phadd(builder, a, b):
 
 
 def _per_block(builder, vs: list):
-    """Partial sums -> <8 x i32> holding one whole block per lane, and the block each lane holds.
+    """4 partial-sum vectors, one per pair of blocks (2k in the low 4 lanes, 2k+1 in the high 4) ->
+    <8 x i32>, lane k the whole sum of block k. Horizontal adds fold them ([0 2 4 6 | 1 3 5 7]), one
+    permute restores the order: in place of 4 conversions, FMAs and scale shuffles."""
+    folded = _phadd(builder, _phadd(builder, vs[0], vs[1]), _phadd(builder, vs[2], vs[3]))
+    return builder.shuffle_vector(folded, folded, ir.Constant(V8I32, [0, 4, 1, 5, 2, 6, 3, 7]))
 
-    q4 gives 4 vectors, one per pair of blocks (2k in the low 4 lanes, 2k+1 in the high 4);
-    q8 gives 8, one per block. Horizontal adds fold them, in place of 8 conversions and FMAs.
-    """
-    if len(vs) == 4:
-        return _phadd(builder, _phadd(builder, vs[0], vs[1]), _phadd(builder, vs[2], vs[3])), [0, 2, 4, 6, 1, 3, 5, 7]
-    lo = _phadd(builder, _phadd(builder, vs[0], vs[1]), _phadd(builder, vs[2], vs[3]))  # [0 1 2 3 | 0 1 2 3]
-    hi = _phadd(builder, _phadd(builder, vs[4], vs[5]), _phadd(builder, vs[6], vs[7]))  # [4 5 6 7 | 4 5 6 7]
-    first = builder.shuffle_vector(lo, hi, ir.Constant(V8I32, [0, 1, 2, 3, 8, 9, 10, 11]))
-    second = builder.shuffle_vector(lo, hi, ir.Constant(V8I32, [4, 5, 6, 7, 12, 13, 14, 15]))
-    return builder.add(first, second), list(range(8))
+
+def _concat16(builder, base, first, second):
+    """<32 x i8> of the 16 bytes at `first` then the 16 at `second` (offsets from the i8* base)."""
+    v16 = ir.VectorType(I8, 16)
+    a = _load(builder, base, first, v16)
+    b = _load(builder, base, second, v16)
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
 
 
 def _make_dot(kind: str, nt: int):
-    """An intrinsic (codes, scales, r, xq, xs, xsum, t0, nb, shift) -> nt float32 dot products of row r.
+    """An intrinsic (codes, scales, r, xqa, xs, xsum, t0, nb, shift) -> nt float32 dot products of row r.
 
     codes: u8 nibbles [rows, cols_pad / 2] (q4) or i8 [rows, cols_pad] (q8), scales u16 [rows, groups];
-    xq int8 [T, cols_pad] (arranged for q4), xs and xsum f32 [T, cols_pad / 32]; tokens t0 .. t0+nt-1;
-    blocks [0, nb), nb a multiple of 8; block b's scale is scales[r, b >> shift]. On a target without
-    the SIMD instructions it returns zeros (the callers then set nb = 0).
+    xqa int8 [T, cols_pad] arranged by pairs of blocks, xs and xsum f32 [T, cols_pad / 32]; tokens
+    t0 .. t0+nt-1; blocks [0, nb), nb a multiple of 8; block b's scale is scales[r, b >> shift].
+    Each pair of blocks becomes two <32 x i8> weight vectors matching xqa's halves: for q4 one load
+    of nibbles, masked (low) and shifted (high); for q8 the blocks' first halves, then their second.
+    On a target without the SIMD instructions it returns zeros (the callers then set nb = 0).
     Arrays are taken whole, with the row index, as slicing them per row costs reference counting.
     """
 
@@ -198,63 +203,68 @@ def _make_dot(kind: str, nt: int):
             xq_rows.append(builder.gep(xq, [builder.mul(t, xq_stride)], inbounds=True))
             xs_rows.append(builder.gep(xs, [builder.mul(t, xs_stride)], inbounds=True))
             xsum_rows.append(builder.gep(xsum, [builder.mul(t, xsum_stride)], inbounds=True))
-        # two accumulators per token (block sums, offset terms) keep the FMA chains short
+        # per token: block sums times scales, and scales times xsum (the offset term, scaled at the end)
         accs = [cgutils.alloca_once_value(builder, _splat(V8F32, 0.0)) for _ in range(2 * nt)]
         vnni = has_vnni(target_features())
-        low4 = _splat(V32I8, 0x0F)
-        four = _splat(V32I8, 4)
+        # the weights' offset, times sum(xq) per block: q4 stores n + 8; q8 with VNNI uses c + 128 as u8
+        offset = 8.0 if kind == "q4" else 128.0 if vnni else 0.0
         steps = builder.udiv(nb, ir.Constant(I64, BLOCKS))
         with cgutils.for_range(builder, steps) as loop:
             b = builder.mul(loop.index, ir.Constant(I64, BLOCKS))
-            ints = [[] for _ in range(nt)]  # per token: <8 x i32> partial sums of the step's blocks
-            if kind == "q4":
-                for k in range(BLOCKS // 2):  # pairs of blocks: 32 bytes of nibbles
-                    off = builder.mul(builder.add(b, ir.Constant(I64, 2 * k)), ir.Constant(I64, 16))
-                    nib = _load(builder, crow, off, V32I8)
-                    lo = builder.and_(nib, low4)
-                    hi = builder.and_(builder.lshr(nib, four), low4)
-                    xoff = builder.mul(off, ir.Constant(I64, 2))  # 64 bytes of arranged activations per pair
-                    for j in range(nt):
-                        xlo = _load(builder, xq_rows[j], xoff, V32I8)
-                        xhi = _load(builder, xq_rows[j], builder.add(xoff, ir.Constant(I64, 32)), V32I8)
-                        ints[j].append(_dot_u8s8(builder, vnni, [(lo, xlo), (hi, xhi)]))
-            else:
-                for k in range(BLOCKS):
-                    off = builder.mul(builder.add(b, ir.Constant(I64, k)), ir.Constant(I64, 32))
-                    w = _load(builder, crow, off, V32I8)
-                    if vnni:  # c + 128 as u8; the 128 * sum(xq) it adds is taken off with xsum below
-                        wu = builder.xor(w, _splat(V32I8, 0x80))
+            ints = [[] for _ in range(nt)]  # per token, per pair of blocks: <8 x i32> partial sums
+            for k in range(BLOCKS // 2):
+                pair = builder.add(b, ir.Constant(I64, 2 * k))
+                xoff = builder.mul(pair, ir.Constant(I64, 32))  # 64 bytes of arranged activations per pair
+                if kind == "q4":
+                    nib = _load(builder, crow, builder.mul(pair, ir.Constant(I64, 16)), V32I8)
+                    lo = builder.and_(nib, _splat(V32I8, 0x0F))
+                    hi = builder.and_(builder.lshr(nib, _splat(V32I8, 4)), _splat(V32I8, 0x0F))
+                else:
+                    lo = _concat16(builder, crow, xoff, builder.add(xoff, ir.Constant(I64, 32)))
+                    hi = _concat16(builder, crow, builder.add(xoff, ir.Constant(I64, 16)),
+                                   builder.add(xoff, ir.Constant(I64, 48)))
+                    if vnni:
+                        lo = builder.xor(lo, _splat(V32I8, 0x80))
+                        hi = builder.xor(hi, _splat(V32I8, 0x80))
+                for j in range(nt):
+                    xlo = _load(builder, xq_rows[j], xoff, V32I8)
+                    xhi = _load(builder, xq_rows[j], builder.add(xoff, ir.Constant(I64, 32)), V32I8)
+                    if kind == "q8" and not vnni:  # |c| * sign(xq, c)
+                        pairs = [(_abs8(builder, w), _call(builder, "llvm.x86.avx2.psign.b", V32I8, x, w))
+                                 for w, x in ((lo, xlo), (hi, xhi))]
                     else:
-                        wu = _call(builder, "llvm.abs.v32i8", V32I8, w, ir.Constant(ir.IntType(1), 0))
-                    for j in range(nt):
-                        x = _load(builder, xq_rows[j], off, V32I8)
-                        if not vnni:
-                            x = _call(builder, "llvm.x86.avx2.psign.b", V32I8, x, w)
-                        ints[j].append(_dot_u8s8(builder, vnni, [(wu, x)]))
+                        pairs = [(lo, xlo), (hi, xhi)]
+                    ints[j].append(_dot_u8s8(builder, vnni, pairs, wide=kind == "q8"))
             ws = _row_scales(builder, srow, b, shift)
             xs_off = builder.mul(b, ir.Constant(I64, 4))
-            offset = -8.0 if kind == "q4" else -128.0 if vnni else 0.0  # times sum(xq), per block
             for j in range(nt):
                 if offset:
-                    xsum8 = builder.fmul(_load(builder, xsum_rows[j], xs_off, V8F32), _splat(V8F32, offset))
+                    xsum8 = _load(builder, xsum_rows[j], xs_off, V8F32)
                     builder.store(_fma(builder, ws, xsum8, builder.load(accs[nt + j])), accs[nt + j])
-                isum, order = _per_block(builder, ints[j])
-                d = _lanes(builder, builder.fmul(ws, _load(builder, xs_rows[j], xs_off, V8F32)), order)
-                builder.store(_fma(builder, builder.sitofp(isum, V8F32), d, builder.load(accs[j])), accs[j])
-        fast = ("reassoc", "nsz", "contract")
-        sums = [_hsum(builder, builder.fadd(builder.load(accs[j]), builder.load(accs[nt + j]), flags=fast))
-                for j in range(nt)]
+                d = builder.fmul(ws, _load(builder, xs_rows[j], xs_off, V8F32))
+                isum = builder.sitofp(_per_block(builder, ints[j]), V8F32)
+                builder.store(_fma(builder, isum, d, builder.load(accs[j])), accs[j])
+        sums = []
+        for j in range(nt):
+            total = builder.load(accs[j])
+            if offset:
+                total = _fma(builder, builder.load(accs[nt + j]), _splat(V8F32, -offset), total)
+            sums.append(_hsum(builder, total))
         return context.make_tuple(builder, sig.return_type, sums)
 
-    def typer(typingctx, codes, scales, r, xq, xs, xsum, t0, nb, shift):
-        arrays = (codes, scales, xq, xs, xsum)
+    def typer(typingctx, codes, scales, r, xqa, xs, xsum, t0, nb, shift):
+        arrays = (codes, scales, xqa, xs, xsum)
         if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
             return None
         i64 = types.int64
-        return types.UniTuple(types.float32, nt)(codes, scales, i64, xq, xs, xsum, i64, i64, i64), codegen
+        return types.UniTuple(types.float32, nt)(codes, scales, i64, xqa, xs, xsum, i64, i64, i64), codegen
 
     typer.__name__ = f"{kind}_dot{nt}"
     return intrinsic(typer)
+
+
+def _abs8(builder, v):
+    return _call(builder, "llvm.abs.v32i8", V32I8, v, ir.Constant(ir.IntType(1), 0))
 
 
 q4_dot1 = _make_dot("q4", 1)
