@@ -107,7 +107,8 @@ def test_decode_allocates_nothing(folders):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert out.shape == (1, model.config.vocab_size)
-    assert peak - base < 8 * model.config.hidden_size * 4  # a few small objects, no activation buffer
+    # Python's own small objects (views, lists) come and go; no logits or activation buffer does.
+    assert peak - base < model.config.vocab_size * 4 // 2
 
 
 def test_stats_count_tokens_and_expert_uses(folders):

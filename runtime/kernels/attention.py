@@ -1,6 +1,8 @@
 """Grouped-query attention over a KV cache: causal, sliding-window or chunked, with optional sinks.
 
-One pass per (token, head) with an online softmax, so no score buffer grows with the context.
+Work goes by (token, kv head): the query heads sharing a kv head read each key and value row
+once. Keys come in blocks of BLOCK: their scores, one running-max rescale per block (online
+softmax, so nothing grows with the context), and exponentials in a loop LLVM can vectorize.
 """
 
 from __future__ import annotations
@@ -10,7 +12,34 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from . import FLAGS, PARALLEL
+from . import FASTMATH, FLAGS, PARALLEL
+from .bits import u32_as_f32
+
+BLOCK = 64
+
+# Cephes' expf: exp(x) = 2^n * exp(r), x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-7 polynomial (< 2 ulp).
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_MIN = np.float32(-87.0)  # below this, 2^n would be subnormal: exp(-87) ~ 1.6e-38 stands in for 0
+_P = (np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3),
+      np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1))
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def exp_nonpositive(x):
+    """exp(x) for float32 x <= 0 (-inf included), branch-free so loops over it vectorize."""
+    x = max(x, _EXP_MIN)
+    n = np.floor(x * _LOG2E + np.float32(0.5))
+    r = x - n * _LN2_HI - n * _LN2_LO
+    p = _P[0]
+    p = p * r + _P[1]
+    p = p * r + _P[2]
+    p = p * r + _P[3]
+    p = p * r + _P[4]
+    p = p * r + _P[5]
+    y = p * r * r + r + np.float32(1.0)
+    return y * u32_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
 @njit(**PARALLEL)
@@ -23,48 +52,72 @@ def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, ou
     sinks[h] joins each row of scores as one more logit whose probability is then dropped.
     """
     T, nh, hd = q.shape
-    group = nh // k_cache.shape[0]
-    for th in prange(T * nh):
-        t = th // nh
-        h = th % nh
-        kv = h // group
+    nkv = k_cache.shape[0]
+    group = nh // nkv
+    scale = np.float32(scale)
+    for item in prange(T * nkv):
+        # Alternate early and late tokens, so each thread's contiguous share of a causal prefill is even.
+        r = item // nkv
+        t = r // 2 if r % 2 == 0 else T - 1 - r // 2
+        kv = item % nkv
+        h0 = kv * group
         i = pos0 + t
         start = 0
         if window > 0:
             start = max(0, i - window + 1)
         if chunk > 0:
             start = max(start, (i // chunk) * chunk)
-        acc = out[t, h]
+        qt = np.empty((group, hd), np.float32)  # this token's query heads, contiguous (q may be a strided view)
+        for g in range(group):
+            for d in range(hd):
+                qt[g, d] = q[t, h0 + g, d]
+        p = np.empty((group, BLOCK), np.float32)  # scores, then their exponentials
+        m = np.full(group, -np.inf, np.float32)  # running max per head
+        total = np.zeros(group, np.float32)  # running sum of exponentials per head
+        acc = out[t, h0: h0 + group]  # (group, hd)
         acc[:] = 0.0
-        m = np.float32(-np.inf)
-        total = np.float32(0.0)
-        for j in range(start, i + 1):
-            s = np.float32(0.0)
-            for d in range(hd):
-                s += q[t, h, d] * k_cache[kv, j, d]
-            s *= scale
-            if s > m:
-                c = np.float32(math.exp(m - s))
-                total *= c
+        for j0 in range(start, i + 1, BLOCK):
+            n = min(BLOCK, i + 1 - j0)
+            for g in range(group):
+                qg = qt[g]
+                block_max = m[g]
+                for jj in range(n):
+                    key = k_cache[kv, j0 + jj]
+                    s = np.float32(0.0)
+                    for d in range(hd):
+                        s += qg[d] * key[d]
+                    s *= scale
+                    p[g, jj] = s
+                    block_max = max(block_max, s)
+                c = exp_nonpositive(m[g] - block_max)
+                m[g] = block_max
                 for d in range(hd):
-                    acc[d] *= c
-                m = s
-            p = np.float32(math.exp(s - m))
-            total += p
+                    acc[g, d] *= c
+                block_sum = np.float32(0.0)
+                for jj in range(n):
+                    e = exp_nonpositive(p[g, jj] - block_max)
+                    p[g, jj] = e
+                    block_sum += e
+                total[g] = total[g] * c + block_sum
+            for jj in range(n):
+                value = v_cache[kv, j0 + jj]
+                for g in range(group):
+                    w = p[g, jj]
+                    for d in range(hd):
+                        acc[g, d] += w * value[d]
+        for g in range(group):
+            if use_sinks:
+                s = sinks[h0 + g]
+                if s > m[g]:
+                    c = exp_nonpositive(m[g] - s)
+                    total[g] *= c
+                    for d in range(hd):
+                        acc[g, d] *= c
+                    m[g] = s
+                total[g] += exp_nonpositive(s - m[g])
+            inv = np.float32(1.0) / total[g]
             for d in range(hd):
-                acc[d] += p * v_cache[kv, j, d]
-        if use_sinks:
-            s = sinks[h]
-            if s > m:
-                c = np.float32(math.exp(m - s))
-                total *= c
-                for d in range(hd):
-                    acc[d] *= c
-                m = s
-            total += np.float32(math.exp(s - m))
-        r = np.float32(1.0) / total
-        for d in range(hd):
-            acc[d] *= r
+                acc[g, d] *= inv
 
 
 @njit(**FLAGS)
