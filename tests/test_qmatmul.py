@@ -169,15 +169,15 @@ def _without(features: str, dropped: tuple[str, ...]) -> str:
     return ",".join(("-" + f[1:]) if any(k in f for k in dropped) else f for f in features.split(","))
 
 
-# Other CPUs, emulated by compiling for them: AVX2 without AVX-512/VNNI (the SIMD path's AVX2 code),
-# and a baseline x86-64 (the generic path, integer half conversion).
+# Other CPUs, emulated by compiling for them: AVX2 without AVX-512/VNNI (the x86 path's AVX2 code),
+# and a baseline x86-64 (the portable vector path, as on arm64, and the integer half conversion).
 TARGETS = {
     "avx2-only": ("haswell", lambda f: _without(f, ("avx512", "vnni", "amx", "avx10")), "1"),
-    "generic": ("x86-64", lambda f: "", "0"),
+    "portable": ("x86-64", lambda f: "", "0"),
 }
 
 
-@pytest.mark.skipif(not simd.target_has_simd() or "avx512vnni" not in simd.target_features(),
+@pytest.mark.skipif(not simd.target_has_x86_simd() or "avx512vnni" not in simd.target_features(),
                     reason="emulates smaller x86 CPUs from an AVX-512 VNNI one")
 @pytest.mark.parametrize("target", TARGETS)
 def test_other_cpus_in_a_subprocess(target):
@@ -187,7 +187,7 @@ def test_other_cpus_in_a_subprocess(target):
                MOE_EXPECT_SIMD=expect_simd)
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__, "-k",
-         "target_reports or (twin and (32 or 64)) or linear"],
+         "target_reports or conversion or (twin and (32 or 64)) or linear or thread"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -196,7 +196,7 @@ def test_other_cpus_in_a_subprocess(target):
 
 @pytest.mark.skipif("MOE_EXPECT_SIMD" not in os.environ, reason="run by test_other_cpus_in_a_subprocess")
 def test_target_reports_simd_as_expected():
-    assert simd.target_has_simd() == (os.environ["MOE_EXPECT_SIMD"] == "1")
+    assert simd.target_has_x86_simd() == (os.environ["MOE_EXPECT_SIMD"] == "1")
 
 
 @pytest.mark.parametrize("enc", ["q4", "q8"])

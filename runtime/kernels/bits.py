@@ -65,7 +65,7 @@ def f16_to_f32_exact(h):
     return f
 
 
-def _hardware_half() -> bool:
+def hardware_half() -> bool:
     """Whether the CPU numba compiles for converts half to single in one instruction (x86 F16C, any arm64)."""
     if platform.machine().lower() in ("arm64", "aarch64"):
         return True
@@ -83,7 +83,7 @@ def f16_to_f32(typingctx, h):
     sig = types.float32(h)
 
     def codegen(context, builder, signature, args):
-        if not _hardware_half():
+        if not hardware_half():
             return context.compile_internal(builder, f16_to_f32_exact.py_func, signature, args)
         v = args[0]
         if h.bitwidth > 16:

@@ -7,6 +7,13 @@ out f32 [T, rows]. Quantized weights meet 8-bit activations (`quantize_acts`: on
 Every kernel runs its rows in parallel and, for T > 1, loops over the tokens inside each row, so
 a weight row is read from memory once per call. Each output element is summed by one thread in a
 fixed order: results are bit-identical whatever the thread count.
+
+The quantized products' inner loops are LLVM IR (simd.py): AVX2 / AVX-512 VNNI instructions when
+numba compiles for such an x86 CPU, portable vector IR otherwise. Entry points: `linear` (Python,
+any encoding, with a reusable `Scratch`); the njit-callable `linear_q4` / `linear_q8` (quantize and
+multiply in one call), `prepare_acts` + `matmul_q4_prepared` / `matmul_q8_prepared` (quantize once,
+multiply by several weights), and the interface's `quantize_acts`, `matmul_q4`, `matmul_q8`,
+`matmul_f32`, `matmul_bf16`, `matmul_f16`.
 """
 
 from __future__ import annotations
@@ -112,12 +119,12 @@ def _q8_blocks(crow, srow, per_group, qrow, xsrow, b0, b1):
 
 @njit(**FLAGS)
 def _simd_span(nblocks, per_group):
-    """(blocks the SIMD row step covers, scale index shift): whole steps of 8 blocks when the target has
-    the SIMD kernels and groups span a power of two of blocks; the generic loop takes the rest."""
+    """(blocks the vector row step covers, scale index shift): whole steps of 8 blocks when groups span a
+    power of two of blocks; the scalar loop takes the rest."""
     shift = 0
     while (1 << shift) < per_group:
         shift += 1
-    if not simd.available() or (1 << shift) != per_group:
+    if (1 << shift) != per_group:
         return 0, 0
     return nblocks // simd.BLOCKS * simd.BLOCKS, shift
 
@@ -130,8 +137,8 @@ def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
     """q4 (bits 4) or q8 (bits 8) weights times prepared activations.
 
     Tiles of ROW_TILE rows in parallel; within one, tiles of 4 tokens run over its rows through the
-    SIMD step, single tokens after; then the blocks it leaves (all of them on a target without it)
-    go through the generic loop.
+    vector step (simd.py), single tokens after; then the blocks it leaves (a tail of fewer than 8, or
+    all of them for groups of a non-power-of-two number of blocks) go through the scalar loop.
     """
     rows = codes.shape[0]
     T = xq.shape[0]
@@ -166,9 +173,8 @@ def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
 
 @njit(**FLAGS)
 def _prepare(xq, xs, xqa, xsum):
-    if simd.available():
-        arrange_pairs(xq, xqa)
-        block_sums(xq, xs, xsum)
+    arrange_pairs(xq, xqa)
+    block_sums(xq, xs, xsum)
 
 
 @njit(**FLAGS)

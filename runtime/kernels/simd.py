@@ -36,6 +36,8 @@ from numba import types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
+from .bits import hardware_half
+
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F32, HALF = ir.FloatType(), ir.HalfType()
 V32I8, V16I16, V8I32 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8)
@@ -55,24 +57,15 @@ def has_vnni(features: set[str]) -> bool:
     return {"avx512vnni", "avx512vl"} <= features or "avxvnni" in features
 
 
-def target_has_simd() -> bool:
-    """Whether numba compiles for an x86-64 CPU with AVX2, FMA and F16C (the SIMD kernels' needs).
+def target_has_x86_simd() -> bool:
+    """Whether numba compiles for an x86-64 CPU with AVX2, FMA and F16C: then the x86 instructions are
+    used, else portable LLVM vector IR (NEON on arm64, SSE2 on an old x86), which LLVM lowers itself.
 
-    To run the generic kernels on such a machine, compile for another CPU, e.g. NUMBA_CPU_NAME=x86-64
-    NUMBA_CPU_FEATURES=+64bit,+sse2 (numba keys its cache on the target, so nothing stale is reused).
+    To try the portable path on an AVX2 machine, compile for another CPU, e.g. NUMBA_CPU_NAME=x86-64
+    NUMBA_CPU_FEATURES="" (numba keys its cache on the target, so nothing stale is reused).
     """
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     return x86 and set(_X86_NEEDS) <= target_features()
-
-
-@intrinsic
-def available(typingctx):
-    """In a kernel: a compile-time constant, target_has_simd() for the CPU being compiled for."""
-
-    def codegen(context, builder, sig, args):
-        return ir.Constant(ir.IntType(1), int(target_has_simd()))
-
-    return types.boolean(), codegen
 
 
 def _splat(vty: ir.VectorType, value) -> ir.Constant:
@@ -129,7 +122,26 @@ def _row_scales(builder, srow, b, shift):
     h = builder.phi(V8I16)
     h.add_incoming(whole, whole_block)
     h.add_incoming(gathered, gathered_block)
-    return builder.fpext(builder.bitcast(h, V8HALF), V8F32)
+    return _half_to_float(builder, h)
+
+
+def _half_to_float(builder, h):
+    """<8 x i16> half bits -> <8 x float>: fpext where the CPU converts halves (no libcall), else the
+    integer method of bits.f16_to_f32_exact, lane-wise."""
+    if hardware_half():
+        return builder.fpext(builder.bitcast(h, V8HALF), V8F32)
+    u = builder.zext(h, V8I32)
+    m = builder.shl(builder.and_(u, _splat(V8I32, 0x7FFF)), _splat(V8I32, 13))
+    e = builder.and_(m, _splat(V8I32, 0x7C00 << 13))
+    rebias = _splat(V8I32, (127 - 15) << 23)
+    o = builder.add(m, rebias)
+    o = builder.select(builder.icmp_unsigned("==", e, _splat(V8I32, 0x7C00 << 13)), builder.add(o, rebias), o)
+    sub = builder.icmp_unsigned("==", e, _splat(V8I32, 0))
+    o = builder.select(sub, builder.add(o, _splat(V8I32, 1 << 23)), o)
+    f = builder.bitcast(o, V8F32)
+    f = builder.select(sub, builder.fsub(f, _splat(V8F32, 2.0**-14)), f)
+    sign = builder.shl(builder.and_(u, _splat(V8I32, 0x8000)), _splat(V8I32, 16))
+    return builder.bitcast(builder.or_(builder.bitcast(f, V8I32), sign), V8F32)
 
 
 def _dot_u8s8(builder, vnni: bool, pairs, wide: bool):
@@ -150,6 +162,23 @@ def _dot_u8s8(builder, vnni: bool, pairs, wide: bool):
         sums = [_call(builder, "llvm.x86.avx2.pmadd.wd", V8I32, p, ones) for p in products]
         return builder.add(sums[0], sums[1])
     return _call(builder, "llvm.x86.avx2.pmadd.wd", V8I32, builder.add(products[0], products[1]), ones)
+
+
+def _block_sums_portable(builder, pairs, signed: bool):
+    """Portable IR: <2 x i32>, the sums of the products over the low and the high 16 lanes of the
+    (weights, activations) <32 x i8> pairs; weights are zero-extended (q4 nibbles) or sign-extended.
+    Each lane's two products fit int16 (|15 * 127| or |128 * 127|, twice)."""
+    v32i16 = ir.VectorType(I16, 32)
+    total = None
+    for w, x in pairs:
+        wide = builder.sext(w, v32i16) if signed else builder.zext(w, v32i16)
+        p = builder.mul(wide, builder.sext(x, v32i16))
+        total = p if total is None else builder.add(total, p)
+    sums = []
+    for half in (range(16), range(16, 32)):
+        part = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(I32, 16), list(half)))
+        sums.append(_call(builder, "llvm.vector.reduce.add.v16i32", I32, builder.sext(part, ir.VectorType(I32, 16))))
+    return sums
 
 
 def _phadd(builder, a, b):
@@ -180,13 +209,12 @@ def _make_dot(kind: str, nt: int):
     t0 .. t0+nt-1; blocks [0, nb), nb a multiple of 8; block b's scale is scales[r, b >> shift].
     Each pair of blocks becomes two <32 x i8> weight vectors matching xqa's halves: for q4 one load
     of nibbles, masked (low) and shifted (high); for q8 the blocks' first halves, then their second.
-    On a target without the SIMD instructions it returns zeros (the callers then set nb = 0).
+    Without AVX2 (see target_has_x86_simd) the products are portable vector IR, reduced per block.
     Arrays are taken whole, with the row index, as slicing them per row costs reference counting.
     """
 
     def codegen(context, builder, sig, args):
-        if not target_has_simd():
-            return context.make_tuple(builder, sig.return_type, [ir.Constant(F32, 0.0)] * nt)
+        x86 = target_has_x86_simd()
         codes_t, scales_t, _, xq_t, xs_t, xsum_t = sig.args[:6]
         codes, codes_stride = _bytes(context, builder, codes_t, args[0])
         scales, scales_stride = _bytes(context, builder, scales_t, args[1])
@@ -205,7 +233,7 @@ def _make_dot(kind: str, nt: int):
             xsum_rows.append(builder.gep(xsum, [builder.mul(t, xsum_stride)], inbounds=True))
         # per token: block sums times scales, and scales times xsum (the offset term, scaled at the end)
         accs = [cgutils.alloca_once_value(builder, _splat(V8F32, 0.0)) for _ in range(2 * nt)]
-        vnni = has_vnni(target_features())
+        vnni = x86 and has_vnni(target_features())
         # the weights' offset, times sum(xq) per block: q4 stores n + 8; q8 with VNNI uses c + 128 as u8
         offset = 8.0 if kind == "q4" else 128.0 if vnni else 0.0
         steps = builder.udiv(nb, ir.Constant(I64, BLOCKS))
@@ -229,6 +257,9 @@ def _make_dot(kind: str, nt: int):
                 for j in range(nt):
                     xlo = _load(builder, xq_rows[j], xoff, V32I8)
                     xhi = _load(builder, xq_rows[j], builder.add(xoff, ir.Constant(I64, 32)), V32I8)
+                    if not x86:
+                        ints[j].extend(_block_sums_portable(builder, [(lo, xlo), (hi, xhi)], kind == "q8"))
+                        continue
                     if kind == "q8" and not vnni:  # |c| * sign(xq, c)
                         pairs = [(_abs8(builder, w), _call(builder, "llvm.x86.avx2.psign.b", V32I8, x, w))
                                  for w, x in ((lo, xlo), (hi, xhi))]
@@ -242,7 +273,13 @@ def _make_dot(kind: str, nt: int):
                     xsum8 = _load(builder, xsum_rows[j], xs_off, V8F32)
                     builder.store(_fma(builder, ws, xsum8, builder.load(accs[nt + j])), accs[nt + j])
                 d = builder.fmul(ws, _load(builder, xs_rows[j], xs_off, V8F32))
-                isum = builder.sitofp(_per_block(builder, ints[j]), V8F32)
+                if x86:
+                    isum = _per_block(builder, ints[j])
+                else:
+                    isum = ir.Constant(V8I32, None)
+                    for k, v in enumerate(ints[j]):
+                        isum = builder.insert_element(isum, v, ir.Constant(I32, k))
+                isum = builder.sitofp(isum, V8F32)
                 builder.store(_fma(builder, isum, d, builder.load(accs[j])), accs[j])
         sums = []
         for j in range(nt):
