@@ -55,7 +55,11 @@ def convert(src, out=None, bits: int = 4, group_size: int = 32, revision: str | 
     generation = read_json(source.folder / "generation_config.json") or {}
     arch = arch_registry.for_config(hf)
     with Checkpoint(source.folder) as ckpt:
-        plan = arch.plan(hf, set(ckpt.names()))
+        try:
+            plan = arch.plan(hf, set(ckpt.names()))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MoeError(f"{source.folder / 'config.json'}: malformed ({type(exc).__name__}: {exc}); "
+                           "re-download the model") from None
         cfg = plan.config
         cfg.eos_token_ids = eos_ids(cfg.eos_token_ids, generation.get("eos_token_id"))
         if cfg.bos_token_id is None and isinstance(generation.get("bos_token_id"), int):

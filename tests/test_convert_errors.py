@@ -166,3 +166,10 @@ def test_interrupted_conversion_leaves_nothing(src, tmp_path, monkeypatch, inter
     if isinstance(interrupt, OSError):
         assert "no space left" in str(info.value) and info.value.exit_code == 1
     assert list(tmp_path.iterdir()) == [src]
+
+
+def test_malformed_config_values(src, tmp_path):
+    config = json.loads((src / "config.json").read_text())
+    config["hidden_size"] = "wide"
+    (src / "config.json").write_text(json.dumps(config))
+    fails(src, tmp_path / "out", "config.json: malformed \\(ValueError")

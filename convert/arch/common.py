@@ -111,8 +111,10 @@ def eos_ids(*values) -> list[int]:
     return out
 
 
-def base_config(hf: dict, **kw) -> dict:
-    """The ModelConfig fields every architecture reads the same way."""
+def base_config(hf: dict, *, eps: float = 1e-5, max_positions: int = 4096, head_dim: int | None = None,
+                **kw) -> dict:
+    """The ModelConfig fields every architecture reads the same way; the keyword defaults are transformers'
+    for keys a config.json leaves out (head_dim None: hidden_size / num_attention_heads)."""
     hidden = int(need(hf, "hidden_size"))
     heads = int(need(hf, "num_attention_heads"))
     return dict(
@@ -121,9 +123,9 @@ def base_config(hf: dict, **kw) -> dict:
         vocab_size=int(need(hf, "vocab_size")),
         num_heads=heads,
         num_kv_heads=int(get(hf, "num_key_value_heads", default=heads)),
-        head_dim=int(get(hf, "head_dim", default=hidden // heads)),
-        rms_norm_eps=float(get(hf, "rms_norm_eps", default=1e-5)),
-        max_position_embeddings=int(get(hf, "max_position_embeddings", default=4096)),
+        head_dim=int(get(hf, "head_dim", default=head_dim or hidden // heads)),
+        rms_norm_eps=float(get(hf, "rms_norm_eps", default=eps)),
+        max_position_embeddings=int(get(hf, "max_position_embeddings", default=max_positions)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id") if isinstance(hf.get("bos_token_id"), int) else None,
         eos_token_ids=eos_ids(hf.get("eos_token_id")),

@@ -21,8 +21,8 @@ _ROPE_DEFAULTS = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_
 
 
 def model_config(hf: dict) -> ModelConfig:
-    base = common.base_config(hf, attention_bias=bool(hf.get("attention_bias", True)))
-    base["head_dim"] = int(common.get(hf, "head_dim", default=64))
+    base = common.base_config(hf, head_dim=64, max_positions=131072,
+                              attention_bias=bool(hf.get("attention_bias", True)))
     L = base["num_layers"]
     window = int(common.get(hf, "sliding_window", default=0))
     types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)]

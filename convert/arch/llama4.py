@@ -29,8 +29,8 @@ def text_config(hf: dict) -> dict:
 
 def model_config(hf: dict) -> ModelConfig:
     tc = text_config(hf)
-    base = common.base_config(tc, attention_bias=bool(tc.get("attention_bias", False)))
-    base["head_dim"] = int(common.get(tc, "head_dim", default=128))  # transformers' default, not H / heads
+    base = common.base_config(tc, head_dim=128, max_positions=131072,
+                              attention_bias=bool(tc.get("attention_bias", False)))
     L = base["num_layers"]
     step = int(common.get(tc, "interleave_moe_layer_step", default=1))
     moe_layers = tc.get("moe_layers")

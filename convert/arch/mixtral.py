@@ -12,7 +12,7 @@ MODEL_TYPES = ("mixtral",)
 
 
 def model_config(hf: dict) -> ModelConfig:
-    base = common.base_config(hf)
+    base = common.base_config(hf, max_positions=131072)
     window = hf.get("sliding_window") or 0
     spec = LayerSpec(attention="sliding" if window else "full", window=window)
     return ModelConfig(

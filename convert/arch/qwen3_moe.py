@@ -14,7 +14,8 @@ MODEL_TYPES = ("qwen3_moe",)
 
 
 def model_config(hf: dict) -> ModelConfig:
-    base = common.base_config(hf, attention_bias=bool(hf.get("attention_bias", False)))
+    base = common.base_config(hf, eps=1e-6, max_positions=32768,
+                              attention_bias=bool(hf.get("attention_bias", False)))
     experts = int(common.get(hf, "num_local_experts", "num_experts", default=128))
     step = int(common.get(hf, "decoder_sparse_step", default=1))
     dense = set(hf.get("mlp_only_layers") or [])
