@@ -363,12 +363,13 @@ class Model:
 
 
 def load_model(path, memory_budget=None, threads: int | None = None, max_context: int | None = None,
-               cache_policy: str = "freq", prefetch: bool = True) -> Model:
+               cache_policy: str = "freq", prefetch: bool = True, pin=()) -> Model:
     """Open a converted model (a folder, or a name or Hub id converted before) and map its files; copies no expert.
 
     memory_budget (bytes or text such as "2GB") bounds the expert cache: experts are then paged
     into a fixed pool (cache_policy "freq" or "lru", prefetch of the next layer's predicted
-    experts). Without one, experts come straight from the memory map when the model fits in
+    experts; `pin`: (layer, expert) pairs, hottest first, kept resident while room is left for
+    one layer's top-k). Without one, experts come straight from the memory map when the model fits in
     available RAM, else a budget is chosen (and said on stderr). threads sets numba's thread
     count; max_context sizes the KV cache (default: the model's, at most 4096).
     """
@@ -392,7 +393,7 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
     if memory_budget is None:
         experts: ExpertStore = MappedExperts(layout)
     else:
-        experts = PagedExperts(layout, memory_budget, cache_policy, prefetch)
+        experts = PagedExperts(layout, memory_budget, cache_policy, prefetch, pin)
     model = Model(layout, experts, max_context)
     if kernels.cache_is_cold():
         kernels.announce_compiling()

@@ -79,7 +79,7 @@ def auto_budget(layout: Layout) -> int | None:
 class PagedExperts(ExpertStore):
     """An expert cache of a fixed number of slots, filled from experts.bin on demand and by prefetch."""
 
-    def __init__(self, layout: Layout, budget: int, policy: str = "freq", prefetch: bool = True):
+    def __init__(self, layout: Layout, budget: int, policy: str = "freq", prefetch: bool = True, pin=()):
         super().__init__(layout)
         if policy not in POLICIES:
             raise MoeError(f"cache policy {policy!r} is unknown; choose one of {', '.join(POLICIES)}")
@@ -117,6 +117,11 @@ class PagedExperts(ExpertStore):
         self.wants_prediction = prefetch and self.n_slots > 2 * layout.config["top_k"]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="moe-prefetch") if self.wants_prediction else None
         self.read = os.preadv  # the one read call; tests replace it to read slowly or fail
+        self._resident: set[int] = set()  # slots of pinned experts: read once, never evicted
+        for layer, expert in list(pin)[: max(0, self.n_slots - layout.config["top_k"])]:
+            slot = self._claim(layer, expert)
+            self._fill(slot, layer, expert)
+            self._resident.add(slot)
 
     # -- what the model calls ---------------------------------------------------------------
 
@@ -203,7 +208,7 @@ class PagedExperts(ExpertStore):
 
     def _claim(self, layer: int, expert: int, for_prefetch: bool = False) -> int:
         """Under the lock: a slot for (layer, expert), marked loading; -1 if prefetch finds none it may take."""
-        busy = self._pinned | set(self._loads)
+        busy = self._pinned | self._resident | set(self._loads)
         if for_prefetch:
             busy |= self._protected
         free = np.flatnonzero(self.state == _EMPTY)
