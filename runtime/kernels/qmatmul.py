@@ -59,7 +59,7 @@ def quantize_acts(x, xq, xs):
 
 @njit(**FLAGS)
 def block_sums(xq, xs, xsum):
-    """xsum f32 [T, nblocks] = xs * (sum of xq over each 32-column block): the SIMD kernels' offset term."""
+    """xsum f32 [T, nblocks] = xs * (sum of xq over each 32-column block): the vector kernels' offset term."""
     for t in range(xq.shape[0]):
         qrow = xq[t]
         for b in range(xs.shape[1]):
@@ -72,7 +72,7 @@ def block_sums(xq, xs, xsum):
 @njit(**FLAGS)
 def arrange_pairs(xq, xqa):
     """xqa int8 [T, cols_pad] = xq with each pair of blocks (c0, c1) as [c0[:16], c1[:16], c0[16:], c1[16:]]:
-    the order of one 32-byte load of q4 nibbles (low nibbles, then high nibbles), which the SIMD kernels
+    the order of one 32-byte load of q4 nibbles (low nibbles, then high nibbles), which the vector kernels
     also use for q8; an odd last block stays.
     """
     T, cols_pad = xq.shape
@@ -118,7 +118,7 @@ def _q8_blocks(crow, srow, per_group, qrow, xsrow, b0, b1):
 
 
 @njit(**FLAGS)
-def _simd_span(nblocks, per_group):
+def _vector_span(nblocks, per_group):
     """(blocks the vector row step covers, scale index shift): whole steps of 8 blocks when groups span a
     power of two of blocks; the scalar loop takes the rest."""
     shift = 0
@@ -144,7 +144,7 @@ def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
     T = xq.shape[0]
     nblocks = xs.shape[1]
     per_group = gs // CHUNK
-    nb, shift = _simd_span(nblocks, per_group)
+    nb, shift = _vector_span(nblocks, per_group)
     for tile in prange((rows + ROW_TILE - 1) // ROW_TILE):
         r0 = tile * ROW_TILE
         r1 = min(r0 + ROW_TILE, rows)
@@ -179,7 +179,7 @@ def _prepare(xq, xs, xqa, xsum):
 
 @njit(**FLAGS)
 def prepare_acts(x, xq, xqa, xs, xsum):
-    """quantize_acts, then what the SIMD kernels also read: xqa (arrange_pairs) and xsum (block_sums)."""
+    """quantize_acts, then what the vector kernels also read: xqa (arrange_pairs) and xsum (block_sums)."""
     quantize_acts(x, xq, xs)
     _prepare(xq, xs, xqa, xsum)
 
@@ -199,7 +199,7 @@ def matmul_q8_prepared(codes, scales, gs, xq, xqa, xs, xsum, out):
 @njit(**FLAGS)
 def matmul_q4(codes, scales, gs, xq, xs, out):
     """codes u8 [rows, cols_pad / 2] (nibbles), scales u16 [rows, cols_pad / gs] (f16 bits), xq and xs from
-    quantize_acts. Allocates the SIMD kernel's small buffers; linear() and linear_q4 reuse a Scratch."""
+    quantize_acts. Allocates the vector kernel's small buffers; linear() and linear_q4 reuse a Scratch."""
     xqa = np.empty_like(xq)
     xsum = np.empty_like(xs)
     _prepare(xq, xs, xqa, xsum)

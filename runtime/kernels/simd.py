@@ -1,7 +1,8 @@
-"""Explicit x86 dot products of quantized weight rows with 8-bit activations, as LLVM IR in numba intrinsics.
+"""Vector dot products of quantized weight rows with 8-bit activations, as LLVM IR in numba intrinsics.
 
 Numba's auto-vectorizer finds neither the u8 x s8 multiply-adds nor a way to keep vector
-accumulators across 32-column blocks, so the loop over one weight row is written here as LLVM IR.
+accumulators across 32-column blocks, so the loop over one weight row is written here as LLVM IR:
+x86 instructions on AVX2 CPUs, portable vector IR elsewhere (target_has_x86_simd).
 Each intrinsic takes one row of codes and scales and a tile of NT tokens, walks the row's blocks
 eight at a time (256 columns), and returns the NT dot products over those blocks; the caller adds
 the blocks left over.
