@@ -381,13 +381,13 @@ def _sigterm_as_exit():
 
 def write_layout(out: Path, force: bool, plan: Plan, ckpt: Checkpoint, encodings: dict[str, str], group_size: int,
                  manifest: dict, folder: Path, started: float) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     writer = None
     progress = _Progress(sum(_source_nbytes(ckpt, o) for o in plan.outs()))
     try:
         with _sigterm_as_exit():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             writer = LayoutWriter(tmp)
             errors = _write_tensors(writer, plan, ckpt, encodings, group_size, progress)

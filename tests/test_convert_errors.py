@@ -173,3 +173,11 @@ def test_malformed_config_values(src, tmp_path):
     config["hidden_size"] = "wide"
     (src / "config.json").write_text(json.dumps(config))
     fails(src, tmp_path / "out", "config.json: malformed \\(ValueError")
+
+
+def test_unwritable_output(src, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(MoeError, match="cannot write the converted model") as info:
+        convert(src, blocker / "out")
+    assert info.value.exit_code == 1 and "\n" not in str(info.value)
