@@ -166,7 +166,7 @@ class LayoutWriter:
             checksum = zlib.crc32(memoryview(codes).cast("B"), checksum)
             if p.scales is not None:
                 scales.append(np.ascontiguousarray(p.scales, dtype=np.float16))
-        nbytes, snbytes = _expected_nbytes(entry)
+        nbytes, snbytes = expected_nbytes(entry)
         if f.tell() - entry["offset"] != nbytes:
             raise MoeError(f"tensor {name}: {f.tell() - entry['offset']} bytes of codes for {nbytes}; "
                            "this is a bug in the converter", 1)
@@ -295,7 +295,8 @@ def _view(buf, e: dict, base: int) -> Packed:
     return Packed(enc, shape, codes.reshape(rows, width), scales.reshape(rows, cp // gs), gs)
 
 
-def _expected_nbytes(e: dict) -> tuple[int, int]:
+def expected_nbytes(e: dict) -> tuple[int, int]:
+    """(codes bytes, scales bytes) of a tensor entry; each part starts TENSOR_ALIGN-aligned in its file."""
     enc = e["encoding"]
     shape = e["shape"]
     if enc in _RAW_DTYPES:
@@ -307,7 +308,7 @@ def _expected_nbytes(e: dict) -> tuple[int, int]:
 
 def stored_nbytes(entry: dict) -> int:
     """Bytes a tensor's codes and scales take in its file (alignment padding excluded)."""
-    return sum(_expected_nbytes(entry))
+    return sum(expected_nbytes(entry))
 
 
 def read_manifest(folder: Path) -> dict:
@@ -372,7 +373,7 @@ def _validate(folder: Path, m: dict) -> None:
             gs = _check_int(e["group_size"], f"tensor {name} group_size")
             if len(shape) != 2 or gs == 0 or gs % CHUNK:
                 raise ValueError(f"tensor {name}: bad group size {gs}")
-        nbytes, snbytes = _expected_nbytes(e)
+        nbytes, snbytes = expected_nbytes(e)
         spans = [(e["offset"], nbytes)] + ([(e["scales_offset"], snbytes)] if snbytes else [])
         for off, n in spans:
             _check_int(off, f"tensor {name} offset")
@@ -391,7 +392,7 @@ def _validate(folder: Path, m: dict) -> None:
         key = expert_key(name)
         if key is None:
             continue
-        nbytes, snbytes = _expected_nbytes(e)
+        nbytes, snbytes = expected_nbytes(e)
         ends = [e["offset"] + nbytes] + ([e["scales_offset"] + snbytes] if snbytes else [])
         start, end = runs.get((str(key[0]), key[1]), (None, None))
         if start is None or e["file"] != EXPERTS_FILE or e["offset"] < start or max(ends) > end:
@@ -424,7 +425,7 @@ def verify(folder) -> list[str]:
     problems = []
     for name, e in layout.manifest["tensors"].items():
         buf = layout.maps[e["file"]]
-        nbytes, snbytes = _expected_nbytes(e)
+        nbytes, snbytes = expected_nbytes(e)
         for off, n, key, what in ((e["offset"], nbytes, "crc32", ""), (e.get("scales_offset"), snbytes, "scales_crc32", " scales")):
             if n and crc32(buf[off: off + n]) != e[key]:
                 problems.append(f"{_where(name)}: checksum mismatch in tensor {name}{what}")
