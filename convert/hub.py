@@ -1,21 +1,25 @@
 """SRC of a conversion: a local folder in the Hub layout, or a Hub id fetched through huggingface_hub.
 
 Hub ids go through `snapshot_download`, so its cache, HF_HOME, HF_HUB_CACHE, HF_TOKEN and
-HF_HUB_OFFLINE all apply, and only the files conversion reads are downloaded. Weights must
-be safetensors: pickle files (.bin, .pt) can run code when loaded and are never read.
+HF_HUB_OFFLINE all apply, and only the files conversion reads are downloaded: first the
+config, tokenizer and index, then the shards the index names (all *.safetensors when there
+is no index; repos that also carry `consolidated.safetensors` are not downloaded twice).
+Weights must be safetensors: pickle files (.bin, .pt) can run code when loaded and are never read.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.errors import MoeError
+from .safetensors_io import INDEX
 
-ALLOW_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*",
-                  "generation_config.json", "special_tokens_map.json", "chat_template.jinja"]
+SMALL_FILES = ["config.json", "model.safetensors.index.json", "tokenizer*", "generation_config.json",
+               "special_tokens_map.json", "chat_template.jinja"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -63,7 +67,10 @@ def _download(repo_id: str, revision: str | None) -> Path:
         disable_progress_bars()
     at = f" at revision {revision}" if revision else ""
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SMALL_FILES))
+        weights = _indexed_shards(folder) or ["*.safetensors"]
+        # the second call pins the commit the first one resolved
+        return Path(snapshot_download(repo_id, revision=folder.name, allow_patterns=SMALL_FILES + weights))
     except errors.GatedRepoError:
         raise MoeError(f"{repo_id}: gated on the Hugging Face Hub; accept its terms on huggingface.co/{repo_id} "
                        "and set HF_TOKEN") from None
@@ -83,3 +90,12 @@ def _download(repo_id: str, revision: str | None) -> Path:
     finally:
         if quiet:
             enable_progress_bars()
+
+
+def _indexed_shards(folder: Path) -> list[str] | None:
+    """The shard files model.safetensors.index.json names, None without a readable index."""
+    try:
+        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        return sorted({f for f in weight_map.values() if isinstance(f, str)}) or None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None

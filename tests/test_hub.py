@@ -66,20 +66,25 @@ def test_pickle_only_repo(checkpoint_files):
 
 
 def test_only_the_files_conversion_needs_are_requested(monkeypatch, tmp_path):
-    seen = {}
+    calls = []
+    folder = tmp_path / COMMIT
 
     def fake_download(repo_id, revision=None, allow_patterns=None):
-        seen.update(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
-        folder = tmp_path / "snap"
-        folder.mkdir()
-        (folder / "model.safetensors").write_bytes(b"")
+        calls.append((repo_id, revision, allow_patterns))
+        folder.mkdir(exist_ok=True)
+        index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"")
         return str(folder)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_download)
     source = hub.resolve("org/name", "main")
-    assert source.folder == tmp_path / "snap"
-    assert seen["allow_patterns"] == ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*",
-                                      "generation_config.json", "special_tokens_map.json", "chat_template.jinja"]
+    assert source.folder == folder and source.revision == COMMIT
+    small = ["config.json", "model.safetensors.index.json", "tokenizer*", "generation_config.json",
+             "special_tokens_map.json", "chat_template.jinja"]
+    assert calls == [("org/name", "main", small),
+                     ("org/name", COMMIT, small + ["model-00001-of-00002.safetensors",
+                                                   "model-00002-of-00002.safetensors"])]
 
 
 def http_error(cls, status):
