@@ -8,16 +8,36 @@ from moe.runtime.config import Rope
 from moe.runtime.kernels import rope
 from moe.runtime.kernels.attention import attend, temperature
 from moe.runtime.kernels.embed import embed
+from moe.runtime.kernels.expf import exp32
 from moe.runtime.kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from moe.runtime.kernels.norms import rmsnorm
 from moe.runtime.kernels.routing import group_by_expert, sigmoid_topk, softmax_topk, topk_softmax
 from moe.runtime.layout import Packed, dequantize, pack_q4
+from numba import njit
 
 rng = np.random.default_rng(0)
 
 
 def randn(*shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# -- exp -----------------------------------------------------------------------------------------
+
+@njit
+def exp_all(x, out):
+    for i in range(x.size):
+        out[i] = exp32(x[i])
+
+
+def test_exp32():
+    x = np.concatenate([np.linspace(-87, 88, 400_001), [0.0, -np.inf, np.inf, -1e4, 1e4]]).astype(np.float32)
+    out = np.empty_like(x)
+    exp_all(x, out)
+    inside = slice(0, -5)
+    np.testing.assert_allclose(out[inside], np.exp(x[inside].astype(np.float64)), rtol=2e-7)
+    assert out[-5] == 1.0
+    assert 0 < out[-4] == out[-2] < 2e-38 and np.isfinite(out[-3]) and out[-3] == out[-1]
 
 
 # -- norms -----------------------------------------------------------------------------------------

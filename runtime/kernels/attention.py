@@ -2,7 +2,7 @@
 
 Work goes by (token, kv head): the query heads sharing a kv head read each key and value row
 once. Keys come in blocks of BLOCK: their scores, one running-max rescale per block (online
-softmax, so nothing grows with the context), and exponentials in a loop LLVM can vectorize.
+softmax, so nothing grows with the context), and exponentials in a loop LLVM vectorizes.
 """
 
 from __future__ import annotations
@@ -12,34 +12,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from . import FASTMATH, FLAGS, PARALLEL
-from .bits import u32_as_f32
+from . import FLAGS, PARALLEL
+from .expf import exp32
 
 BLOCK = 64
-
-# Cephes' expf: exp(x) = 2^n * exp(r), x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-7 polynomial (< 2 ulp).
-_LOG2E = np.float32(1.44269504088896341)
-_LN2_HI = np.float32(0.693359375)
-_LN2_LO = np.float32(-2.12194440e-4)
-_EXP_MIN = np.float32(-87.0)  # below this, 2^n would be subnormal: exp(-87) ~ 1.6e-38 stands in for 0
-_P = (np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3),
-      np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1))
-
-
-@njit(cache=True, fastmath=FASTMATH, inline="always")
-def exp_nonpositive(x):
-    """exp(x) for float32 x <= 0 (-inf included), branch-free so loops over it vectorize."""
-    x = max(x, _EXP_MIN)
-    n = np.floor(x * _LOG2E + np.float32(0.5))
-    r = x - n * _LN2_HI - n * _LN2_LO
-    p = _P[0]
-    p = p * r + _P[1]
-    p = p * r + _P[2]
-    p = p * r + _P[3]
-    p = p * r + _P[4]
-    p = p * r + _P[5]
-    y = p * r * r + r + np.float32(1.0)
-    return y * u32_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
 @njit(**PARALLEL)
@@ -89,13 +65,13 @@ def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, ou
                     s *= scale
                     p[g, jj] = s
                     block_max = max(block_max, s)
-                c = exp_nonpositive(m[g] - block_max)
+                c = exp32(m[g] - block_max)
                 m[g] = block_max
                 for d in range(hd):
                     acc[g, d] *= c
                 block_sum = np.float32(0.0)
                 for jj in range(n):
-                    e = exp_nonpositive(p[g, jj] - block_max)
+                    e = exp32(p[g, jj] - block_max)
                     p[g, jj] = e
                     block_sum += e
                 total[g] = total[g] * c + block_sum
@@ -109,12 +85,12 @@ def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, ou
             if use_sinks:
                 s = sinks[h0 + g]
                 if s > m[g]:
-                    c = exp_nonpositive(m[g] - s)
+                    c = exp32(m[g] - s)
                     total[g] *= c
                     for d in range(hd):
                         acc[g, d] *= c
                     m[g] = s
-                total[g] += exp_nonpositive(s - m[g])
+                total[g] += exp32(s - m[g])
             inv = np.float32(1.0) / total[g]
             for d in range(hd):
                 acc[g, d] *= inv

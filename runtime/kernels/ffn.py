@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit
 
 from . import FLAGS
+from .expf import exp32
 
 
 @njit(**FLAGS)
@@ -17,7 +16,7 @@ def swiglu(gate_up, out):
     for r in range(n):
         for i in range(F):
             g = gate_up[r, i]
-            out[r, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * gate_up[r, F + i]
+            out[r, i] = g / (np.float32(1.0) + exp32(-g)) * gate_up[r, F + i]
 
 
 @njit(**FLAGS)
@@ -28,7 +27,7 @@ def swiglu_clamped(gate_up, alpha, limit, out):
         for i in range(F):
             g = min(gate_up[r, i], np.float32(limit))
             u = max(min(gate_up[r, F + i], np.float32(limit)), np.float32(-limit))
-            glu = g / (np.float32(1.0) + np.float32(math.exp(-g * np.float32(alpha))))
+            glu = g / (np.float32(1.0) + exp32(-g * np.float32(alpha)))
             out[r, i] = (u + np.float32(1.0)) * glu
 
 
