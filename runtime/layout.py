@@ -420,22 +420,30 @@ def open_layout(folder) -> Layout:
 
 
 def verify(folder) -> list[str]:
-    """Check every tensor's and every expert run's CRC-32; one line per mismatch, naming layer, expert and tensor."""
-    layout = open_layout(folder)
+    """Check every tensor's and every expert run's CRC-32; one line per mismatch, naming layer, expert and tensor.
+
+    Reads with positioned reads rather than through the memory map, so checking a model bigger than
+    RAM does not make it all resident.
+    """
+    folder = Path(folder)
+    m = read_manifest(folder)
     problems = []
-    for name, e in layout.manifest["tensors"].items():
-        buf = layout.maps[e["file"]]
-        nbytes, snbytes = expected_nbytes(e)
-        for off, n, key, what in ((e["offset"], nbytes, "crc32", ""), (e.get("scales_offset"), snbytes, "scales_crc32", " scales")):
-            if n and crc32(buf[off: off + n]) != e[key]:
-                problems.append(f"{_where(name)}: checksum mismatch in tensor {name}{what}")
-    buf = layout.maps[EXPERTS_FILE]
-    for layer, runs in layout.manifest["experts"].items():
-        for j, r in enumerate(runs):
-            if crc32(buf[r["offset"]: r["offset"] + r["nbytes"]]) != r["crc32"]:
-                if not any(p.startswith(f"layer {layer} expert {j}:") for p in problems):
-                    problems.append(f"layer {layer} expert {j}: checksum mismatch in the run's padding")
-    layout.close()
+    fds = {fname: os.open(folder / fname, os.O_RDONLY) for fname in (MODEL_FILE, EXPERTS_FILE)}
+    try:
+        for name, e in m["tensors"].items():
+            nbytes, snbytes = expected_nbytes(e)
+            spans = ((e["offset"], nbytes, "crc32", ""), (e.get("scales_offset"), snbytes, "scales_crc32", " scales"))
+            for off, n, key, what in spans:
+                if n and crc32(os.pread(fds[e["file"]], n, off)) != e[key]:
+                    problems.append(f"{_where(name)}: checksum mismatch in tensor {name}{what}")
+        for layer, runs in m["experts"].items():
+            for j, r in enumerate(runs):
+                if crc32(os.pread(fds[EXPERTS_FILE], r["nbytes"], r["offset"])) != r["crc32"]:
+                    if not any(p.startswith(f"layer {layer} expert {j}:") for p in problems):
+                        problems.append(f"layer {layer} expert {j}: checksum mismatch in the run's padding")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
     return problems
 
 
