@@ -103,3 +103,26 @@ def test_4bit_logits_follow_16bit(checkpoints, arch, tmp_path):
     q4 = load_model(convert(src, tmp_path / "q4", bits=4)).logits(ids)
     corr = np.corrcoef(exact.ravel(), q4.ravel())[0, 1]
     assert corr > 0.98
+
+
+VARIANTS = {  # what the five base checkpoints leave out
+    "olmoe-clip_qkv": ("olmoe", dict(clip_qkv=0.5)),
+    "mixtral-sliding_window": ("mixtral", dict(sliding_window=8)),
+    "qwen3_moe-tied_embeddings": ("qwen3_moe", dict(tie_word_embeddings=True)),
+    "gpt_oss-f16": ("gpt_oss", dict(dtype="f16")),
+    "llama4-f32": ("llama4", dict(dtype="f32")),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_match_transformers(variant, tmp_path):
+    arch, options = VARIANTS[variant]
+    src = make_checkpoint(arch, tmp_path / "src", **options)
+    ids = prompt_ids()
+    with torch.no_grad():
+        want = reference(src)(torch.from_numpy(ids)[None]).logits[0].numpy()
+    model = load_model(convert(src, tmp_path / "f16", bits=16))
+    assert relative_error(model.logits(ids), want) < 1e-3
+    model.reset()
+    model.forward(ids[:-1])
+    assert relative_error(model.forward(ids[-1:], last_only=True)[0], want[-1]) < 1e-3
