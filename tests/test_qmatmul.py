@@ -104,6 +104,34 @@ def test_quantize_acts_matches_twin(T, cols):
     assert np.abs(xq).max() <= 127
 
 
+def arrange_pairs_twin(xq: np.ndarray) -> np.ndarray:
+    """Each pair of 32-column blocks (c0, c1) as [c0[:16], c1[:16], c0[16:], c1[16:]]; an odd last block stays."""
+    T, cp = xq.shape
+    out = xq.copy()
+    whole = cp // 64 * 64
+    pairs = xq[:, :whole].reshape(T, -1, 2, 2, 16)  # (T, pair, block, half, 16)
+    out[:, :whole] = pairs.transpose(0, 1, 3, 2, 4).reshape(T, whole)
+    return out
+
+
+@pytest.mark.parametrize("T,cols,gs", [(1, 64, 32), (3, 45, 32), (2, 96, 96), (70, 200, 64), (1, 2048, 32)])
+def test_prepare_acts_matches_twin(T, cols, gs):
+    rng = np.random.default_rng(T + cols)
+    x = acts(T, cols, rng)
+    cp = padded_cols(cols, gs)
+    bufs = qmatmul.Scratch(T, cp).acts(T, cp)
+    for b in bufs:
+        b.fill(99)
+    xq, xqa, xs, xsum = bufs
+    qmatmul.prepare_acts(x, xq, xqa, xs, xsum)
+    ref_q, ref_s = quantize_acts_twin(x, cp)
+    assert np.array_equal(xq, ref_q)
+    assert np.array_equal(xs, ref_s)
+    assert np.array_equal(xqa, arrange_pairs_twin(ref_q))
+    sums = ref_q.reshape(T, -1, CHUNK).astype(np.int32).sum(axis=2).astype(np.float32)
+    assert np.array_equal(xsum, sums * ref_s)
+
+
 def _close(got: np.ndarray, ref: np.ndarray, scale: np.ndarray, rtol: float) -> None:
     """|got - ref| within rtol of the sum of |terms| (the natural scale of float rounding in a dot product)."""
     assert got.shape == ref.shape
@@ -156,6 +184,10 @@ def test_linear_dispatch_and_scratch_reuse(enc):
         qmatmul.linear(p, x, out, scratch)
         w = dequantize(p).astype(np.float64)
         _close(out, x @ w.T, np.abs(x) @ np.abs(w).T, 2e-2 if enc[0] == "q" else 1e-5)
+        if enc[0] == "q":  # the activations were quantized exactly as the twin does
+            xq, _, xs, _ = scratch.acts(T, p.codes.shape[1] * (2 if enc == "q4" else 1))
+            ref_q, ref_s = quantize_acts_twin(x, xq.shape[1])
+            assert np.array_equal(xq, ref_q) and np.array_equal(xs, ref_s)
 
 
 def test_scratch_decode_reuses_buffers():

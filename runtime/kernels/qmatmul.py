@@ -27,68 +27,68 @@ from . import FLAGS, PARALLEL, simd
 from .bits import bf16_to_f32, f16_to_f32, u32_as_f32
 
 _QMAX = np.float32(127.0)
+# Whatever quantizes activations compiles without fast-math (inlined code takes its caller's
+# floating-point attributes): x / scale must be the exact division the twin computes.
+EXACT = dict(cache=True, nogil=True, error_model="numpy")
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(**EXACT)
+def _quantize_blocks(x, xq, xs, t, b0, b1):
+    """Blocks [b0, b1) of token t, as quantize_acts says. max |x| is taken over the bits of |x|: an
+    integer max vectorizes, a float max with NaN semantics does not."""
+    cols = x.shape[1]
+    for b in range(b0, b1):
+        lo = b * CHUNK
+        xb = x[t, lo : min(lo + CHUNK, cols)]
+        bits = xb.view(np.uint32)
+        qb = xq[t, lo : lo + CHUNK]
+        amax_bits = np.uint32(0)
+        for i in range(xb.size):
+            amax_bits = max(amax_bits, bits[i] & np.uint32(0x7FFFFFFF))
+        amax = u32_as_f32(amax_bits)
+        scale = amax / _QMAX
+        xs[t, b] = scale
+        div = scale if amax > 0 else np.float32(1.0)
+        for i in range(xb.size):
+            qb[i] = np.int8(np.rint(xb[i] / div))
+        for i in range(xb.size, CHUNK):
+            qb[i] = 0
+
+
+@njit(**EXACT)
 def quantize_acts(x, xq, xs):
     """x f32 [T, cols] -> xq int8 [T, cols_pad], xs f32 [T, cols_pad / 32]: x ~ xq * xs per 32 columns.
 
     scale = max|x| / 127 and xq = round(x / scale) (half to even); padding columns are zero.
-    Exact division, no fast-math: x / scale, as the twin computes it. max |x| is taken over the bits
-    of |x|: an integer max vectorizes, a float max with NaN semantics does not.
     """
-    T, cols = x.shape
-    for t in range(T):
-        for b in range(xq.shape[1] // CHUNK):
-            lo = b * CHUNK
-            xb = x[t, lo : min(lo + CHUNK, cols)]
-            bits = xb.view(np.uint32)
-            qb = xq[t, lo : lo + CHUNK]
-            amax_bits = np.uint32(0)
-            for i in range(xb.size):
-                amax_bits = max(amax_bits, bits[i] & np.uint32(0x7FFFFFFF))
-            amax = u32_as_f32(amax_bits)
-            scale = amax / _QMAX
-            xs[t, b] = scale
-            div = scale if amax > 0 else np.float32(1.0)
-            for i in range(xb.size):
-                qb[i] = np.int8(np.rint(xb[i] / div))
-            for i in range(xb.size, CHUNK):
-                qb[i] = 0
+    for t in range(x.shape[0]):
+        _quantize_blocks(x, xq, xs, t, 0, xq.shape[1] // CHUNK)
 
 
 @njit(**FLAGS)
-def block_sums(xq, xs, xsum):
-    """xsum f32 [T, nblocks] = xs * (sum of xq over each 32-column block): the vector kernels' offset term."""
-    for t in range(xq.shape[0]):
-        qrow = xq[t]
-        for b in range(xs.shape[1]):
-            s = np.int32(0)
-            for i in range(b * CHUNK, (b + 1) * CHUNK):
-                s += np.int32(qrow[i])
-            xsum[t, b] = np.float32(s) * xs[t, b]
-
-
-@njit(**FLAGS)
-def arrange_pairs(xq, xqa):
-    """xqa int8 [T, cols_pad] = xq with each pair of blocks (c0, c1) as [c0[:16], c1[:16], c0[16:], c1[16:]]:
-    the order of one 32-byte load of q4 nibbles (low nibbles, then high nibbles), which the vector kernels
-    also use for q8; an odd last block stays.
-    """
-    T, cols_pad = xq.shape
+def _arrange_block(xq, xqa, t, b):
+    """Block b of token t into xqa, the pair layout the vector kernels read: each pair of blocks (c0, c1)
+    as [c0[:16], c1[:16], c0[16:], c1[16:]], the order of one 32-byte load of q4 nibbles (low nibbles,
+    then high); an odd last block stays as it is."""
     half = CHUNK // 2
-    pairs_end = cols_pad // (2 * CHUNK) * 2 * CHUNK
-    for t in range(T):
-        qrow = xq[t]
-        arow = xqa[t]
-        for base in range(0, pairs_end, 2 * CHUNK):
-            for i in range(half):
-                arow[base + i] = qrow[base + i]
-                arow[base + half + i] = qrow[base + CHUNK + i]
-                arow[base + CHUNK + i] = qrow[base + half + i]
-                arow[base + CHUNK + half + i] = qrow[base + CHUNK + half + i]
-        for i in range(pairs_end, cols_pad):
-            arow[i] = qrow[i]
+    if b == xq.shape[1] // CHUNK - 1 and b % 2 == 0:
+        first = b * CHUNK
+        second = first + half
+    else:
+        first = b // 2 * 2 * CHUNK + b % 2 * half
+        second = first + CHUNK
+    for i in range(half):
+        xqa[t, first + i] = xq[t, b * CHUNK + i]
+        xqa[t, second + i] = xq[t, b * CHUNK + half + i]
+
+
+@njit(**FLAGS)
+def _sum_block(xq, xs, xsum, t, b):
+    """xsum[t, b] = xs * (the sum of xq over block b): the vector kernels' offset term."""
+    s = np.int32(0)
+    for i in range(b * CHUNK, (b + 1) * CHUNK):
+        s += np.int32(xq[t, i])
+    xsum[t, b] = np.float32(s) * xs[t, b]
 
 
 @njit(**FLAGS)
@@ -173,15 +173,29 @@ def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
 
 @njit(**FLAGS)
 def _prepare(xq, xs, xqa, xsum):
-    arrange_pairs(xq, xqa)
-    block_sums(xq, xs, xsum)
+    for t in range(xq.shape[0]):
+        for b in range(xs.shape[1]):
+            _arrange_block(xq, xqa, t, b)
+            _sum_block(xq, xs, xsum, t, b)
 
 
-@njit(**FLAGS)
+@njit(**EXACT)
 def prepare_acts(x, xq, xqa, xs, xsum):
-    """quantize_acts, then what the vector kernels also read: xqa (arrange_pairs) and xsum (block_sums)."""
-    quantize_acts(x, xq, xs)
-    _prepare(xq, xs, xqa, xsum)
+    """quantize_acts, and what the vector kernels also read: xqa (_arrange_block) and xsum (_sum_block).
+
+    Whole blocks in one vector pass each (simd.quantize_block); a last partial block and padding
+    blocks through the scalar code.
+    """
+    T, cols = x.shape
+    nblocks = xs.shape[1]
+    full = cols // CHUNK
+    for t in range(T):
+        for b in range(full):
+            simd.quantize_block(x, xq, xqa, xs, xsum, t, b, b == nblocks - 1 and b % 2 == 0)
+        _quantize_blocks(x, xq, xs, t, full, nblocks)
+        for b in range(full, nblocks):
+            _arrange_block(xq, xqa, t, b)
+            _sum_block(xq, xs, xsum, t, b)
 
 
 @njit(**FLAGS)
@@ -196,7 +210,7 @@ def matmul_q8_prepared(codes, scales, gs, xq, xqa, xs, xsum, out):
     _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 8)
 
 
-@njit(**FLAGS)
+@njit(**EXACT)
 def matmul_q4(codes, scales, gs, xq, xs, out):
     """codes u8 [rows, cols_pad / 2] (nibbles), scales u16 [rows, cols_pad / gs] (f16 bits), xq and xs from
     quantize_acts. Allocates the vector kernel's small buffers; linear() and linear_q4 reuse a Scratch."""
@@ -206,7 +220,7 @@ def matmul_q4(codes, scales, gs, xq, xs, out):
     _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 4)
 
 
-@njit(**FLAGS)
+@njit(**EXACT)
 def matmul_q8(codes, scales, gs, xq, xs, out):
     """codes i8 [rows, cols_pad], scales u16 [rows, cols_pad / gs] (f16 bits), xq and xs from quantize_acts."""
     xqa = np.empty_like(xq)
@@ -215,14 +229,14 @@ def matmul_q8(codes, scales, gs, xq, xs, out):
     _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 8)
 
 
-@njit(**FLAGS)
+@njit(**EXACT)
 def linear_q4(codes, scales, gs, x, xq, xqa, xs, xsum, out):
     """One compiled call: prepare_acts(x) into the given buffers, then the q4 product."""
     prepare_acts(x, xq, xqa, xs, xsum)
     _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 4)
 
 
-@njit(**FLAGS)
+@njit(**EXACT)
 def linear_q8(codes, scales, gs, x, xq, xqa, xs, xsum, out):
     """One compiled call: prepare_acts(x) into the given buffers, then the q8 product."""
     prepare_acts(x, xq, xqa, xs, xsum)

@@ -18,7 +18,7 @@ when the target has it). Horizontal adds fold the int32 partial sums of eight bl
 holding a whole block per lane, converted once to float and multiplied by w_b * x_b into a vector
 accumulator; the accumulator is reduced once per row.
 
-Activations come arranged (see qmatmul.arrange_pairs): for each pair of blocks (c0, c1), 64 bytes
+Activations come arranged (see qmatmul._arrange_block): for each pair of blocks (c0, c1), 64 bytes
 [c0[0:16], c1[0:16], c0[16:32], c1[16:32]], so one 32-byte load of q4 nibbles (c0's 16 bytes, then
 c1's), masked and shifted, meets the activations of its low and of its high nibbles; q8 weights are
 gathered in the same order (two 16-byte loads per vector).
@@ -299,6 +299,54 @@ def _make_dot(kind: str, nt: int):
 
     typer.__name__ = f"{kind}_dot{nt}"
     return intrinsic(typer)
+
+
+@intrinsic
+def quantize_block(typingctx, x, xq, xqa, xs, xsum, t, b, odd_last):
+    """Quantize block b (32 whole columns) of token t: xq[t] natural, xqa[t] in the pair layout (as
+    itself when `odd_last`: the last block, without a partner), xs[t, b] = max|x| / 127,
+    xsum[t, b] = xs * sum(xq). Exactly qmatmul.quantize_acts's arithmetic (no fast-math), in vectors.
+    """
+    arrays = (x, xq, xqa, xs, xsum)
+    if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
+        return None
+    sig = types.void(x, xq, xqa, xs, xsum, types.int64, types.int64, types.boolean)
+
+    def codegen(context, builder, sig, args):
+        v32f, v32i32 = ir.VectorType(F32, 32), ir.VectorType(I32, 32)
+        rows = [_bytes(context, builder, ty, v) for ty, v in zip(sig.args[:5], args[:5], strict=True)]
+        t, b, odd_last = args[5], args[6], args[7]
+        xrow, qrow, arow, srow, sumrow = (builder.gep(base, [builder.mul(t, stride)], inbounds=True)
+                                          for base, stride in rows)
+        xv = _load(builder, xrow, builder.mul(b, ir.Constant(I64, 128)), v32f)
+        bits = builder.and_(builder.bitcast(xv, v32i32), _splat(v32i32, 0x7FFFFFFF))
+        amax = builder.bitcast(_call(builder, "llvm.vector.reduce.umax.v32i32", I32, bits), F32)
+        scale = builder.fdiv(amax, ir.Constant(F32, 127.0))
+        div = builder.select(builder.fcmp_ordered(">", amax, ir.Constant(F32, 0.0)), scale, ir.Constant(F32, 1.0))
+        divv = builder.insert_element(ir.Constant(v32f, None), div, ir.Constant(I32, 0))
+        divv = builder.shuffle_vector(divv, divv, ir.Constant(v32i32, [0] * 32))
+        q = builder.fptosi(_call(builder, "llvm.rint.v32f32", v32f, builder.fdiv(xv, divv)), V32I8)
+        qsum = _call(builder, "llvm.vector.reduce.add.v32i32", I32, builder.sext(q, v32i32))
+        off4 = builder.mul(b, ir.Constant(I64, 4))
+        builder.store(scale, builder.bitcast(builder.gep(srow, [off4], inbounds=True), F32.as_pointer()))
+        builder.store(builder.fmul(builder.sitofp(qsum, F32), scale),
+                      builder.bitcast(builder.gep(sumrow, [off4], inbounds=True), F32.as_pointer()))
+        off = builder.mul(b, ir.Constant(I64, 32))
+        _store(builder, qrow, off, q)
+        # pair layout: block 2p + h -> [p*64 + h*16 : +16] its first half, [p*64 + 32 + h*16 : +16] its second
+        h16 = builder.mul(builder.and_(b, ir.Constant(I64, 1)), ir.Constant(I64, 16))
+        first = builder.add(builder.mul(builder.lshr(b, ir.Constant(I64, 1)), ir.Constant(I64, 64)), h16)
+        first = builder.select(odd_last, off, first)
+        second = builder.add(first, builder.select(odd_last, ir.Constant(I64, 16), ir.Constant(I64, 32)))
+        for at, lanes in ((first, range(16)), (second, range(16, 32))):
+            _store(builder, arow, at, builder.shuffle_vector(q, q, ir.Constant(ir.VectorType(I32, 16), list(lanes))))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _store(builder, base, offset, value):
+    builder.store(value, builder.bitcast(builder.gep(base, [offset], inbounds=True), value.type.as_pointer()), align=1)
 
 
 def _abs8(builder, v):
