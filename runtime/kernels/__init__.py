@@ -23,9 +23,10 @@ def _cache_dir() -> Path:
 os.environ.setdefault("NUMBA_CACHE_DIR", str(_cache_dir()))
 
 # Safe fast-math: reassociation and contraction let LLVM vectorize reductions; no
-# nnan/ninf, so infinities and NaNs keep their meaning.
+# nnan/ninf, so infinities and NaNs keep their meaning. error_model "numpy": x / 0 gives
+# inf or nan instead of a ZeroDivisionError check, whose branch stops vectorization.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
-FLAGS = dict(cache=True, fastmath=FASTMATH, nogil=True)  # serial kernels
+FLAGS = dict(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")  # serial kernels
 PARALLEL = dict(FLAGS, parallel=True)  # kernels with a prange worth spreading over threads
 
 _announced = False
