@@ -364,8 +364,9 @@ def _source_nbytes(ckpt: Checkpoint, o: Out) -> int:
 
 @contextmanager
 def _sigterm_as_exit():
-    """SIGTERM raises SystemExit (so cleanup runs) instead of killing the process outright."""
-    if threading.current_thread() is not threading.main_thread():
+    """SIGTERM raises SystemExit (so cleanup runs) instead of killing the process outright; a handler already
+    in place (the CLI's, which says "terminated") is kept."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
 

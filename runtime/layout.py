@@ -356,10 +356,12 @@ def _validate(folder: Path, m: dict) -> None:
     for fname in (MODEL_FILE, EXPERTS_FILE):
         declared = _check_int(m["files"][fname]["size"], f"files.{fname}.size")
         actual = (folder / fname).stat().st_size if (folder / fname).is_file() else None
+        # damage on disk is a runtime failure (exit 1), as a checksum mismatch is
         if actual is None:
-            raise MoeError(f"{folder / fname}: missing; reconvert the model")
+            raise MoeError(f"{folder / fname}: missing; reconvert the model", 1)
         if actual != declared:
-            raise MoeError(f"{folder / fname}: {actual} bytes, the manifest says {declared}; the file is truncated or altered, reconvert")
+            raise MoeError(f"{folder / fname}: {actual} bytes, the manifest says {declared}; the file is truncated or "
+                           "altered, reconvert", 1)
         sizes[fname] = actual
     for name, e in m["tensors"].items():
         if e["file"] not in sizes:
