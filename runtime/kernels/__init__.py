@@ -3,24 +3,40 @@
 This package is imported before numba anywhere in moe: it points NUMBA_CACHE_DIR under
 the user's cache (unless already set) and holds the numba flags every kernel uses, so
 compiled kernels are cached on disk and only the very first run compiles them.
+
+numba checks a cached function against its own file only, not against the flags or inlined
+helpers it takes from other files; so the cache folder is named after a hash of numba's
+version and every kernel source, and any change compiles afresh instead of reusing stale code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from importlib import metadata
 from pathlib import Path
 
 
-def _cache_dir() -> Path:
+def _cache_root() -> Path:
     home = os.environ.get("MOE_HOME")
     base = Path(home).expanduser() if home else Path.home() / ".cache" / "moe"
     return base / "numba-cache"
 
 
-os.environ.setdefault("NUMBA_CACHE_DIR", str(_cache_dir()))
+def _sources_hash() -> str:
+    h = hashlib.sha256(metadata.version("numba").encode())
+    for src in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
+    return h.hexdigest()[:16]
+
+
+SOURCES_HASH = _sources_hash()
+_OWN_CACHE = "NUMBA_CACHE_DIR" not in os.environ  # a folder the user chose is left as it is
+if _OWN_CACHE:
+    os.environ["NUMBA_CACHE_DIR"] = str(_cache_root() / SOURCES_HASH)
 
 # Safe fast-math: reassociation and contraction let LLVM vectorize reductions; no
 # nnan/ninf, so infinities and NaNs keep their meaning. error_model "numpy": x / 0 gives
@@ -33,12 +49,7 @@ _announced = False
 
 
 def _marker() -> Path:
-    """A file in the cache whose name changes with numba's version and our kernels' sources."""
-    h = hashlib.sha256(metadata.version("numba").encode())
-    for src in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(src.name.encode())
-        h.update(src.read_bytes())
-    return Path(os.environ["NUMBA_CACHE_DIR"]) / f"moe-kernels-{h.hexdigest()[:16]}.ok"
+    return Path(os.environ["NUMBA_CACHE_DIR"]) / f"moe-kernels-{SOURCES_HASH}.ok"
 
 
 def cache_is_cold() -> bool:
@@ -55,10 +66,17 @@ def announce_compiling() -> None:
 
 
 def mark_cache_warm() -> None:
-    """Record that the kernels are compiled and cached; silently skipped when the cache is read-only."""
+    """Record that the kernels are compiled and cached, and drop caches of other versions.
+
+    Silently skipped when the cache is read-only.
+    """
     marker = _marker()
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
     except OSError:
-        pass
+        return
+    if _OWN_CACHE:
+        for old in _cache_root().iterdir():
+            if old.is_dir() and old.name != SOURCES_HASH:
+                shutil.rmtree(old, ignore_errors=True)
