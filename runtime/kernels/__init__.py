@@ -6,7 +6,7 @@ compiled kernels are cached on disk and only the very first run compiles them.
 
 numba checks a cached function against its own file only, not against the flags or inlined
 helpers it takes from other files; so the cache folder is named after a hash of numba's
-version and every kernel source, and any change compiles afresh instead of reusing stale code.
+version and every kernel source (and the layout's constants), and any change compiles afresh instead of reusing stale code.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ def _cache_root() -> Path:
 
 
 def _sources_hash() -> str:
+    here = Path(__file__).parent
     h = hashlib.sha256(metadata.version("numba").encode())
-    for src in sorted(Path(__file__).parent.glob("*.py")):
+    for src in sorted(here.glob("*.py")) + [here.parent / "layout.py"]:  # kernels read layout's CHUNK
         h.update(src.name.encode())
         h.update(src.read_bytes())
     return h.hexdigest()[:16]
