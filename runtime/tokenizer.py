@@ -157,5 +157,5 @@ def render_chat_template(template: str, messages: list[dict], **variables) -> st
         raise MoeError(f"chat template: syntax error on line {exc.lineno}: {exc.message}") from None
     except jinja2.TemplateError as exc:
         raise MoeError(f"chat template: {exc}") from None
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, RecursionError) as exc:
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ArithmeticError, MemoryError, RecursionError) as exc:
         raise MoeError(f"chat template failed: {type(exc).__name__}: {exc}") from None
