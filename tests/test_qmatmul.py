@@ -14,7 +14,8 @@ from moe.runtime.layout import CHUNK, Packed, dequantize, pack_q4, padded_cols
 from numba import njit
 from numba.core.codegen import get_host_cpu_features
 
-SHAPES = [(1, 32, 1), (3, 40, 2), (37, 96, 1), (64, 200, 5), (130, 256, 70), (5, 1000, 3), (17, 64, 64)]
+SHAPES = [(1, 32, 1), (3, 40, 2), (37, 96, 1), (64, 200, 5), (130, 256, 70), (5, 1000, 3), (17, 64, 64),
+          (9, 400, 6), (33, 2048, 1)]  # 400: 8 blocks by vector, 5 by the scalar tail
 
 
 def make_packed(enc: str, rows: int, cols: int, gs: int, rng) -> Packed:
