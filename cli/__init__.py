@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, convert, info, list_, perplexity, run, verify
+from . import bench, convert, info, list_, perplexity, plan, run, verify
 from .errors import execute
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app.command("perplexity", epilog=perplexity.EXAMPLE)(perplexity.perplexity)
 app.command("info", epilog=info.EXAMPLE)(info.info)
 app.command("list", epilog=list_.EXAMPLE)(list_.list_models)
 app.command("verify", epilog=verify.EXAMPLE)(verify.verify)
+app.command("plan", epilog=plan.EXAMPLE)(plan.plan)
 
 
 def _print_version(value: bool) -> None:

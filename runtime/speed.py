@@ -1,0 +1,335 @@
+"""Predicted decode speed on this machine, from short measurements cached under moe_home().
+
+Decode time per token = fixed cost + weight bytes / kernel rate + expert misses x miss cost:
+
+- the fixed cost (Python, kernel calls, routing) is measured on a miniature of the planned
+  model: same architecture, layers, experts and top-k, every width shrunk to a few dozen, random
+  weights; its own few weight bytes are taken back out;
+- weight bytes touched per token (plan.figures) are read at the rate our matrix-vector kernels
+  reach on matrices that do not fit in the CPU caches, per encoding (q4, q8, ...); the plain memory
+  bandwidth (numpy sum) is measured beside it for reference;
+- under a budget, a miss reads one expert run: from the page cache (a copy) when experts.bin fits in
+  the RAM left over, else from disk (measured with O_DIRECT, or after dropping the file's pages);
+  plus the paging path's own cost per miss, measured on the miniature at its minimum budget.
+
+Hit rate under a budget holding a fraction f of all experts (slots / (MoE layers x experts)),
+fitted to the default expert cache (frequency policy) decoding real text with the trained models
+of shared/models:  hit(f) = 1 - (1 - f) ** HIT_EXPONENT.  Per model the exponent was 2.7 (tinymix,
+top-2 of 8), 2.55 (tinyqwen3moe, top-4 of 32), 2.4 (tinyllama4, top-1 of 8), 1.8 (tinygptoss, top-4
+of 16, the most even load); uniform independent routing would give 1 (hit = f).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..convert.safetensors_io import TensorInfo
+from .errors import MoeError
+from .home import moe_home
+from .layout import CHUNK, LayoutWriter, Packed, padded_cols
+from .units import format_size
+
+HIT_EXPONENT = 2.35  # mean of the four trained models' fits (see above)
+MACHINE_FILE = "machine.json"
+OVERHEAD_FILE = "plan-overheads.json"
+VERSION = 1
+BANDWIDTH_BYTES = 256 << 20  # numpy sum over this much memory
+MATVEC_BYTES = 128 << 20  # weights cycled through per encoding, well beyond the CPU caches
+MATRIX_BYTES = 8 << 20  # one matrix of that set: its rows are a layer's, its calls few
+DISK_BYTES = 256 << 20  # the temporary file read back for the disk rate
+READ_CHUNK = 4 << 20  # expert-run-sized reads
+ENCODINGS = ("q4", "q8", "bf16", "f16", "f32")
+MINI_WIDTHS = {"hidden_size": 64, "head_dim": 16, "vocab_size": 256, "intermediate_size": 32,
+               "moe_intermediate_size": 32, "intermediate_size_mlp": 32, "shared_expert_intermediate_size": 32}
+MINI_TOKENS = 48
+
+
+def hit_rate(fraction: float) -> float:
+    """Expected expert-cache hit rate when the budget holds `fraction` of all experts (the formula above)."""
+    f = min(max(fraction, 0.0), 1.0)
+    return 1.0 - (1.0 - f) ** HIT_EXPONENT
+
+
+# ---- the machine: bandwidth, kernel rates, read rates
+
+
+def machine(remeasure: bool = False, say=None) -> dict:
+    """This machine's rates (bytes/s), measured once per thread count and cached in moe_home()/machine.json."""
+    import numba
+
+    path = moe_home() / MACHINE_FILE
+    threads = numba.get_num_threads()
+    cached = _read_json(path)
+    if not remeasure and cached.get("version") == VERSION and cached.get("threads") == threads:
+        return cached
+    if say:
+        say("measuring this machine's memory bandwidth, kernel and disk speeds (once; cached)...")
+    folder = moe_home()
+    folder.mkdir(parents=True, exist_ok=True)
+    cached_read, disk_read = read_rates(folder)
+    m = {
+        "version": VERSION,
+        "threads": threads,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "memory_bandwidth": memory_bandwidth(),
+        "matvec": {enc: matvec_rate(enc) for enc in ENCODINGS},
+        "cached_read": cached_read,
+        "disk_read": disk_read,
+    }
+    _write_json(path, m)
+    return m
+
+
+def memory_bandwidth(nbytes: int = BANDWIDTH_BYTES) -> float:
+    """Bytes/s numpy sums a float64 array that no cache holds (best of three)."""
+    a = np.ones(nbytes // 8)
+    return nbytes / _best(lambda: a.sum(), 3)
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def random_packed(encoding: str, shape: tuple[int, ...], group_size: int, rng: np.random.Generator) -> Packed:
+    """A tensor of random values in `encoding` (small, so activations stay finite)."""
+    if len(shape) == 1 or encoding in ("f32", "bf16", "f16"):
+        values = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+        if encoding == "bf16":
+            return Packed("bf16", shape, (values.view(np.uint32) >> 16).astype(np.uint16))
+        return Packed(encoding, shape, values.astype(np.float16) if encoding == "f16" else values)
+    rows, cols = shape
+    cp = padded_cols(cols, group_size)
+    scales = np.full((rows, cp // group_size), 0.01, np.float16)
+    if encoding == "q8":
+        return Packed("q8", shape, rng.integers(-8, 8, (rows, cp), dtype=np.int8), scales, group_size)
+    return Packed("q4", shape, rng.integers(0, 256, (rows, cp // 2), dtype=np.uint8), scales, group_size)
+
+
+def matvec_rate(encoding: str, total: int = MATVEC_BYTES, matrix: int = MATRIX_BYTES) -> float:
+    """Weight bytes/s our kernels read in decode (one token), cycling through matrices that miss the caches."""
+    from .kernels.qmatmul import Scratch, linear
+
+    cols = 4096
+    bytes_per_row = {"q4": cols // 2 + 2 * cols // CHUNK, "q8": cols + 2 * cols // CHUNK,
+                     "bf16": 2 * cols, "f16": 2 * cols, "f32": 4 * cols}[encoding]
+    rows = max(1, matrix // bytes_per_row)
+    rng = np.random.default_rng(0)
+    weights = [random_packed(encoding, (rows, cols), CHUNK, rng) for _ in range(max(1, total // matrix))]
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    out = np.zeros((1, rows), np.float32)
+    scratch = Scratch()
+    linear(weights[0], x, out, scratch)  # compiled, buffers grown
+
+    def sweep():
+        for w in weights:
+            linear(w, x, out, scratch)
+
+    return sum(w.nbytes for w in weights) / _best(sweep, 3)
+
+
+def read_rates(folder: Path, nbytes: int = DISK_BYTES) -> tuple[float, float]:
+    """(page-cache, disk) read rates in bytes/s, reading a temporary file in `folder` READ_CHUNK at a time."""
+    fd, name = tempfile.mkstemp(prefix=".moe-read-", dir=folder)
+    try:
+        block = np.random.default_rng(0).integers(0, 256, READ_CHUNK, dtype=np.uint8).tobytes()
+        for _ in range(max(1, nbytes // READ_CHUNK)):
+            os.write(fd, block)
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        buf = mmap.mmap(-1, READ_CHUNK)  # page-aligned, as O_DIRECT wants
+        cached = size / _best(lambda: _read_all(fd, buf, size), 2)
+        disk = _disk_rate(name, fd, buf, size)
+        buf.close()
+        return cached, disk
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def _read_all(fd: int, buf, size: int) -> None:
+    view = memoryview(buf)
+    for offset in range(0, size, READ_CHUNK):
+        os.preadv(fd, [view], offset)
+
+
+def _disk_rate(name: str, fd: int, buf, size: int) -> float:
+    """Bytes/s from the device: O_DIRECT where the file system allows it, else after dropping the file's pages."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            dfd = os.open(name, os.O_RDONLY | direct)
+        except OSError:
+            dfd = -1
+        if dfd >= 0:
+            try:
+                start = time.perf_counter()
+                _read_all(dfd, buf, size)
+                return size / (time.perf_counter() - start)
+            except OSError:
+                pass
+            finally:
+                os.close(dfd)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    start = time.perf_counter()
+    _read_all(fd, buf, size)
+    return size / (time.perf_counter() - start)
+
+
+# ---- the miniature: fixed cost per token and per miss
+
+
+def mini_config(hf: dict) -> dict:
+    """hf's config with every width shrunk (MINI_WIDTHS); layers, heads, experts and top-k unchanged.
+    A multimodal config keeps only its text part."""
+    if isinstance(hf.get("text_config"), dict):
+        text = hf["text_config"]
+        hf = {**text, "architectures": hf.get("architectures"), "model_type": text.get("model_type")}
+    return {**hf, **{k: v for k, v in MINI_WIDTHS.items() if k in hf or k in ("hidden_size", "head_dim")}}
+
+
+def overhead(hf: dict, bits: int, group_size: int = 32, remeasure: bool = False, say=None) -> dict:
+    """The miniature's decode seconds per token (experts mapped), per expert miss (paging), and its bytes
+    touched per token by encoding; cached in moe_home() by architecture and geometry."""
+    import numba
+
+    mini = mini_config(hf)
+    key = json.dumps({"config": mini, "bits": bits, "group_size": group_size, "threads": numba.get_num_threads(),
+                      "version": VERSION}, sort_keys=True)
+    path = moe_home() / OVERHEAD_FILE
+    cache = _read_json(path)
+    if not remeasure and key in cache:
+        return cache[key]
+    rates = machine(say=say)
+    if say:
+        say("timing a miniature of this model on this machine (once per architecture; cached)...")
+    moe_home().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".moe-mini-", dir=moe_home()) as tmp:
+        fig = write_miniature(mini, bits, group_size, Path(tmp))
+        decode_s, _ = _time_decode(Path(tmp), None)
+        paged_s, misses = _time_decode(Path(tmp), fig["min_budget_bytes"])
+    read_s = fig["expert_run_bytes"] / rates["cached_read"]
+    entry = {
+        "decode_s": decode_s,
+        "miss_s": max(0.0, (paged_s - decode_s) / max(misses, 1e-9) - read_s),
+        "bytes_per_token_by_encoding": fig["bytes_per_token_by_encoding"],
+    }
+    cache = _read_json(path)
+    cache[key] = entry
+    _write_json(path, cache)
+    return entry
+
+
+class _SixteenBitSource:
+    """Stands for a checkpoint whose every tensor is bf16: what encoding_for asks of one."""
+
+    def info(self, name: str) -> TensorInfo:
+        return TensorInfo(name, "BF16", (), 0, 0, Path(name))
+
+
+def write_miniature(mini: dict, bits: int, group_size: int, folder: Path) -> dict:
+    """A converted layout of random weights for the config `mini`, in the converter's encodings; its plan.sizes."""
+    from ..convert import arch as arch_registry
+    from ..convert.arch.common import Run
+    from ..convert.converter import encoding_for
+    from .plan import sizes
+
+    p = arch_registry.for_config(mini).plan(mini, set())
+    encodings = {o.name: encoding_for(o, _SixteenBitSource(), bits) for o in p.outs()}
+    rng = np.random.default_rng(0)
+    writer = LayoutWriter(folder)
+    try:
+        for item in p.items:
+            if isinstance(item, Run):
+                writer.begin_expert(item.layer, item.expert)
+            for o in item.outs if isinstance(item, Run) else (item,):
+                writer.add(o.name, random_packed(encodings[o.name], o.shape, group_size, rng))
+            if isinstance(item, Run):
+                writer.end_expert()
+        writer.finish({"architecture": p.config.architecture, "config": p.config.to_dict()})
+    except BaseException:
+        writer.abort()
+        raise
+    return sizes(p, encodings, group_size)
+
+
+def _time_decode(folder: Path, budget: int | None) -> tuple[float, float]:
+    """(median seconds per decoded token, expert misses per token) of the miniature at `folder`."""
+    from .model import load_model
+
+    model = load_model(folder, memory_budget=budget, max_context=MINI_TOKENS + 8, prefetch=False)
+    try:
+        ids = np.random.default_rng(0).integers(0, model.config.vocab_size, MINI_TOKENS, dtype=np.int64)
+        model.forward(ids[:4], last_only=True)
+        model.experts.reset_counters()
+        times = []
+        for i in range(4, MINI_TOKENS):
+            start = time.perf_counter()
+            model.forward(ids[i: i + 1], last_only=True)
+            times.append(time.perf_counter() - start)
+        misses = int(model.experts.misses.sum()) / len(times)
+    finally:
+        model.close()
+    return float(np.median(times)), misses
+
+
+# ---- the prediction
+
+
+def predict(fig: dict, rates: dict, mini: dict, budget: int | None = None, available: int | None = None) -> dict:
+    """Decode tokens/s for the planned model: experts in RAM (budget None) or paged under `budget` bytes.
+
+    `available`: RAM the OS could give (for where misses come from: page cache or disk).
+    """
+    seconds = mini["decode_s"]
+    for enc, nbytes in fig["bytes_per_token_by_encoding"].items():
+        extra = nbytes - mini["bytes_per_token_by_encoding"].get(enc, 0)
+        seconds += max(0, extra) / rates["matvec"][enc]
+    result = {"decode_tok_s": 1.0 / seconds, "hit_rate": 1.0, "expert_bytes_read_per_token": 0.0}
+    if budget is None:
+        return result
+    if budget < fig["min_budget_bytes"]:
+        raise MoeError(f"budget {format_size(budget)} is below the minimum of {format_size(fig['min_budget_bytes'])}")
+    slots = budget // fig["slot_bytes"]
+    fraction = min(1.0, slots / (fig["moe_layers"] * fig["experts"]))
+    hit = hit_rate(fraction)
+    misses = (1.0 - hit) * fig["top_k"] * fig["moe_layers"]
+    room = (available or 0) - fig["ram_bytes_at_min_budget"] - budget
+    from_cache = fig["experts_bin_bytes"] <= room
+    rate = rates["cached_read"] if from_cache else rates["disk_read"]
+    seconds += misses * (fig["expert_run_bytes"] / rate + mini["miss_s"])
+    return {
+        "decode_tok_s": 1.0 / seconds,
+        "hit_rate": hit,
+        "budget_fraction": fraction,
+        "expert_bytes_read_per_token": misses * fig["expert_run_bytes"],
+        "misses_from": "page cache" if from_cache else "disk",
+    }
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Written beside and renamed into place, so a concurrent reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
