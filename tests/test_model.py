@@ -156,3 +156,24 @@ def test_compile_notice_once_when_the_cache_is_cold(folders, tmp_path, monkeypat
     assert not kernels.cache_is_cold()
     load_model(folders["olmoe"])
     assert "compiling" not in capsys.readouterr().err
+
+
+def test_perplexity_scores_whole_windows(folders):
+    from moe.runtime.perplexity import perplexity
+
+    model = load_model(folders["olmoe"])
+    ids = np.random.default_rng(9).integers(4, 4096, 27)
+    seen = []
+    ppl, scored = perplexity(model, ids, 8, progress=lambda done, total: seen.append((done, total)))
+    nll = []
+    for w in range(3):  # 27 tokens: three windows of 8, the last 3 tokens dropped
+        window = ids[8 * w: 8 * w + 8]
+        logits = model.logits(window).astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+        nll += [-logp[t, window[t + 1]] for t in range(7)]
+    assert scored == 21
+    assert ppl == pytest.approx(np.exp(np.mean(nll)), rel=1e-6)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    for ctx in (1, 28, 10**6):
+        with pytest.raises(MoeError):
+            perplexity(model, ids, ctx)
