@@ -226,17 +226,17 @@ class Model:
         linear(self.lm_head, B.xn[rows], logits, self._scratch)
         return logits
 
-    def generate_tokens(self, ids, max_tokens: int = 256, **options):
-        """Iterator of generated token ids (see moe.runtime.generate.generate_tokens)."""
+    def generate_tokens(self, ids, **options):
+        """Iterator of generated token ids; options as moe.runtime.generate.generate_tokens takes them."""
         from .generate import generate_tokens
 
-        return generate_tokens(self, ids, max_tokens, **options)
+        return generate_tokens(self, ids, **options)
 
-    def generate(self, prompt: str, max_tokens: int = 256, **options):
-        """Iterator of text pieces (see moe.runtime.generate.generate)."""
+    def generate(self, prompt: str, **options):
+        """Iterator of text pieces; options as moe.runtime.generate.generate takes them."""
         from .generate import generate
 
-        return generate(self, prompt, max_tokens, **options)
+        return generate(self, prompt, **options)
 
     def close(self) -> None:
         self.experts.close()

@@ -177,3 +177,12 @@ def test_perplexity_scores_whole_windows(folders):
     for ctx in (1, 28, 10**6):
         with pytest.raises(MoeError):
             perplexity(model, ids, ctx)
+
+
+def test_generate_tokens_is_the_greedy_loop(folders):
+    model = load_model(folders["llama4"])
+    got = list(model.generate_tokens(IDS, max_tokens=6, temperature=0, stop_ids=[]))
+    want = [int(model.logits(IDS)[-1].argmax())]
+    while len(want) < 6:
+        want.append(int(model.forward(want[-1:], last_only=True)[0].argmax()))
+    assert got == want
