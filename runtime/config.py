@@ -7,9 +7,17 @@ F expert intermediate, nh/nkv query/key-value heads, hd head dim.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import MoeError
+
+ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe", "llama4", "gpt_oss")
+ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_topk")
+ACTIVATIONS = ("silu", "gpt_oss")
+ATTENTIONS = ("full", "sliding", "chunked")
+QK_NORMS = ("none", "head", "full", "l2")
+ROPE_KINDS = ("default", "llama3", "yarn")
 
 
 @dataclass
@@ -29,6 +37,21 @@ class Rope:
     truncate: bool = True
     mscale: float | None = None
     mscale_all_dim: float | None = None
+
+    def problem(self) -> str | None:
+        """What makes the frequency formulas (moe.runtime.kernels.rope) divide by zero or take a bad log."""
+        if self.kind not in ROPE_KINDS:
+            return f"rope kind {self.kind!r} is not one of {', '.join(ROPE_KINDS)}"
+        if not self.theta > 1:
+            return f"rope theta must be above 1, not {self.theta!r}"
+        if self.kind == "llama3" and not (self.factor > 0 and self.low_freq_factor > 0 and self.high_freq_factor > 0
+                                          and self.high_freq_factor != self.low_freq_factor
+                                          and self.original_max_position_embeddings > 0):
+            return "llama3 rope needs positive factor, original_max_position_embeddings and distinct freq factors"
+        if self.kind == "yarn" and not (self.factor >= 0 and self.beta_fast > 0 and self.beta_slow > 0
+                                        and self.original_max_position_embeddings > 0):
+            return "yarn rope needs positive beta_fast, beta_slow and original_max_position_embeddings"
+        return None
 
 
 @dataclass
@@ -89,34 +112,89 @@ class ModelConfig:
             kw["layers"] = [LayerSpec(**layer) for layer in d["layers"]]
             kw["rope"] = Rope(**d.get("rope", {}))
             cfg = cls(**kw)
-        except (KeyError, TypeError) as exc:
-            raise MoeError(f"manifest config is malformed ({exc}); reconvert the model") from None
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise MoeError(f"config: malformed ({exc})") from None
         cfg.check()
         return cfg
 
     def check(self) -> None:
-        """Reject configs no model can have: zero experts, top-k above E, heads that do not divide."""
-        problems = []
-        for name in ("hidden_size", "num_layers", "vocab_size", "num_heads", "num_kv_heads", "head_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                problems.append(f"{name} must be a positive integer, not {v!r}")
-        if problems:
-            raise MoeError(f"config: {problems[0]}")
+        """Reject configs no model can have: wrong types, zero experts, top-k above E, heads that do not divide,
+        unknown router, attention or RoPE kinds, RoPE parameters its formulas divide by zero with."""
+        problem = _type_problem(self, "") or self._range_problem()
+        if problem:
+            raise MoeError(f"config: {problem}")
+
+    def _range_problem(self) -> str | None:
+        for name in ("hidden_size", "num_layers", "vocab_size", "num_heads", "num_kv_heads", "head_dim",
+                     "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                return f"{name} must be a positive integer, not {getattr(self, name)!r}"
+        for name, allowed in (("architecture", ARCHITECTURES), ("router", ROUTERS), ("activation", ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                return f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}"
         if self.num_experts <= 0:
-            problems.append(f"num_experts is {self.num_experts}; a MoE model needs at least one expert")
-        elif not 0 < self.top_k <= self.num_experts:
-            problems.append(f"experts per token ({self.top_k}) must be between 1 and the number of experts ({self.num_experts})")
+            return f"num_experts is {self.num_experts}; a MoE model needs at least one expert"
+        if not 0 < self.top_k <= self.num_experts:
+            return f"experts per token ({self.top_k}) must be between 1 and the number of experts ({self.num_experts})"
         if self.num_heads % self.num_kv_heads:
-            problems.append(f"num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads ({self.num_kv_heads})")
+            return f"num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads ({self.num_kv_heads})"
+        if self.head_dim % 2:
+            return f"head_dim ({self.head_dim}) must be even for rotary embeddings"
         if len(self.layers) != self.num_layers:
-            problems.append(f"{len(self.layers)} layer specs for {self.num_layers} layers")
+            return f"{len(self.layers)} layer specs for {self.num_layers} layers"
         if any(layer.moe for layer in self.layers) and self.expert_intermediate_size <= 0:
-            problems.append("expert intermediate size must be positive")
+            return "expert intermediate size must be positive"
+        if not all(layer.moe for layer in self.layers) and self.dense_intermediate_size <= 0:
+            return "dense layers need a positive intermediate size"
+        if self.shared_expert_intermediate_size < 0:
+            return "shared expert intermediate size must not be negative"
         if not self.rms_norm_eps > 0:
-            problems.append(f"rms_norm_eps must be positive, not {self.rms_norm_eps!r}")
-        if problems:
-            raise MoeError(f"config: {problems[0]}")
+            return f"rms_norm_eps must be positive, not {self.rms_norm_eps!r}"
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            return f"clip_qkv must be positive, not {self.clip_qkv!r}"
+        for i, layer in enumerate(self.layers):
+            if layer.attention not in ATTENTIONS or layer.qk_norm not in QK_NORMS:
+                return f"layer {i}: attention {layer.attention!r} or qk_norm {layer.qk_norm!r} is unknown"
+            if layer.window < 0 or (layer.attention != "full" and layer.window == 0):
+                return f"layer {i}: {layer.attention} attention needs a positive window, not {layer.window}"
+        return self.rope.problem()
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every layout tensor this config implies (see moe.runtime.layout), with its shape."""
+        H, V, E, q, kv = self.hidden_size, self.vocab_size, self.num_experts, self.q_dim, self.kv_dim
+        out: dict[str, tuple[int, ...]] = {"embed": (V, H), "norm": (H,)}
+        if not self.tie_word_embeddings:
+            out["lm_head"] = (V, H)
+
+        def swiglu(name: str, F: int) -> None:
+            out[name + ".gate_up"], out[name + ".down"] = (2 * F, H), (H, F)
+
+        for i, spec in enumerate(self.layers):
+            p = f"layers.{i}."
+            out.update({p + "attn_norm": (H,), p + "ffn_norm": (H,), p + "attn.qkv": (q + 2 * kv, H),
+                        p + "attn.o": (H, q)})
+            if self.attention_bias:
+                out.update({p + "attn.qkv_bias": (q + 2 * kv,), p + "attn.o_bias": (H,)})
+            if spec.qk_norm in ("head", "full"):
+                full = spec.qk_norm == "full"
+                out.update({p + "attn.q_norm": (q if full else self.head_dim,),
+                            p + "attn.k_norm": (kv if full else self.head_dim,)})
+            if self.attention_sinks:
+                out[p + "attn.sinks"] = (self.num_heads,)
+            if not spec.moe:
+                swiglu(p + "mlp", self.dense_intermediate_size)
+                continue
+            out[p + "router"] = (E, H)
+            if self.router_bias:
+                out[p + "router_bias"] = (E,)
+            if self.shared_expert_intermediate_size:
+                swiglu(p + "shared", self.shared_expert_intermediate_size)
+            F = self.expert_intermediate_size
+            for j in range(E):
+                swiglu(f"{p}experts.{j}", F)
+                if self.expert_bias:
+                    out.update({f"{p}experts.{j}.gate_up_bias": (2 * F,), f"{p}experts.{j}.down_bias": (H,)})
+        return out
 
     @property
     def q_dim(self) -> int:
@@ -128,3 +206,32 @@ class ModelConfig:
 
     def moe_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if layer.moe]
+
+
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "float | None": (int, float, type(None)),
+          "int | None": (int, type(None))}
+
+
+def _type_problem(obj, where: str) -> str | None:
+    """The first field of a config dataclass whose value is not of its declared type (bools are not numbers,
+    floats are finite), recursing into layers and rope; None if all are."""
+    for f in fields(obj):
+        v, name = getattr(obj, f.name), where + f.name
+        if f.type == "list[LayerSpec]":
+            if not isinstance(v, list) or not all(isinstance(x, LayerSpec) for x in v):
+                return f"{name} must be a list of layer specs"
+            problems = (_type_problem(x, f"layers[{i}].") for i, x in enumerate(v))
+            problem = next((p for p in problems if p), None)
+        elif f.type == "Rope":
+            problem = _type_problem(v, "rope.") if isinstance(v, Rope) else f"{name} must be an object"
+        elif f.type == "list[int]":
+            ok = isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            problem = None if ok else f"{name} must be a list of integers, not {v!r}"
+        else:
+            kind = _TYPES[f.type]
+            ok = isinstance(v, kind) and (f.type == "bool" or not isinstance(v, bool))
+            ok = ok and not (isinstance(v, float) and not math.isfinite(v))
+            problem = None if ok else f"{name} must be {f.type.replace(' | None', ' or null')}, not {v!r}"
+        if problem:
+            return problem
+    return None

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import ModelConfig
 from .errors import MoeError
 
 FORMAT = "moe-layout"
@@ -339,6 +340,7 @@ def read_manifest(folder: Path) -> dict:
         _validate(folder, m)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MoeError(f"{path}: malformed manifest ({type(exc).__name__}: {exc}); reconvert the model") from None
+    _check_config(path, m)
     return m
 
 
@@ -399,6 +401,29 @@ def _validate(folder: Path, m: dict) -> None:
         start, end = runs.get((str(key[0]), key[1]), (None, None))
         if start is None or e["file"] != EXPERTS_FILE or e["offset"] < start or max(ends) > end:
             raise MoeError(f"{path}: tensor {name} lies outside its expert's run; reconvert the model")
+
+
+def _check_config(path: Path, m: dict) -> None:
+    """The tensors and expert runs are exactly those the manifest's config implies, 1-D tensors f32: the runtime
+    sizes its buffers from the config, so a tensor of another shape would be read past its end."""
+    try:
+        cfg = ModelConfig.from_dict(m["config"])
+    except MoeError as exc:
+        raise MoeError(f"{path}: {exc.message}; reconvert the model") from None
+    want, have = cfg.tensor_shapes(), m["tensors"]
+    odd = sorted(want.keys() ^ have.keys())
+    if odd:
+        what = "is missing" if odd[0] in want else "is not one the config implies"
+        raise MoeError(f"{path}: tensor {odd[0]} {what}; reconvert the model")
+    for name, shape in want.items():
+        e = have[name]
+        if tuple(e["shape"]) != shape or (len(shape) == 1 and e["encoding"] != "f32"):
+            raise MoeError(f"{path}: tensor {name} is {e['encoding']} {e['shape']}, the config implies "
+                           f"{list(shape)}{' f32' if len(shape) == 1 else ''}; reconvert the model")
+    runs = {str(i): cfg.num_experts for i in cfg.moe_layers()}
+    if {layer: len(records) for layer, records in m["experts"].items()} != runs:
+        raise MoeError(f"{path}: expert runs do not match the config's {cfg.num_experts} experts in layers "
+                       f"{', '.join(runs)}; reconvert the model")
 
 
 def expert_key(name: str) -> tuple[int, int, str] | None:

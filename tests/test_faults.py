@@ -221,3 +221,25 @@ def test_paging_a_damaged_expert_names_layer_and_expert(damaged_copy, capsys):
     assert code == 1 and out == ""
     one_line_error(err, f"{damaged_copy / EXPERTS_FILE}: layer 1 expert ", "fails its checksum",
                    "run `moe verify` and reconvert")
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda m: m["config"].update(hidden_size=512), "tensor embed is q8 [4096, 256], the config implies [4096, 512]"),
+    (lambda m: m["config"].update(vocab_size=8192), "the config implies [8192, 256]"),
+    (lambda m: m["config"].update(num_experts=16), "tensor layers.0.experts.10.down is missing"),
+    (lambda m: m["config"].update(head_dim=64), "tensor layers.0.attn.qkv is q8 [384, 256], the config implies"),
+    (lambda m: m["tensors"]["layers.2.attn.o"].update(shape=[256, 128]), "tensor layers.2.attn.o is q8 [256, 128]"),
+    (lambda m: m["tensors"]["norm"].update(encoding="bf16"), "the config implies [256] f32"),
+    (lambda m: m["config"].update(num_experts="8"), "config: num_experts must be int, not '8'"),
+    (lambda m: m["config"]["layers"][1].update(attention="sliding"), "layer 1: sliding attention needs a positive window"),
+    (lambda m: m["config"]["rope"].update(theta=1), "rope theta must be above 1"),
+    (lambda m: m["experts"]["3"].append(m["experts"]["3"][0]),
+     "expert runs do not match the config's 8 experts in layers 0, 1, 2, 3"),
+])
+def test_a_manifest_whose_config_disagrees_with_its_tensors_is_refused_at_load(damaged_copy, capsys, edit, said):
+    """The runtime sizes its buffers from the config: a tensor of another shape would be read past its end."""
+    m = json.loads((damaged_copy / MANIFEST).read_text())
+    edit(m)
+    (damaged_copy / MANIFEST).write_text(json.dumps(m))
+    assert main(["run", str(damaged_copy), "x", "--max-tokens", "1"]) == 2
+    one_line_error(capsys.readouterr().err, f"{damaged_copy / MANIFEST}: ", said, "reconvert the model")
