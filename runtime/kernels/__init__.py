@@ -1,12 +1,12 @@
 """Numba kernels: flat functions over arrays, knowing nothing of checkpoints.
 
-This package is imported before numba anywhere in moe: it points NUMBA_CACHE_DIR under
-the user's cache (unless already set) and holds the numba flags every kernel uses, so
-compiled kernels are cached on disk and only the very first run compiles them.
+This package is imported before numba anywhere in moe: it points NUMBA_CACHE_DIR into a
+folder of the user's cache (of NUMBA_CACHE_DIR when that is set) and holds the numba flags
+every kernel uses, so compiled kernels are cached on disk and only the first run compiles them.
 
 numba checks a cached function against its own file only, not against the flags or inlined
-helpers it takes from other files; so the cache folder is named after a hash of numba's
-version and every kernel source (and the layout's constants), and any change compiles afresh instead of reusing stale code.
+helpers it takes from other files; so that folder is named after a hash of numba's version
+and every kernel source (and the layout's constants): any change compiles afresh.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 
-def _cache_root() -> Path:
+def _default_root() -> Path:
     home = os.environ.get("MOE_HOME")
     base = Path(home).expanduser() if home else Path.home() / ".cache" / "moe"
     return base / "numba-cache"
@@ -35,9 +35,10 @@ def _sources_hash() -> str:
 
 
 SOURCES_HASH = _sources_hash()
-_OWN_CACHE = "NUMBA_CACHE_DIR" not in os.environ  # a folder the user chose is left as it is
-if _OWN_CACHE:
-    os.environ["NUMBA_CACHE_DIR"] = str(_cache_root() / SOURCES_HASH)
+_chosen = os.environ.get("NUMBA_CACHE_DIR")  # the user's (or a parent moe process's) folder, else ours
+_ROOT = Path(_chosen) if _chosen else _default_root()
+if _ROOT.name != SOURCES_HASH:  # a child process inherits the folder already named
+    os.environ["NUMBA_CACHE_DIR"] = str(_ROOT / SOURCES_HASH)
 
 # Safe fast-math: reassociation and contraction let LLVM vectorize reductions; no
 # nnan/ninf, so infinities and NaNs keep their meaning. error_model "numpy": x / 0 gives
@@ -77,7 +78,7 @@ def mark_cache_warm() -> None:
         marker.touch()
     except OSError:
         return
-    if _OWN_CACHE:
-        for old in _cache_root().iterdir():
+    if not _chosen:  # in our own folder, caches of other versions are dead weight
+        for old in _ROOT.iterdir():
             if old.is_dir() and old.name != SOURCES_HASH:
                 shutil.rmtree(old, ignore_errors=True)
