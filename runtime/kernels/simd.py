@@ -202,14 +202,16 @@ def _concat16(builder, base, first, second):
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
 
 
-def _make_dot(kind: str, nt: int):
-    """An intrinsic (codes, scales, r, xqa, xs, xsum, t0, nb, shift) -> nt float32 dot products of row r.
+def _make_dot(kind: str, nr: int, nt: int):
+    """An intrinsic (codes, scales, r, xqa, xs, xsum, t0, nb, shift) -> nr * nt float32 dot products:
+    rows r .. r+nr-1 (outer) with tokens t0 .. t0+nt-1 (inner).
 
     codes: u8 nibbles [rows, cols_pad / 2] (q4) or i8 [rows, cols_pad] (q8), scales u16 [rows, groups];
-    xqa int8 [T, cols_pad] arranged by pairs of blocks, xs and xsum f32 [T, cols_pad / 32]; tokens
-    t0 .. t0+nt-1; blocks [0, nb), nb a multiple of 8; block b's scale is scales[r, b >> shift].
+    xqa int8 [T, cols_pad] arranged by pairs of blocks, xs and xsum f32 [T, cols_pad / 32]; blocks
+    [0, nb), nb a multiple of 8; block b's scale is scales[r, b >> shift].
     Each pair of blocks becomes two <32 x i8> weight vectors matching xqa's halves: for q4 one load
     of nibbles, masked (low) and shifted (high); for q8 the blocks' first halves, then their second.
+    Weights are unpacked once for the nt tokens, activations loaded once for the nr rows.
     Without AVX2 (see target_has_x86_simd) the products are portable vector IR, reduced per block.
     Arrays are taken whole, with the row index, as slicing them per row costs reference counting.
     """
@@ -219,74 +221,77 @@ def _make_dot(kind: str, nt: int):
         codes_t, scales_t, _, xq_t, xs_t, xsum_t = sig.args[:6]
         codes, codes_stride = _bytes(context, builder, codes_t, args[0])
         scales, scales_stride = _bytes(context, builder, scales_t, args[1])
-        r = args[2]
-        crow = builder.gep(codes, [builder.mul(r, codes_stride)], inbounds=True)
-        srow = builder.gep(scales, [builder.mul(r, scales_stride)], inbounds=True)
         xq, xq_stride = _bytes(context, builder, xq_t, args[3])
         xs, xs_stride = _bytes(context, builder, xs_t, args[4])
         xsum, xsum_stride = _bytes(context, builder, xsum_t, args[5])
-        t0, nb, shift = args[6], args[7], args[8]
-        xq_rows, xs_rows, xsum_rows = [], [], []
-        for j in range(nt):
-            t = builder.add(t0, ir.Constant(I64, j))
-            xq_rows.append(builder.gep(xq, [builder.mul(t, xq_stride)], inbounds=True))
-            xs_rows.append(builder.gep(xs, [builder.mul(t, xs_stride)], inbounds=True))
-            xsum_rows.append(builder.gep(xsum, [builder.mul(t, xsum_stride)], inbounds=True))
-        # per token: block sums times scales, and scales times xsum (the offset term, scaled at the end)
-        accs = [cgutils.alloca_once_value(builder, _splat(V8F32, 0.0)) for _ in range(2 * nt)]
+        r0, t0, nb, shift = args[2], args[6], args[7], args[8]
+
+        def rows_of(base, stride, first, n):
+            return [builder.gep(base, [builder.mul(builder.add(first, ir.Constant(I64, i)), stride)], inbounds=True)
+                    for i in range(n)]
+
+        crows, srows = rows_of(codes, codes_stride, r0, nr), rows_of(scales, scales_stride, r0, nr)
+        xq_rows, xs_rows = rows_of(xq, xq_stride, t0, nt), rows_of(xs, xs_stride, t0, nt)
+        xsum_rows = rows_of(xsum, xsum_stride, t0, nt)
+        tiles = [(i, j) for i in range(nr) for j in range(nt)]
+        # per (row, token): block sums times scales, and scales times xsum (the offset term, scaled at the end)
+        accs = {tile: cgutils.alloca_once_value(builder, _splat(V8F32, 0.0)) for tile in tiles}
+        offs = {tile: cgutils.alloca_once_value(builder, _splat(V8F32, 0.0)) for tile in tiles}
         vnni = x86 and has_vnni(target_features())
         # the weights' offset, times sum(xq) per block: q4 stores n + 8; q8 with VNNI uses c + 128 as u8
         offset = 8.0 if kind == "q4" else 128.0 if vnni else 0.0
         steps = builder.udiv(nb, ir.Constant(I64, BLOCKS))
         with cgutils.for_range(builder, steps) as loop:
             b = builder.mul(loop.index, ir.Constant(I64, BLOCKS))
-            ints = [[] for _ in range(nt)]  # per token, per pair of blocks: <8 x i32> partial sums
+            ints = {tile: [] for tile in tiles}  # per pair of blocks: <8 x i32> partial sums (x86) or 2 sums
             for k in range(BLOCKS // 2):
                 pair = builder.add(b, ir.Constant(I64, 2 * k))
                 xoff = builder.mul(pair, ir.Constant(I64, 32))  # 64 bytes of arranged activations per pair
-                if kind == "q4":
-                    nib = _load(builder, crow, builder.mul(pair, ir.Constant(I64, 16)), V32I8)
-                    lo = builder.and_(nib, _splat(V32I8, 0x0F))
-                    hi = builder.and_(builder.lshr(nib, _splat(V32I8, 4)), _splat(V32I8, 0x0F))
-                else:
-                    lo = _concat16(builder, crow, xoff, builder.add(xoff, ir.Constant(I64, 32)))
-                    hi = _concat16(builder, crow, builder.add(xoff, ir.Constant(I64, 16)),
-                                   builder.add(xoff, ir.Constant(I64, 48)))
-                    if vnni:
-                        lo = builder.xor(lo, _splat(V32I8, 0x80))
-                        hi = builder.xor(hi, _splat(V32I8, 0x80))
-                for j in range(nt):
-                    xlo = _load(builder, xq_rows[j], xoff, V32I8)
-                    xhi = _load(builder, xq_rows[j], builder.add(xoff, ir.Constant(I64, 32)), V32I8)
-                    if not x86:
-                        ints[j].extend(_block_sums_portable(builder, [(lo, xlo), (hi, xhi)], kind == "q8"))
-                        continue
-                    if kind == "q8" and not vnni:  # |c| * sign(xq, c)
-                        pairs = [(_abs8(builder, w), _call(builder, "llvm.x86.avx2.psign.b", V32I8, x, w))
-                                 for w, x in ((lo, xlo), (hi, xhi))]
+                xv = [(_load(builder, row, xoff, V32I8), _load(builder, row, builder.add(xoff, ir.Constant(I64, 32)), V32I8))
+                      for row in xq_rows]
+                for i, crow in enumerate(crows):
+                    if kind == "q4":
+                        nib = _load(builder, crow, builder.mul(pair, ir.Constant(I64, 16)), V32I8)
+                        lo = builder.and_(nib, _splat(V32I8, 0x0F))
+                        hi = builder.and_(builder.lshr(nib, _splat(V32I8, 4)), _splat(V32I8, 0x0F))
                     else:
-                        pairs = [(lo, xlo), (hi, xhi)]
-                    ints[j].append(_dot_u8s8(builder, vnni, pairs, wide=kind == "q8"))
-            ws = _row_scales(builder, srow, b, shift)
+                        lo = _concat16(builder, crow, xoff, builder.add(xoff, ir.Constant(I64, 32)))
+                        hi = _concat16(builder, crow, builder.add(xoff, ir.Constant(I64, 16)),
+                                       builder.add(xoff, ir.Constant(I64, 48)))
+                        if vnni:
+                            lo = builder.xor(lo, _splat(V32I8, 0x80))
+                            hi = builder.xor(hi, _splat(V32I8, 0x80))
+                    for j, (xlo, xhi) in enumerate(xv):
+                        if not x86:
+                            ints[i, j].extend(_block_sums_portable(builder, [(lo, xlo), (hi, xhi)], kind == "q8"))
+                            continue
+                        if kind == "q8" and not vnni:  # |c| * sign(xq, c)
+                            pairs = [(_abs8(builder, w), _call(builder, "llvm.x86.avx2.psign.b", V32I8, x, w))
+                                     for w, x in ((lo, xlo), (hi, xhi))]
+                        else:
+                            pairs = [(lo, xlo), (hi, xhi)]
+                        ints[i, j].append(_dot_u8s8(builder, vnni, pairs, wide=kind == "q8"))
             xs_off = builder.mul(b, ir.Constant(I64, 4))
-            for j in range(nt):
-                if offset:
-                    xsum8 = _load(builder, xsum_rows[j], xs_off, V8F32)
-                    builder.store(_fma(builder, ws, xsum8, builder.load(accs[nt + j])), accs[nt + j])
-                d = builder.fmul(ws, _load(builder, xs_rows[j], xs_off, V8F32))
-                if x86:
-                    isum = _per_block(builder, ints[j])
-                else:
-                    isum = ir.Constant(V8I32, None)
-                    for k, v in enumerate(ints[j]):
-                        isum = builder.insert_element(isum, v, ir.Constant(I32, k))
-                isum = builder.sitofp(isum, V8F32)
-                builder.store(_fma(builder, isum, d, builder.load(accs[j])), accs[j])
+            xs8 = [_load(builder, row, xs_off, V8F32) for row in xs_rows]
+            xsum8 = [_load(builder, row, xs_off, V8F32) for row in xsum_rows]
+            for i, srow in enumerate(srows):
+                ws = _row_scales(builder, srow, b, shift)
+                for j in range(nt):
+                    if offset:
+                        builder.store(_fma(builder, ws, xsum8[j], builder.load(offs[i, j])), offs[i, j])
+                    if x86:
+                        isum = _per_block(builder, ints[i, j])
+                    else:
+                        isum = ir.Constant(V8I32, None)
+                        for k, v in enumerate(ints[i, j]):
+                            isum = builder.insert_element(isum, v, ir.Constant(I32, k))
+                    d = builder.fmul(ws, xs8[j])
+                    builder.store(_fma(builder, builder.sitofp(isum, V8F32), d, builder.load(accs[i, j])), accs[i, j])
         sums = []
-        for j in range(nt):
-            total = builder.load(accs[j])
+        for tile in tiles:
+            total = builder.load(accs[tile])
             if offset:
-                total = _fma(builder, builder.load(accs[nt + j]), _splat(V8F32, -offset), total)
+                total = _fma(builder, builder.load(offs[tile]), _splat(V8F32, -offset), total)
             sums.append(_hsum(builder, total))
         return context.make_tuple(builder, sig.return_type, sums)
 
@@ -295,9 +300,9 @@ def _make_dot(kind: str, nt: int):
         if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
             return None
         i64 = types.int64
-        return types.UniTuple(types.float32, nt)(codes, scales, i64, xqa, xs, xsum, i64, i64, i64), codegen
+        return types.UniTuple(types.float32, nr * nt)(codes, scales, i64, xqa, xs, xsum, i64, i64, i64), codegen
 
-    typer.__name__ = f"{kind}_dot{nt}"
+    typer.__name__ = f"{kind}_dot{nr}x{nt}"
     return intrinsic(typer)
 
 
@@ -353,7 +358,6 @@ def _abs8(builder, v):
     return _call(builder, "llvm.abs.v32i8", V32I8, v, ir.Constant(ir.IntType(1), 0))
 
 
-q4_dot1 = _make_dot("q4", 1)
-q4_dot4 = _make_dot("q4", 4)
-q8_dot1 = _make_dot("q8", 1)
-q8_dot4 = _make_dot("q8", 4)
+# (rows, tokens) tiles: 1 x 4 for prefill, 4 x 1 for decode (one activation load serves 4 rows), 1 x 1
+q4_dot1x4, q4_dot4x1, q4_dot1x1 = (_make_dot("q4", nr, nt) for nr, nt in ((1, 4), (4, 1), (1, 1)))
+q8_dot1x4, q8_dot4x1, q8_dot1x1 = (_make_dot("q8", nr, nt) for nr, nt in ((1, 4), (4, 1), (1, 1)))
