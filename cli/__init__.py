@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, convert, info, list_, perplexity, plan, run, verify
+from . import bench, convert, info, list_, perplexity, plan, profile, run, trace, verify
 from .errors import execute
 
 app = typer.Typer(
@@ -25,6 +25,8 @@ app.command("info", epilog=info.EXAMPLE)(info.info)
 app.command("list", epilog=list_.EXAMPLE)(list_.list_models)
 app.command("verify", epilog=verify.EXAMPLE)(verify.verify)
 app.command("plan", epilog=plan.EXAMPLE)(plan.plan)
+app.command("trace", epilog=trace.EXAMPLE)(trace.trace)
+app.command("profile", epilog=profile.EXAMPLE)(profile.profile)
 
 
 def _print_version(value: bool) -> None:

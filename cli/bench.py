@@ -9,8 +9,8 @@ from moe.runtime.bench import bench as measure
 from moe.runtime.units import format_size
 from rich.table import Table
 
-from .common import model_path, out, print_json, status
-from .options import Json, MemoryBudget, Threads
+from .common import model_path, out, pinned, print_json, status
+from .options import Json, MemoryBudget, Pin, Threads
 
 EXAMPLE = """Examples:
 
@@ -30,6 +30,7 @@ def bench(
     repeat: Annotated[int, typer.Option(min=1, help="Runs to take the median of.")] = 3,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
+    pin: Pin = None,
     json: Json = False,
 ) -> None:
     """Measure load time, time to first token, prefill and decode tokens/s, peak RSS and expert-cache figures.
@@ -38,7 +39,7 @@ def bench(
     """
     path = model_path(model)
     with status("benchmarking..."):
-        figures = measure(path, prompt_tokens, gen_tokens, memory_budget, threads, repeat)
+        figures = measure(path, prompt_tokens, gen_tokens, memory_budget, threads, repeat, pinned(pin, path))
     figures = {"model": str(path), **figures}
     if json:
         print_json(figures)

@@ -30,15 +30,28 @@ def model_path(spec: str | None) -> Path | str:
     return demo_model()
 
 
-def open_model(spec: str | None, memory_budget: int | None = None, threads: int | None = None):
-    """(model, seconds it took to load)."""
+def open_model(spec: str | None, memory_budget: int | None = None, threads: int | None = None,
+               pin: Path | None = None):
+    """(model, seconds it took to load). `pin`: a profile whose hottest experts stay resident under a budget."""
     from moe.runtime.model import load_model
 
     path = model_path(spec)
+    pairs = pinned(pin, path)
     start = time.perf_counter()
     with status("loading the model..."):
-        model = load_model(path, memory_budget=memory_budget, threads=threads)
+        model = load_model(path, memory_budget=memory_budget, threads=threads, pin=pairs)
+    if pin is not None and getattr(model.experts, "budget", None) is None:
+        err.print(f"note: --pin {pin} has no effect: every expert is mapped (give a --memory-budget)", style="dim")
     return model, time.perf_counter() - start
+
+
+def pinned(pin: Path | None, model) -> list[tuple[int, int]]:
+    """The (layer, expert) pairs of a profile, hottest first; none without one."""
+    if pin is None:
+        return []
+    from moe.runtime.routing_stats import read_pins
+
+    return read_pins(pin, model)
 
 
 def print_json(obj) -> None:

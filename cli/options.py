@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,3 +26,7 @@ MemoryBudget = Annotated[int | None, typer.Option(
 Threads = Annotated[int | None, typer.Option(
     "--threads", "-t", min=1, show_default=False, help="Worker threads for the kernels; default: all cores.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
+Pin = Annotated[Path | None, typer.Option(
+    "--pin", metavar="PROFILE", show_default=False,
+    help="Keep the hottest experts of this profile (`moe profile MODEL FILE -o PROFILE`) resident in the expert "
+         "cache; it matters only under a memory budget.")]

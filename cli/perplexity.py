@@ -10,7 +10,7 @@ from moe.runtime.errors import MoeError
 from rich.progress import Progress
 
 from .common import err, open_model, print_json
-from .options import Json, MemoryBudget, ModelArg, Threads
+from .options import Json, MemoryBudget, ModelArg, Pin, Threads
 
 EXAMPLE = """Examples:
 
@@ -27,13 +27,14 @@ def perplexity(
     max_tokens: Annotated[int | None, typer.Option(min=2, show_default=False, help="Use only the first N tokens of the file.")] = None,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
+    pin: Pin = None,
     json: Json = False,
 ) -> None:
     """Perplexity over consecutive windows of --ctx tokens (no BOS added; a last partial window is dropped)."""
     from moe.runtime.perplexity import perplexity as measure
 
     text = _read_text(file)
-    loaded, _ = open_model(model, memory_budget, threads)
+    loaded, _ = open_model(model, memory_budget, threads, pin)
     ids = loaded.tokenizer.encode(text, add_bos=False)[:max_tokens]
     with Progress(console=err, disable=not err.is_terminal, transient=True) as bar:
         task = bar.add_task("scoring windows", total=None)

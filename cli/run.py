@@ -14,7 +14,7 @@ from moe.runtime.paging import peak_rss
 from moe.runtime.units import format_size
 
 from .common import err, open_model, print_json
-from .options import Json, MemoryBudget, Threads
+from .options import Json, MemoryBudget, Pin, Threads
 
 EXAMPLE = """Examples:
 
@@ -44,6 +44,7 @@ def run(
     system: Annotated[str | None, typer.Option(help="System message for --chat.", show_default=False)] = None,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
+    pin: Pin = None,
     json: Json = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print speed and expert-cache figures on stderr.")] = False,
 ) -> None:
@@ -54,7 +55,7 @@ def run(
         model, prompt = None, model
     if prompt == "-":
         prompt = _read_stdin()
-    loaded, load_s = open_model(model, memory_budget, threads)
+    loaded, load_s = open_model(model, memory_budget, threads, pin)
     generation = generate(
         loaded, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
         stop=[_unescape(s) for s in stop or []], chat=chat, system=system)

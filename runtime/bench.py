@@ -24,8 +24,9 @@ def expert_counters(stats: dict) -> tuple[int, int, int]:
 
 
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=None, threads: int | None = None,
-          repeat: int = 3) -> dict:
-    """Measure the model at `path` (a folder or converted name); figures as the module says."""
+          repeat: int = 3, pin=()) -> dict:
+    """Measure the model at `path` (a folder or converted name); figures as the module says.
+    `pin`: (layer, expert) pairs, hottest first, kept resident under a budget (see load_model)."""
     from .model import load_model
 
     if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
@@ -36,7 +37,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
         load_model(path, memory_budget=memory_budget, threads=threads).close()
         compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    model = load_model(path, memory_budget=memory_budget, threads=threads)
+    model = load_model(path, memory_budget=memory_budget, threads=threads, pin=pin)
     load_s = time.perf_counter() - start
     if prompt_tokens + gen_tokens > model.max_context:
         raise MoeError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} exceeds the model's "

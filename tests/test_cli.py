@@ -22,7 +22,7 @@ def opened(monkeypatch):
     """Replace model loading; returns the list of (spec, budget, threads, model) it was asked for."""
     calls = []
 
-    def fake_open(spec, memory_budget=None, threads=None):
+    def fake_open(spec, memory_budget=None, threads=None, pin=None):
         model = ScriptedModel(SCRIPT)
         calls.append((spec, memory_budget, threads, model))
         return model, 0.01
@@ -99,7 +99,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, opened, args, message):
 @pytest.fixture
 def failing(monkeypatch):
     def set_failure(exc):
-        def fake_open(spec, memory_budget=None, threads=None):
+        def fake_open(spec, memory_budget=None, threads=None, pin=None):
             raise exc
 
         monkeypatch.setattr(moe.cli.run, "open_model", fake_open)
@@ -170,7 +170,7 @@ def test_sigterm_raises_terminated_while_a_command_runs(capsys, monkeypatch):
 def test_bench_json(capsys, monkeypatch):
     loaded = []
 
-    def fake_load(path, memory_budget=None, threads=None):
+    def fake_load(path, memory_budget=None, threads=None, pin=()):
         loaded.append((path, memory_budget, threads))
         return ScriptedModel("word " * 200, eos=False)
 
