@@ -180,7 +180,7 @@ def test_linear_dispatch_and_scratch_reuse(enc):
         for a in (p.codes, p.scales):  # as memory-mapped tensors are
             if a is not None:
                 a.setflags(write=False)
-        x = acts(T, cols, rng)
+        x = acts(T, cols + 5, rng)[:, 2 : cols + 2]  # a strided view, as a slice of a wider buffer is
         out = np.empty((T, rows), np.float32)
         qmatmul.linear(p, x, out, scratch)
         w = dequantize(p).astype(np.float64)

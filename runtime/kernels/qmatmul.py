@@ -349,6 +349,7 @@ def linear(p: Packed, x: np.ndarray, out: np.ndarray, scratch: Scratch) -> np.nd
     """out f32 [T, rows] = x f32 [T, cols] @ W.T for a packed weight W [rows, cols] in any encoding."""
     enc = p.encoding
     if enc == "q4" or enc == "q8":
+        x = np.ascontiguousarray(x, dtype=np.float32)  # the vector quantizer reads whole rows; a no-op as a rule
         cols_pad = p.codes.shape[1] * (2 if enc == "q4" else 1)
         kernel = linear_q4 if enc == "q4" else linear_q8
         kernel(p.codes, p.scales.view(np.uint16), p.group_size, x, *scratch.acts(x.shape[0], cols_pad), out)

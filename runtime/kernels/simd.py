@@ -315,6 +315,8 @@ def quantize_block(typingctx, x, xq, xqa, xs, xsum, t, b, odd_last):
     arrays = (x, xq, xqa, xs, xsum)
     if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
         return None
+    if x.dtype != types.float32 or xq.dtype != types.int8 or xs.dtype != types.float32:
+        return None
     sig = types.void(x, xq, xqa, xs, xsum, types.int64, types.int64, types.boolean)
 
     def codegen(context, builder, sig, args):
