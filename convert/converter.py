@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import home
+from ..runtime.config import ModelConfig
 from ..runtime.errors import MoeError
 from ..runtime.info import kind_of
 from ..runtime.layout import EXPERT_ALIGN, MANIFEST, TENSOR_ALIGN, LayoutWriter, Packed, stored_nbytes
@@ -55,16 +56,12 @@ def convert(src, out=None, bits: int = 4, group_size: int = 32, revision: str | 
     generation = read_json(source.folder / "generation_config.json") or {}
     arch = arch_registry.for_config(hf)
     with Checkpoint(source.folder) as ckpt:
-        try:
-            plan = arch.plan(hf, set(ckpt.names()))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MoeError(f"{source.folder / 'config.json'}: malformed ({type(exc).__name__}: {exc}); "
-                           "re-download the model") from None
+        plan = plan_for(arch, hf, ckpt, source.folder / "config.json")
         cfg = plan.config
         cfg.eos_token_ids = eos_ids(cfg.eos_token_ids, generation.get("eos_token_id"))
         if cfg.bos_token_id is None and isinstance(generation.get("bos_token_id"), int):
             cfg.bos_token_id = generation["bos_token_id"]
-        cfg.check()
+        check_config(cfg, source.folder / "config.json")
         check_plan(plan, ckpt, source.folder)
         tokenizer = tokenizer_info(source.folder)
         encodings = {o.name: encoding_for(o, ckpt, bits) for o in plan.outs()}
@@ -74,7 +71,7 @@ def convert(src, out=None, bits: int = 4, group_size: int = 32, revision: str | 
             "config": cfg.to_dict(),
             "quantization": quantization_info(bits, group_size, encodings),
             "source": {"id": source.id, "revision": source.revision,
-                       "hf_architecture": (hf.get("architectures") or [None])[0]},
+                       "hf_architecture": first_architecture(hf)},
             "tokenizer": tokenizer,
         }
         write_layout(out, force, plan, ckpt, encodings, group_size, manifest, source.folder, started)
@@ -114,6 +111,39 @@ def check_output(out: Path, force: bool) -> None:
 
 
 # ---- the plan against the checkpoint
+
+
+def plan_for(arch, hf: dict, ckpt: Checkpoint, config_json: Path) -> Plan:
+    """The architecture's plan for config.json, once its config is sound and its counts fit the weights."""
+    try:
+        cfg = arch.model_config(hf)
+        check_config(cfg, config_json)
+        check_counts(cfg, ckpt, config_json)
+        return arch.plan(hf, set(ckpt.names()))
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        raise MoeError(f"{config_json}: malformed ({type(exc).__name__}: {exc}); re-download the model") from None
+
+
+def check_config(cfg: ModelConfig, config_json: Path) -> None:
+    try:
+        cfg.check()
+    except MoeError as exc:
+        raise MoeError(f"{config_json}: {exc.message.removeprefix('config: ')}; fix or re-download it") from None
+
+
+def check_counts(cfg: ModelConfig, ckpt: Checkpoint, config_json: Path) -> None:
+    """No more layers and experts than the weights can hold, before a plan of that many entries is built: each
+    layer has tensors of its own, each expert of each layer a tensor or a slice of a fused [E, ...] tensor."""
+    slots = len(ckpt.tensors) + sum(t.shape[0] for t in ckpt.tensors.values() if len(t.shape) >= 3)
+    runs = len(cfg.moe_layers()) * cfg.num_experts
+    if cfg.num_layers > len(ckpt.tensors) or runs > slots:
+        raise MoeError(f"{config_json}: {cfg.num_layers} layers of {cfg.num_experts} experts, more than the "
+                       f"{len(ckpt.tensors)} tensors of the weights can hold; config.json does not match the weights")
+
+
+def first_architecture(hf: dict) -> str | None:
+    archs = hf.get("architectures")
+    return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
 
 
 def piece_shape(ckpt: Checkpoint, s: Src) -> tuple[int, ...]:

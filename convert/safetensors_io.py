@@ -101,7 +101,7 @@ class SafetensorsFile:
         if not isinstance(e, dict):
             raise self._bad(f"tensor {name}: entry is not an object")
         dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise self._bad(f"tensor {name}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
             raise self._bad(f"tensor {name}: bad shape {shape!r}")

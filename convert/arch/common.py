@@ -59,6 +59,9 @@ class Plan:
         return {n for o in self.outs() for s in o.srcs for n in s.sources()}
 
 
+MAX_LAYERS = 4096  # the deepest Hub models have ~130
+
+
 def get(hf: dict, *keys, default=None):
     """The first of `keys` present (and not null) in the config."""
     for k in keys:
@@ -117,9 +120,12 @@ def base_config(hf: dict, *, eps: float = 1e-5, max_positions: int = 4096, head_
     for keys a config.json leaves out (head_dim None: hidden_size / num_attention_heads)."""
     hidden = int(need(hf, "hidden_size"))
     heads = int(need(hf, "num_attention_heads"))
+    layers = int(need(hf, "num_hidden_layers"))
+    if not 0 < layers <= MAX_LAYERS:  # before any per-layer list is built
+        raise MoeError(f"config.json: num_hidden_layers {layers} is out of range (1 to {MAX_LAYERS})")
     return dict(
         hidden_size=hidden,
-        num_layers=int(need(hf, "num_hidden_layers")),
+        num_layers=layers,
         vocab_size=int(need(hf, "vocab_size")),
         num_heads=heads,
         num_kv_heads=int(get(hf, "num_key_value_heads", default=heads)),
