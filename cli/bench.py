@@ -39,7 +39,7 @@ def bench(
     """
     path = model_path(model)
     with status("benchmarking..."):
-        figures = measure(path, prompt_tokens, gen_tokens, memory_budget, threads, repeat, pinned(pin, path))
+        figures = measure(path, prompt_tokens, gen_tokens, memory_budget, threads, repeat, pinned(pin, path, memory_budget))
     figures = {"model": str(path), **figures}
     if json:
         print_json(figures)

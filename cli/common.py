@@ -36,7 +36,7 @@ def open_model(spec: str | None, memory_budget: int | None = None, threads: int 
     from moe.runtime.model import load_model
 
     path = model_path(spec)
-    pairs = pinned(pin, path)
+    pairs = pinned(pin, path, memory_budget)
     start = time.perf_counter()
     with status("loading the model..."):
         model = load_model(path, memory_budget=memory_budget, threads=threads, pin=pairs)
@@ -45,13 +45,13 @@ def open_model(spec: str | None, memory_budget: int | None = None, threads: int 
     return model, time.perf_counter() - start
 
 
-def pinned(pin: Path | None, model) -> list[tuple[int, int]]:
-    """The (layer, expert) pairs of a profile, hottest first; none without one."""
+def pinned(pin: Path | None, model, memory_budget: int | None) -> list[tuple[int, int]]:
+    """The (layer, expert) pairs of a profile to keep resident, hottest first; none without one."""
     if pin is None:
         return []
     from moe.runtime.routing_stats import read_pins
 
-    return read_pins(pin, model)
+    return read_pins(pin, model, memory_budget)
 
 
 def print_json(obj) -> None:

@@ -135,3 +135,15 @@ def test_cli_profile_then_pin(model_path, tmp_path, capsys):
                                              "--memory-budget)\n")
     assert main(["run", str(model_path), "def", "--max-tokens", "3", "--pin", str(tmp_path / "missing.json")]) == 2
     assert "missing.json: no such file" in capsys.readouterr().err
+
+
+def test_pins_fill_at_most_a_quarter_of_the_slots(model_path, tmp_path):
+    from moe.runtime.layout import open_layout
+    from moe.runtime.paging import slot_bytes
+    from moe.runtime.routing_stats import PIN_SHARE
+
+    pairs = [[0, e] for e in range(8)] + [[2, e] for e in range(8)]
+    (tmp_path / "p.json").write_text(json.dumps({"hottest": pairs}))
+    slot = slot_bytes(open_layout(model_path))
+    assert read_pins(tmp_path / "p.json", model_path, 20 * slot) == [tuple(p) for p in pairs[: int(PIN_SHARE * 20)]]
+    assert len(read_pins(tmp_path / "p.json", model_path)) == 16
