@@ -191,6 +191,19 @@ def test_linear_dispatch_and_scratch_reuse(enc):
             assert np.array_equal(xq, ref_q) and np.array_equal(xs, ref_s)
 
 
+def test_disagreeing_shapes_raise_instead_of_reading_out_of_bounds():
+    rng = np.random.default_rng(5)
+    p = make_packed("q4", 8, 64, 32, rng)
+    scratch = qmatmul.Scratch()
+    with pytest.raises(ValueError):  # x wider than the weight
+        qmatmul.linear(p, acts(1, 96, rng), np.empty((1, 8), np.float32), scratch)
+    with pytest.raises(ValueError):  # out of the wrong shape
+        qmatmul.linear(p, acts(2, 64, rng), np.empty((2, 9), np.float32), scratch)
+    with pytest.raises(ValueError):  # scales of another group size
+        qmatmul.linear(Packed("q4", p.shape, p.codes, p.scales[:, :1].copy(), 32), acts(1, 64, rng),
+                       np.empty((1, 8), np.float32), scratch)
+
+
 def test_scratch_decode_reuses_buffers():
     scratch = qmatmul.Scratch(max_tokens=2, max_cols=2048)
     first = scratch.acts(1, 2048)

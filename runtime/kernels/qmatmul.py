@@ -141,8 +141,15 @@ def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
     all of them for groups of a non-power-of-two number of blocks) go through the scalar loop.
     """
     rows = codes.shape[0]
-    T = xq.shape[0]
+    T, cols_pad = xq.shape
     nblocks = xs.shape[1]
+    # the vector step reads raw pointers: shapes that disagree must stop here, not read out of bounds
+    if codes.shape[1] * (8 // bits) != cols_pad or xqa.shape != xq.shape or xs.shape != (T, cols_pad // CHUNK):
+        raise ValueError("matmul: codes, activations and their scales disagree in shape")
+    if gs <= 0 or gs % CHUNK or scales.shape != (rows, cols_pad // gs) or xsum.shape != xs.shape:
+        raise ValueError("matmul: scales disagree with codes and group size")
+    if out.shape != (T, rows):
+        raise ValueError("matmul: out must be [tokens, rows]")
     per_group = gs // CHUNK
     nb, shift = _vector_span(nblocks, per_group)
     for tile in prange((rows + ROW_TILE - 1) // ROW_TILE):
@@ -195,6 +202,10 @@ def prepare_acts(x, xq, xqa, xs, xsum):
     """
     T, cols = x.shape
     nblocks = xs.shape[1]
+    if xq.shape[0] != T or cols > xq.shape[1] or xqa.shape != xq.shape:
+        raise ValueError("prepare_acts: xq must be [tokens, cols_pad >= cols]")
+    if xs.shape != (T, xq.shape[1] // CHUNK) or xsum.shape != xs.shape:
+        raise ValueError("prepare_acts: xs and xsum must be [tokens, cols_pad / 32]")
     full = cols // CHUNK
     for t in range(T):
         for b in range(full):
