@@ -8,9 +8,12 @@ Decode time per token = fixed cost + weight bytes / kernel rate + expert misses 
 - weight bytes touched per token (plan.figures) are read at the rate our matrix-vector kernels
   reach on matrices that do not fit in the CPU caches, per encoding (q4, q8, ...); the plain memory
   bandwidth (numpy sum) is measured beside it for reference;
-- under a budget, a miss reads one expert run: from the page cache (a copy) when experts.bin fits in
-  the RAM left over, else from disk (measured with O_DIRECT, or after dropping the file's pages);
-  plus the paging path's own cost per miss, measured on the miniature at its minimum budget.
+- under a budget, every expert lookup costs the paging path's bookkeeping, and a miss reads one expert
+  run: from the page cache (a copy) when experts.bin fits in the RAM left over, else from disk
+  (measured with O_DIRECT, or after dropping the file's pages). Both costs are measured on the
+  miniature: with a budget holding all its experts (lookups hit) and at its minimum (lookups miss).
+  Prefetch is left out: it turns misses into hits by reading ahead on another thread, at the price of
+  extra reads (about half as many again on the trained models).
 
 Hit rate under a budget holding a fraction f of all experts (slots / (MoE layers x experts)):
     hit(f) = 1 - (1 - f) ** HIT_EXPONENT
@@ -43,7 +46,7 @@ from .units import format_size
 HIT_EXPONENT = 2.5  # mean of the four trained models' fits (see above)
 MACHINE_FILE = "machine.json"
 OVERHEAD_FILE = "plan-overheads.json"
-VERSION = 2
+VERSION = 3
 BANDWIDTH_BYTES = 256 << 20  # numpy sum over this much memory
 MATVEC_BYTES = 128 << 20  # weights cycled through per encoding, well beyond the CPU caches
 MATRIX_BYTES = 8 << 20  # one matrix of that set: its rows are a layer's, its calls few
@@ -52,7 +55,10 @@ READ_CHUNK = 4 << 20  # expert-run-sized reads
 ENCODINGS = ("q4", "q8", "bf16", "f16", "f32")
 MINI_WIDTHS = {"hidden_size": 64, "head_dim": 16, "vocab_size": 256, "intermediate_size": 32,
                "moe_intermediate_size": 32, "intermediate_size_mlp": 32, "shared_expert_intermediate_size": 32}
-MINI_TOKENS = 48  # decoded with experts mapped; a quarter of them at the minimum budget (every expert a miss)
+# The clock of every measurement here. Benchmarks on a shared machine may swap in time.process_time
+# (single-threaded): CPU seconds leave out the time slices other processes take.
+clock = time.perf_counter
+MINI_TOKENS = 48  # decoded per timing of the miniature
 
 
 def hit_rate(fraction: float) -> float:
@@ -95,7 +101,7 @@ def machine(remeasure: bool = False, say=None) -> dict:
 
 
 def memory_bandwidth(nbytes: int = BANDWIDTH_BYTES) -> float:
-    """Bytes/s numpy sums a float64 array that no cache holds (best of three)."""
+    """Bytes/s numpy sums a float64 array that no cache holds (best of five)."""
     a = np.ones(nbytes // 8)
     return nbytes / _best(lambda: a.sum(), 5)
 
@@ -103,9 +109,9 @@ def memory_bandwidth(nbytes: int = BANDWIDTH_BYTES) -> float:
 def _best(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times)
 
 
@@ -208,8 +214,9 @@ def mini_config(hf: dict) -> dict:
 
 
 def overhead(hf: dict, bits: int, group_size: int = 32, remeasure: bool = False, say=None) -> dict:
-    """The miniature's decode seconds per token (experts mapped), per expert miss (paging), and its bytes
-    touched per token by encoding; cached in moe_home() by architecture and geometry."""
+    """The miniature's decode seconds per token with experts mapped, the paging path's seconds per expert
+    lookup and per miss (its read excluded), and its bytes touched per token by encoding; cached in
+    moe_home() by architecture and geometry."""
     import numba
 
     mini = mini_config(hf)
@@ -225,12 +232,17 @@ def overhead(hf: dict, bits: int, group_size: int = 32, remeasure: bool = False,
     moe_home().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".moe-mini-", dir=moe_home()) as tmp:
         fig = write_miniature(mini, bits, group_size, Path(tmp))
-        decode_s, _ = _time_decode(Path(tmp), None)
-        paged_s, misses = _time_decode(Path(tmp), fig["min_budget_bytes"])
-    read_s = fig["expert_run_bytes"] / rates["cached_read"]
+        decode_s, _, _ = _time_decode(Path(tmp), None)
+        missing_s, misses, _ = _time_decode(Path(tmp), fig["min_budget_bytes"])
+        everything = fig["moe_layers"] * fig["experts"] * fig["slot_bytes"]
+        holding_s, held_misses, lookups = _time_decode(Path(tmp), everything, passes=2)
+    per_miss = (missing_s - decode_s) / max(misses, 1e-9)  # lookup, bookkeeping and read
+    lookup_s = (holding_s - decode_s - held_misses * per_miss) / max(lookups - held_misses, 1e-9)
+    lookup_s = min(max(0.0, lookup_s), per_miss)
     entry = {
         "decode_s": decode_s,
-        "miss_s": max(0.0, (paged_s - decode_s) / max(misses, 1e-9) - read_s),
+        "lookup_s": lookup_s,
+        "miss_s": max(0.0, per_miss - lookup_s - fig["expert_run_bytes"] / rates["cached_read"]),
         "bytes_per_token_by_encoding": fig["bytes_per_token_by_encoding"],
     }
     cache = _read_json(path)
@@ -272,25 +284,28 @@ def write_miniature(mini: dict, bits: int, group_size: int, folder: Path) -> dic
     return sizes(p, encodings, group_size)
 
 
-def _time_decode(folder: Path, budget: int | None) -> tuple[float, float]:
-    """(median seconds per decoded token, expert misses per token) of the miniature at `folder`."""
+def _time_decode(folder: Path, budget: int | None, passes: int = 1) -> tuple[float, float, float]:
+    """(median seconds per decoded token, expert misses and lookups per token) of the miniature at `folder`,
+    over the last of `passes` runs of the same tokens (earlier ones fill the cache)."""
     from .model import load_model
 
-    tokens = MINI_TOKENS if budget is None else MINI_TOKENS // 4
-    model = load_model(folder, memory_budget=budget, max_context=tokens + 8, prefetch=False)
+    model = load_model(folder, memory_budget=budget, max_context=MINI_TOKENS + 8, prefetch=False)
     try:
-        ids = np.random.default_rng(0).integers(0, model.config.vocab_size, tokens, dtype=np.int64)
-        model.forward(ids[:4], last_only=True)
-        model.experts.reset_counters()
-        times = []
-        for i in range(4, tokens):
-            start = time.perf_counter()
-            model.forward(ids[i: i + 1], last_only=True)
-            times.append(time.perf_counter() - start)
+        ids = np.random.default_rng(0).integers(0, model.config.vocab_size, MINI_TOKENS, dtype=np.int64)
+        for _ in range(passes):
+            model.reset()
+            model.forward(ids[:4], last_only=True)
+            model.experts.reset_counters()
+            times = []
+            for i in range(4, MINI_TOKENS):
+                start = clock()
+                model.forward(ids[i: i + 1], last_only=True)
+                times.append(clock() - start)
         misses = int(model.experts.misses.sum()) / len(times)
+        lookups = misses + int(model.experts.hits.sum()) / len(times)
     finally:
         model.close()
-    return float(np.median(times)), misses
+    return float(np.median(times)), misses, lookups
 
 
 # ---- the prediction
@@ -313,11 +328,12 @@ def predict(fig: dict, rates: dict, mini: dict, budget: int | None = None, avail
     slots = budget // fig["slot_bytes"]
     fraction = min(1.0, slots / (fig["moe_layers"] * fig["experts"]))
     hit = hit_rate(fraction)
-    misses = (1.0 - hit) * fig["top_k"] * fig["moe_layers"]
+    lookups = fig["top_k"] * fig["moe_layers"]
+    misses = (1.0 - hit) * lookups
     room = (available or 0) - fig["ram_bytes_at_min_budget"] - budget
     from_cache = fig["experts_bin_bytes"] <= room
     rate = rates["cached_read"] if from_cache else rates["disk_read"]
-    seconds += misses * (fig["expert_run_bytes"] / rate + mini["miss_s"])
+    seconds += lookups * mini["lookup_s"] + misses * (fig["expert_run_bytes"] / rate + mini["miss_s"])
     return {
         "decode_tok_s": 1.0 / seconds,
         "hit_rate": hit,

@@ -23,7 +23,7 @@ from tiny import make_checkpoint
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 RATES = {"memory_bandwidth": 2e10, "matvec": {e: 1e10 for e in speed.ENCODINGS}, "cached_read": 1e10,
          "disk_read": 1e9, "threads": 2, "measured_at": "test"}
-MINI = {"decode_s": 1e-3, "miss_s": 1e-5, "bytes_per_token_by_encoding": {}}
+MINI = {"decode_s": 1e-3, "lookup_s": 2e-6, "miss_s": 1e-5, "bytes_per_token_by_encoding": {}}
 
 
 @pytest.fixture(scope="module")
@@ -246,12 +246,14 @@ def test_prediction_adds_up(checkpoints):
     assert in_ram["decode_tok_s"] == pytest.approx(1 / (1e-3 + fig["bytes_per_token"] / 1e10))
     full = fig["moe_layers"] * fig["experts"] * fig["slot_bytes"]
     speeds = [speed.predict(fig, RATES, MINI, int(full * f), available=0)["decode_tok_s"] for f in (0.25, 0.5, 1.0)]
-    assert speeds[0] < speeds[1] < speeds[2] == pytest.approx(in_ram["decode_tok_s"])
+    lookups = fig["top_k"] * fig["moe_layers"]
+    assert speeds[0] < speeds[1] < speeds[2] == pytest.approx(1 / (1 / in_ram["decode_tok_s"] + lookups * 2e-6))
     quarter = speed.predict(fig, RATES, MINI, full // 4, available=0)
-    misses = (1 - speed.hit_rate(0.25)) * fig["top_k"] * fig["moe_layers"]
+    misses = (1 - speed.hit_rate(0.25)) * lookups
     assert quarter["misses_from"] == "disk"
     assert quarter["expert_bytes_read_per_token"] == pytest.approx(misses * fig["expert_run_bytes"])
-    assert 1 / quarter["decode_tok_s"] == pytest.approx(1 / in_ram["decode_tok_s"] + misses * (fig["expert_run_bytes"] / 1e9 + 1e-5))
+    assert 1 / quarter["decode_tok_s"] == pytest.approx(
+        1 / in_ram["decode_tok_s"] + lookups * 2e-6 + misses * (fig["expert_run_bytes"] / 1e9 + 1e-5))
     cached = speed.predict(fig, RATES, MINI, full // 4, available=10**12)
     assert cached["misses_from"] == "page cache" and cached["decode_tok_s"] > quarter["decode_tok_s"]
     with pytest.raises(MoeError, match="below the minimum"):
@@ -266,8 +268,10 @@ def test_miniature_runs(checkpoints, tmp_path, arch):
     real = plan.figures(*plan.read_source(str(checkpoints[arch])))
     for key in ("layers", "moe_layers", "experts", "top_k"):
         assert fig[key] == real[key]
-    seconds, misses = speed._time_decode(tmp_path, fig["min_budget_bytes"])
-    assert seconds > 0 and misses > 0
+    seconds, misses, lookups = speed._time_decode(tmp_path, fig["min_budget_bytes"])
+    assert seconds > 0 and misses == lookups == fig["top_k"] * fig["moe_layers"]
+    held = speed._time_decode(tmp_path, fig["moe_layers"] * fig["experts"] * fig["slot_bytes"], passes=2)
+    assert held[1] == 0 and held[2] == lookups
 
 
 def test_measurements_are_cached(monkeypatch, isolated_home):

@@ -9,8 +9,12 @@
    it, the median token time (a shared machine loses whole time slices to other processes; the median
    shows the model's own speed). Experts in RAM and under a budget of 25 % of the expert bytes; the
    synthetic OLMoE-1B-7B checkpoint (--olmoe SRC --olmoe-converted OUT) in RAM and at 1 GiB.
+   With --cpu-time (one thread), the plan's measurements and the median token time are taken in CPU
+   seconds of this process (time.process_time), which other processes' load leaves out.
 3. Pinning: profile on the first half of the evaluation text, then decode the second half at 25 %
-   budget with and without `pin` (hit rate and tokens/s).
+   budget with and without `--pin`'s pairs (at most a quarter of the slots): hit rate and tokens/s.
+
+The plan's measurements are made afresh, in a home of their own under --cache.
 """
 
 from __future__ import annotations
@@ -43,10 +47,10 @@ def teacher_forced(model, ids: np.ndarray) -> tuple[float, float]:
     model.reset()
     model.forward(ids[:1], last_only=True)
     model.experts.reset_counters()
-    start = time.perf_counter()
+    start = speed.clock()
     for i in range(1, len(ids)):
         model.forward(ids[i: i + 1], last_only=True)
-    seconds = time.perf_counter() - start
+    seconds = speed.clock() - start
     hits, misses = int(model.experts.hits.sum()), int(model.experts.misses.sum())
     return hits / max(1, hits + misses), (len(ids) - 1) / seconds
 
@@ -76,9 +80,9 @@ def median_decode(path: Path, budget: int | None, threads: int, prompt: int, gen
     token = int(np.argmax(m.forward(ids, last_only=True)[-1]))
     times = []
     for _ in range(gen):
-        start = time.perf_counter()
+        start = speed.clock()
         token = int(np.argmax(m.forward(np.array([token], np.int64), last_only=True)[-1]))
-        times.append(time.perf_counter() - start)
+        times.append(speed.clock() - start)
     m.close()
     return 1.0 / statistics.median(times)
 
@@ -87,7 +91,7 @@ def compare(src: Path, converted: Path, budgets: dict[str, int | None], threads:
             repeat: int) -> list[dict]:
     hf, headers = read_source(str(src))
     fig = figures(hf, headers, 4)
-    rates = speed.machine(say=print)
+    rates = speed.machine(remeasure=True, say=print)
     mini = speed.overhead(hf, 4, say=print)
     rows = []
     for label, budget in budgets.items():
@@ -136,14 +140,19 @@ def main() -> None:
     ap.add_argument("--olmoe", type=Path, help="the synthetic OLMoE checkpoint (python -m moe.convert.synthetic)")
     ap.add_argument("--olmoe-converted", type=Path, help="its 4-bit conversion")
     ap.add_argument("--skip-fit", action="store_true")
+    ap.add_argument("--cpu-time", action="store_true", help="one thread, timed in CPU seconds (see above)")
     args = ap.parse_args()
     import numba
 
+    if args.cpu_time:
+        args.threads = 1
+        speed.clock = time.process_time
     if args.threads:
         numba.set_num_threads(args.threads)
     threads = numba.get_num_threads()
+    os.environ["MOE_HOME"] = str(args.cache / f"plan-home-{'cpu' if args.cpu_time else 'wall'}")
     text = (MODELS / "eval-python-stdlib.txt").read_text()
-    result = {"threads": threads, "fits": {}, "speed": [], "pin": []}
+    result = {"threads": threads, "clock": speed.clock.__name__, "fits": {}, "speed": [], "pin": []}
     for name in NAMES:
         dst = args.cache / f"{name}-q4"
         if not (dst / "manifest.json").exists():
@@ -165,7 +174,7 @@ def main() -> None:
         result["mean_exponent"] = statistics.mean(f["exponent"] for f in result["fits"].values())
     args.cache.mkdir(parents=True, exist_ok=True)
     (args.cache / "plan_vs_measured.json").write_text(json.dumps(result, indent=1))
-    print(f"\nthreads {threads}; fitted exponents "
+    print(f"\nthreads {threads}, clock {speed.clock.__name__}; fitted exponents "
           + ", ".join(f"{n} {f['exponent']:.2f}" for n, f in result["fits"].items()))
     print(f"{'model':14}{'budget':>7}{'predicted':>11}{'bench':>9}{'median':>9}{'bench/pred':>12}{'med/pred':>10}"
           f"{'hit pred':>10}{'hit':>7}{'load':>6}")
