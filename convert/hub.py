@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,18 +60,31 @@ def check_weights(folder: Path, src: str) -> None:
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     quiet = not sys.stderr.isatty() and not are_progress_bars_disabled()
     if quiet:
         disable_progress_bars()
+    try:
+        with hub_errors(repo_id, revision):
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SMALL_FILES))
+            weights = _indexed_shards(folder) or ["*.safetensors"]
+            # the second call pins the commit the first one resolved
+            return Path(snapshot_download(repo_id, revision=folder.name, allow_patterns=SMALL_FILES + weights))
+    finally:
+        if quiet:
+            enable_progress_bars()
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str | None):
+    """huggingface_hub's exceptions, and the network's, as one line each that says what to do."""
+    from huggingface_hub import errors
+
     at = f" at revision {revision}" if revision else ""
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SMALL_FILES))
-        weights = _indexed_shards(folder) or ["*.safetensors"]
-        # the second call pins the commit the first one resolved
-        return Path(snapshot_download(repo_id, revision=folder.name, allow_patterns=SMALL_FILES + weights))
+        yield
     except errors.GatedRepoError:
         raise MoeError(f"{repo_id}: gated on the Hugging Face Hub; accept its terms on huggingface.co/{repo_id} "
                        "and set HF_TOKEN") from None
@@ -78,18 +92,24 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise MoeError(f"{repo_id}: no such model on the Hugging Face Hub (if it is private, set HF_TOKEN)") from None
     except errors.RevisionNotFoundError:
         raise MoeError(f"{repo_id}: no revision {revision!r} on the Hugging Face Hub") from None
-    except errors.LocalEntryNotFoundError:
+    except errors.RemoteEntryNotFoundError:
+        raise MoeError(f"{repo_id}{at}: has no config.json; not a transformers model") from None
+    except errors.NotASafetensorsRepoError:
+        raise MoeError(f"{repo_id}{at}: no model.safetensors or {INDEX}; moe converts safetensors checkpoints "
+                       "only") from None
+    except errors.SafetensorsParsingError as exc:
+        raise MoeError(f"{repo_id}: a safetensors header is not valid ({exc}); the repo is damaged") from None
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
         raise MoeError(f"{repo_id}{at}: not in the Hugging Face cache, and the Hub is unreachable (offline mode "
                        "or no network); connect, or unset HF_HUB_OFFLINE") from None
     except errors.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "an error"
         raise MoeError(f"{repo_id}: the Hugging Face Hub answered {status}; try again later", 1) from None
-    except Exception as exc:  # network stack errors (httpx), disk errors in the cache
-        raise MoeError(f"{repo_id}: download failed ({type(exc).__name__}: {exc}); check the network and "
-                       "try again", 1) from None
-    finally:
-        if quiet:
-            enable_progress_bars()
+    except MoeError:
+        raise
+    except Exception as exc:  # network stack errors (httpx raises OSError subclasses), disk errors in the cache
+        raise MoeError(f"{repo_id}: talking to the Hugging Face Hub failed ({type(exc).__name__}: {exc}); check "
+                       "the network and try again", 1) from None
 
 
 def _indexed_shards(folder: Path) -> list[str] | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..convert import arch as arch_registry
 from ..convert.arch.common import Plan, Run
 from ..convert.converter import check_options, check_plan, encoding_for, read_json
-from ..convert.hub import check_weights
+from ..convert.hub import check_weights, hub_errors
 from ..convert.safetensors_io import DTYPES, INDEX, Checkpoint, TensorInfo
 from .errors import MoeError
 from .info import kind_of
@@ -82,37 +82,13 @@ def _hub(repo_id: str, revision: str | None) -> tuple[dict, Headers]:
         validate_repo_id(repo_id)
     except errors.HFValidationError:
         raise MoeError(f"{repo_id}: no such folder, and not a Hub id (org/name); check the path") from None
-    at = f" at revision {revision}" if revision else ""
-    try:
+    with hub_errors(repo_id, revision):
         snapshot = Path(hf_hub_download(repo_id, "config.json", revision=revision)).parent
         config = read_json(snapshot / "config.json", required=True)
         commit = snapshot.name  # snapshots/<commit>/config.json
         if _has_weights(snapshot):  # converted before: the weights are in the cache already
             return config, _local_headers(snapshot, repo_id, commit)
         meta = HfApi().get_safetensors_metadata(repo_id, revision=commit)
-    except errors.GatedRepoError:
-        raise MoeError(f"{repo_id}: gated on the Hugging Face Hub; accept its terms on huggingface.co/{repo_id} "
-                       "and set HF_TOKEN") from None
-    except errors.RepositoryNotFoundError:
-        raise MoeError(f"{repo_id}: no such model on the Hugging Face Hub (if it is private, set HF_TOKEN)") from None
-    except errors.RevisionNotFoundError:
-        raise MoeError(f"{repo_id}: no revision {revision!r} on the Hugging Face Hub") from None
-    except errors.RemoteEntryNotFoundError:
-        raise MoeError(f"{repo_id}{at}: has no config.json; not a transformers model") from None
-    except errors.NotASafetensorsRepoError:
-        raise MoeError(f"{repo_id}{at}: no model.safetensors or {INDEX}; moe converts safetensors checkpoints "
-                       "only") from None
-    except errors.SafetensorsParsingError as exc:
-        raise MoeError(f"{repo_id}: a safetensors header is not valid ({exc}); the repo is damaged") from None
-    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
-        raise MoeError(f"{repo_id}{at}: the Hugging Face Hub is unreachable (offline mode or no network) and "
-                       "its headers are not cached; connect, or unset HF_HUB_OFFLINE") from None
-    except errors.HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else "an error"
-        raise MoeError(f"{repo_id}: the Hugging Face Hub answered {status}; try again later") from None
-    except OSError as exc:  # network stack errors (httpx2 raises OSError subclasses), cache disk errors
-        raise MoeError(f"{repo_id}: cannot reach the Hugging Face Hub ({type(exc).__name__}: {exc}); check the "
-                       "network") from None
     tensors = {}
     for fname, f in meta.files_metadata.items():
         for name, t in f.tensors.items():

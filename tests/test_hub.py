@@ -96,7 +96,7 @@ def http_error(cls, status):
     (lambda: http_error(errors.GatedRepoError, 403), "org/x: gated on the Hugging Face Hub; accept its terms"),
     (lambda: http_error(errors.RepositoryNotFoundError, 404), "org/x: no such model on the Hugging Face Hub"),
     (lambda: http_error(errors.RevisionNotFoundError, 404), "org/x: no revision 'main'"),
-    (lambda: httpx2.ConnectError("no route to host"), "org/x: download failed \\(ConnectError"),
+    (lambda: httpx2.ConnectError("no route to host"), "org/x: talking to the Hugging Face Hub failed \\(ConnectError"),
 ])
 def test_hub_failures_become_one_line(monkeypatch, raised, match):
     def fake_download(*args, **kwargs):
