@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -28,5 +29,8 @@ def convert(
 ) -> None:
     """Convert a checkpoint; prints the output folder on stdout (progress and summary on stderr)."""
     from moe.convert import convert as run_convert
+    from moe.convert import summary
 
-    print(run_convert(src, output, bits=bits, group_size=group_size, revision=revision, force=force), flush=True)
+    out = run_convert(src, output, bits=bits, group_size=group_size, revision=revision, force=force)
+    print(out, flush=True)
+    print(summary(out), file=sys.stderr)
