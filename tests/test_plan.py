@@ -23,7 +23,7 @@ from tiny import make_checkpoint
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 RATES = {"memory_bandwidth": 2e10, "matvec": {e: 1e10 for e in speed.ENCODINGS}, "cached_read": 1e10,
          "disk_read": 1e9, "threads": 2, "measured_at": "test"}
-MINI = {"decode_s": 1e-3, "lookup_s": 2e-6, "miss_s": 1e-5, "bytes_per_token_by_encoding": {}}
+MINI = {"decode_s": 1e-3, "lookup_s": 2e-6, "predict_s": 3e-6, "miss_s": 1e-5, "bytes_per_token_by_encoding": {}}
 
 
 @pytest.fixture(scope="module")
@@ -245,15 +245,21 @@ def test_prediction_adds_up(checkpoints):
     in_ram = speed.predict(fig, RATES, MINI)
     assert in_ram["decode_tok_s"] == pytest.approx(1 / (1e-3 + fig["bytes_per_token"] / 1e10))
     full = fig["moe_layers"] * fig["experts"] * fig["slot_bytes"]
-    speeds = [speed.predict(fig, RATES, MINI, int(full * f), available=0)["decode_tok_s"] for f in (0.25, 0.5, 1.0)]
+    speeds = [speed.predict(fig, RATES, MINI, int(full * f), available=0, prefetch=False)["decode_tok_s"]
+              for f in (0.25, 0.5, 1.0)]
     lookups = fig["top_k"] * fig["moe_layers"]
     assert speeds[0] < speeds[1] < speeds[2] == pytest.approx(1 / (1 / in_ram["decode_tok_s"] + lookups * 2e-6))
-    quarter = speed.predict(fig, RATES, MINI, full // 4, available=0)
+    quarter = speed.predict(fig, RATES, MINI, full // 4, available=0, prefetch=False)
     misses = (1 - speed.hit_rate(0.25)) * lookups
     assert quarter["misses_from"] == "disk"
     assert quarter["expert_bytes_read_per_token"] == pytest.approx(misses * fig["expert_run_bytes"])
-    assert 1 / quarter["decode_tok_s"] == pytest.approx(
-        1 / in_ram["decode_tok_s"] + lookups * 2e-6 + misses * (fig["expert_run_bytes"] / 1e9 + 1e-5))
+    miss = fig["expert_run_bytes"] / 1e9 + 1e-5
+    assert 1 / quarter["decode_tok_s"] == pytest.approx(1 / in_ram["decode_tok_s"] + lookups * 2e-6 + misses * miss)
+    assert speed.predict(fig, RATES, MINI, full // 4, available=0) == quarter  # 4 slots: too few to prefetch
+    ahead = speed.predict(fig, RATES, MINI, full // 2, available=0)  # prefetch: more reads, routers run ahead
+    misses = (1 - speed.hit_rate(0.5)) * lookups
+    assert 1 / ahead["decode_tok_s"] == pytest.approx(1 / in_ram["decode_tok_s"] + lookups * 2e-6
+                                                      + fig["moe_layers"] * 3e-6 + speed.PREFETCH_READS * misses * miss)
     cached = speed.predict(fig, RATES, MINI, full // 4, available=10**12)
     assert cached["misses_from"] == "page cache" and cached["decode_tok_s"] > quarter["decode_tok_s"]
     with pytest.raises(MoeError, match="below the minimum"):
