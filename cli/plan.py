@@ -69,7 +69,7 @@ def _rows(f: dict) -> list[tuple[str, str]]:
                                f"{size(f['kv_cache_bytes'])}, and the runtime)"),
         ("smallest budget", f"--memory-budget {size(f['min_budget_bytes'])}: RAM {size(f['ram_bytes_at_min_budget'])}"),
         ("this machine", f"memory {_rate(m['memory_bandwidth'])}, q4 kernel {_rate(m['matvec']['q4'])}, "
-                         f"disk {_rate(m['disk_read'])}, {m['threads']} threads"),
+                         f"disk {_rate(m['disk_read'])}, {m['threads']} thread{'s' * (m['threads'] != 1)}"),
         ("decode, in RAM", f"about {tok_s_text(f['predicted_in_ram_tok_s'])} tok/s"),
     ]
     paged = f["predicted_at_budget"]
