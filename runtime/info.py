@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 
+from . import paging
 from .home import resolve_model
-from .layout import EXPERTS_FILE, MODEL_FILE, expert_key, read_manifest, stored_nbytes
+from .layout import EXPERTS_FILE, MODEL_FILE, Layout, expert_key, read_manifest, stored_nbytes
 
 PARTS = ("embeddings", "attention", "routers", "experts", "other")
 
@@ -58,11 +59,10 @@ def model_info(path) -> dict:
             expert_params[key[:2]] = expert_params.get(key[:2], 0) + n
     top_k = cfg["top_k"]
     active_expert_params = 0
-    min_budget = 0
     for layer, runs in m["experts"].items():
         per_expert = sorted((expert_params.get((int(layer), j), 0) for j in range(len(runs))), reverse=True)
         active_expert_params += sum(per_expert[:top_k])
-        min_budget = max(min_budget, sum(sorted((r["nbytes"] for r in runs), reverse=True)[:top_k]))
+    min_budget = paging.min_budget(Layout(folder, m)) if m["experts"] else 0  # what the expert cache enforces
     files = {k: v["size"] for k, v in m["files"].items()}
     total = sum(params.values())
     return {
