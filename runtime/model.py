@@ -10,6 +10,8 @@ expert's weights are read once per layer; decode (T = 1) reuses buffers allocate
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +111,16 @@ class _Buffers:
         return self.xn.reshape(self.T, 1, -1)
 
 
+def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """f32 zeros in anonymous memory that is committed page by page as it is written. Transparent huge
+    pages are refused: each head's rows of the KV cache start 2 MiB apart, so one token would commit
+    2 MiB per head and layer (1 GiB for OLMoE's cache after the first prompt)."""
+    buf = mmap.mmap(-1, max(1, math.prod(shape) * 4))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, np.float32, math.prod(shape)).reshape(shape)
+
+
 def _view(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """a reshaped without a copy (assigning .shape raises rather than copy)."""
     v = a.view()
@@ -135,8 +147,8 @@ class Model:
         freq, attention_factor = rope.inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         self._cos, self._sin = rope.tables(freq, attention_factor, max_context)  # (P, hd/2)
         kv_shape = (cfg.num_layers, cfg.num_kv_heads, max_context, cfg.head_dim)
-        self._k = np.zeros(kv_shape, F32)  # calloc'd: pages are committed only as positions fill
-        self._v = np.zeros(kv_shape, F32)
+        self._k = _lazy_zeros(kv_shape)  # pages are committed only as positions fill
+        self._v = _lazy_zeros(kv_shape)
         self._ones = np.ones(cfg.head_dim, F32)  # Llama 4's L2 norm is an RMSNorm without weight
         self._no_sinks = np.zeros(cfg.num_heads, F32)
         self._uses = np.zeros((cfg.num_layers, cfg.num_experts), np.int64)
