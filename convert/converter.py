@@ -249,9 +249,12 @@ def tokenizer_info(folder: Path) -> dict:
     special = read_json(folder / "special_tokens_map.json") or {}
     template = config.get("chat_template")
     if (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text()
+        try:
+            template = (folder / "chat_template.jinja").read_bytes().decode()
+        except UnicodeDecodeError:
+            raise MoeError(f"{folder / 'chat_template.jinja'}: not UTF-8 text; re-download the model") from None
     elif isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {t["name"]: t.get("template") for t in template if isinstance(t, dict) and isinstance(t.get("name"), str)}
         template = named.get("default", next(iter(named.values()), None))
     bos = _token_text(config.get("bos_token", special.get("bos_token")))
     add_bos = config.get("add_bos_token")
@@ -276,13 +279,14 @@ def _post_processor_adds(tokenizer_json: Path, token: str) -> bool:
     """Whether tokenizer.json's post-processor puts `token` first (Llama 3 / 4 style BOS), absent add_bos_token."""
     try:
         post = json.loads(tokenizer_json.read_bytes()).get("post_processor") or {}
-    except (ValueError, UnicodeDecodeError):
-        raise MoeError(f"{tokenizer_json}: not valid JSON; re-download the model") from None
-    processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
-    for p in processors:
-        single = p.get("single") if p.get("type") == "TemplateProcessing" else None
-        if single and single[0].get("SpecialToken", {}).get("id") == token:
-            return True
+        processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+        for p in processors:
+            single = p.get("single") if p.get("type") == "TemplateProcessing" else None
+            if single and single[0].get("SpecialToken", {}).get("id") == token:
+                return True
+    except (ValueError, AttributeError, TypeError, KeyError, IndexError):  # ValueError: JSON, UTF-8
+        raise MoeError(f"{tokenizer_json}: not a valid tokenizer file (JSON with a post_processor object); "
+                       "re-download the model") from None
     return False
 
 

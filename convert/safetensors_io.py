@@ -21,6 +21,7 @@ import numpy as np
 from ..runtime.errors import MoeError
 
 MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
+MAX_DIMS, MAX_DIM = 8, 1 << 48  # far beyond any checkpoint, within numpy's limits (an empty tensor may claim any)
 INDEX = "model.safetensors.index.json"
 # safetensors dtype -> (numpy dtype of the raw view, bytes per element); only the first four can be converted
 DTYPES = {
@@ -103,7 +104,7 @@ class SafetensorsFile:
         dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise self._bad(f"tensor {name}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(s) and s <= MAX_DIM for s in shape):
             raise self._bad(f"tensor {name}: bad shape {shape!r}")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
             raise self._bad(f"tensor {name}: bad data_offsets {offsets!r}")

@@ -354,6 +354,8 @@ def _validate(folder: Path, m: dict) -> None:
     path = folder / MANIFEST
     if not isinstance(m["config"], dict):
         raise ValueError("config must be an object")
+    if set(m["files"]) != {MODEL_FILE, EXPERTS_FILE}:
+        raise ValueError(f"files must be {MODEL_FILE} and {EXPERTS_FILE}")
     sizes = {}
     for fname in (MODEL_FILE, EXPERTS_FILE):
         declared = _check_int(m["files"][fname]["size"], f"files.{fname}.size")
@@ -378,9 +380,10 @@ def _validate(folder: Path, m: dict) -> None:
             if len(shape) != 2 or gs == 0 or gs % CHUNK:
                 raise ValueError(f"tensor {name}: bad group size {gs}")
         nbytes, snbytes = expected_nbytes(e)
-        spans = [(e["offset"], nbytes)] + ([(e["scales_offset"], snbytes)] if snbytes else [])
-        for off, n in spans:
+        spans = [(e["offset"], nbytes, "crc32")] + ([(e["scales_offset"], snbytes, "scales_crc32")] if snbytes else [])
+        for off, n, checksum in spans:
             _check_int(off, f"tensor {name} offset")
+            _check_int(e[checksum], f"tensor {name} {checksum}")
             if off % TENSOR_ALIGN or off + n > sizes[e["file"]]:
                 raise MoeError(f"{path}: tensor {name} lies outside {e['file']} or is misaligned; reconvert the model")
     runs = {}

@@ -372,26 +372,54 @@ def tokenizer_round_trip(folder: Path) -> None:
         tok.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
 
 
+# Llama 3 style: BOS comes from tokenizer.json's post-processor when tokenizer_config.json has no add_bos_token
+LLAMA3_POST = {"type": "Sequence", "processors": [
+    {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+    {"type": "TemplateProcessing",
+     "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+     "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+              {"Sequence": {"id": "B", "type_id": 1}}],
+     "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}}]}
+TEMPLATES = ["{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+             [{"name": "default", "template": "{{ bos_token }}{{ messages[0].content }}"}, {"name": "tool_use"}]]
+
+
 @fuzz
 @given(st.data())
 def test_mutated_tokenizer_files(data):
-    name = data.draw(st.sampled_from(["tokenizer_config.json", "tokenizer_config.json", "special_tokens_map.json",
-                                      "tokenizer.json"]))
-    original = DEMO_SOURCE / name
-    doc = json.loads(original.read_text()) if original.is_file() else {"bos_token": "<s>", "eos_token": "</s>"}
-    if name == "tokenizer_config.json" and data.draw(st.booleans()):
-        doc["chat_template"] = data.draw(st.sampled_from([
-            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
-            [{"name": "default", "template": "{{ bos_token }}{{ messages[0].content }}"}, {"name": "tool_use"}],
-        ]))
-    mutated = mutate(data, doc, new_keys=TOKENIZER_KEYS, leaves=HUGE)
-    text = dumps(mutated)
+    target = data.draw(st.sampled_from(["tokenizer_config.json", "special_tokens_map.json", "post_processor",
+                                        "tokenizer.json", "chat_template.jinja"]))
+    config = json.loads((DEMO_SOURCE / "tokenizer_config.json").read_text())
+    tokenizer = json.loads((DEMO_SOURCE / "tokenizer.json").read_text())
+    special = {"bos_token": "<s>", "eos_token": {"content": "</s>", "special": True}}
+    template = None
+    if target == "tokenizer_config.json":
+        if data.draw(st.booleans()):
+            config["chat_template"] = data.draw(st.sampled_from(TEMPLATES))
+        config = mutate(data, config, new_keys=TOKENIZER_KEYS)
+    elif target == "special_tokens_map.json":  # without the config's own, the map's tokens count
+        config = {k: v for k, v in config.items() if not k.endswith("_token")}
+        special = mutate(data, special, new_keys=TOKENIZER_KEYS)
+    elif target == "post_processor":
+        del config["add_bos_token"]
+        tokenizer["post_processor"] = mutate(data, {"post_processor": LLAMA3_POST},
+                                             new_keys=TOKENIZER_KEYS).get("post_processor")
+    elif target == "tokenizer.json":
+        tokenizer = mutate(data, tokenizer, new_keys=TOKENIZER_KEYS, leaves=HUGE)
+    else:
+        template = "".join(data.draw(st.lists(TEMPLATE_PIECES, min_size=1, max_size=12))).encode()
+    files = {"tokenizer_config.json": dumps(config).encode(), "special_tokens_map.json": dumps(special).encode(),
+             "tokenizer.json": dumps(tokenizer).encode()}
+    if template is not None:
+        files["chat_template.jinja"] = template
+    name = "tokenizer.json" if target == "post_processor" else target
     if data.draw(st.integers(0, 9)) == 0:
-        text = corrupt(data, text.encode()).decode("utf-8", "replace")
+        files[name] = corrupt(data, files[name])
     with tempfile.TemporaryDirectory() as tmp:
-        folder = linked_copy(DEMO_SOURCE, Path(tmp) / "src", skip={name})
-        (folder / name).write_text(text)
-        attempt(f"tokenizer ({name})", tokenizer_round_trip, folder)
+        folder = linked_copy(DEMO_SOURCE, Path(tmp) / "src", skip=set(files))
+        for fname, raw in files.items():
+            (folder / fname).write_bytes(raw)
+        attempt(f"tokenizer ({target})", tokenizer_round_trip, folder)
 
 
 TEMPLATE_PIECES = st.sampled_from([
