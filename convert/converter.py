@@ -422,7 +422,7 @@ def write_layout(out: Path, force: bool, plan: Plan, ckpt: Checkpoint, encodings
     try:
         with _sigterm_as_exit():
             out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_stale_partials(out)
             tmp.mkdir()
             writer = LayoutWriter(tmp)
             errors = _write_tensors(writer, plan, ckpt, encodings, group_size, progress)
@@ -442,6 +442,25 @@ def write_layout(out: Path, force: bool, plan: Plan, ckpt: Checkpoint, encodings
         if writer is not None:
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Temporary folders of conversions into `out` whose process is gone (killed outright, or the machine
+    stopped), and this process's own from an earlier call."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) < 2**31 and (int(pid) == os.getpid() or not _running(int(pid))):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _write_tensors(writer: LayoutWriter, plan: Plan, ckpt: Checkpoint, encodings: dict[str, str], group_size: int,

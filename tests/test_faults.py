@@ -243,3 +243,21 @@ def test_a_manifest_whose_config_disagrees_with_its_tensors_is_refused_at_load(d
     (damaged_copy / MANIFEST).write_text(json.dumps(m))
     assert main(["run", str(damaged_copy), "x", "--max-tokens", "1"]) == 2
     one_line_error(capsys.readouterr().err, f"{damaged_copy / MANIFEST}: ", said, "reconvert the model")
+
+
+def test_a_conversion_killed_outright_is_swept_by_the_next(big, tmp_path, env):
+    """SIGKILL (the OOM killer, a power cut) leaves the temporary folder; the next conversion into the same
+    output removes it, and leaves alone one whose process still runs."""
+    proc = subprocess.Popen([sys.executable, "-m", "moe", "convert", str(big), "-o", str(tmp_path / "out")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    killed = wait_for_partial(tmp_path, "out", proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert killed.is_dir()
+    with subprocess.Popen(["sleep", "60"]) as other:  # a conversion still running elsewhere
+        alive = tmp_path / f".out.partial-{other.pid}"
+        alive.mkdir()
+        assert main(["convert", str(DEMO_SOURCE), "-o", str(tmp_path / "out")]) == 0
+        other.kill()
+    assert not killed.exists() and alive.is_dir()
+    assert leftovers(tmp_path, "out") == [alive.name, "out"]

@@ -35,7 +35,7 @@ from moe.runtime.model import load_model
 from moe.runtime.tokenizer import Tokenizer, render_chat_template
 from tiny import make_checkpoint
 
-EXAMPLES = int(os.environ.get("MOE_FUZZ_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("MOE_FUZZ_EXAMPLES", "80"))
 SECONDS = float(os.environ.get("MOE_FUZZ_SECONDS", "20"))  # one input taking longer than this is a hang
 ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss")
 fuzz = settings(max_examples=EXAMPLES, deadline=None, database=None,
