@@ -261,3 +261,28 @@ def test_a_conversion_killed_outright_is_swept_by_the_next(big, tmp_path, env):
         other.kill()
     assert not killed.exists() and alive.is_dir()
     assert leftovers(tmp_path, "out") == [alive.name, "out"]
+
+
+def test_nan_weights_in_model_bin_never_crash_and_verify_names_them(damaged_copy, env, capsys):
+    """Four bytes of model.bin turned into NaN (the router of layer 0): routing must still pick experts in
+    0..E-1 (the kernels index buffers with them unchecked); the run ends with one line, verify names the tensor."""
+    import numpy as np
+    from moe.runtime.kernels.routing import softmax_topk
+
+    m = json.loads((damaged_copy / MANIFEST).read_text())
+    router = m["tensors"]["layers.0.router"]
+    E, H = router["shape"]
+    with open(damaged_copy / MODEL_FILE, "r+b") as f:
+        for row in range(E):
+            f.seek(router["offset"] + row * H * 4)
+            f.write(np.float32(np.nan).tobytes())
+    done = subprocess.run([sys.executable, "-m", "moe", "run", str(damaged_copy), "def add(a, b):", "--max-tokens", "8"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    one_line_error(done.stderr, "non-finite logits", "moe verify")
+    assert main(["verify", str(damaged_copy)]) == 1
+    assert capsys.readouterr().out == f"{damaged_copy}: layer 0: checksum mismatch in tensor layers.0.router\n"
+    idx, weights = np.zeros((2, 3), np.int64), np.zeros((2, 3), np.float32)
+    softmax_topk(np.array([[np.nan] * 8, [1, np.nan, 3, np.inf, 0, 2, np.nan, 1]], np.float32), 3, True, idx, weights)
+    assert idx[0].tolist() == [0, 1, 2] and sorted(set(idx[1].tolist())) == sorted(idx[1].tolist())
+    assert ((0 <= idx) & (idx < 8)).all()

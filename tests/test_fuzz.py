@@ -332,6 +332,15 @@ def load_and_run(folder: Path, paged: bool) -> None:
         model.close()
 
 
+def keep(folder: Path, source: Path, paged: bool) -> None:
+    """With MOE_FUZZ_KEEP set, the input about to be tried is saved there: what a crash (not an exception) leaves."""
+    where = os.environ.get("MOE_FUZZ_KEEP")
+    if where:
+        sizes = {name: (folder / name).stat().st_size for name in (MODEL_FILE, EXPERTS_FILE)}
+        Path(where).write_text(json.dumps({"source": str(source), "paged": paged, "sizes": sizes,
+                                           "manifest": (folder / MANIFEST).read_text()}))
+
+
 @fuzz
 @given(st.data())
 def test_mutated_manifests(converted, data):
@@ -349,7 +358,9 @@ def test_mutated_manifests(converted, data):
             victim = folder / data.draw(st.sampled_from([MODEL_FILE, EXPERTS_FILE]))
             os.truncate(victim, data.draw(st.integers(0, victim.stat().st_size)))
         (folder / MANIFEST).write_text(text)
-        attempt("manifest", load_and_run, folder, data.draw(st.booleans()))
+        paged = data.draw(st.booleans())
+        keep(folder, source, paged)
+        attempt("manifest", load_and_run, folder, paged)
         attempt("manifest (verify)", verify, folder)
 
 

@@ -15,19 +15,24 @@ from . import FLAGS
 
 @njit(**FLAGS)
 def _topk(row, k, idx):
-    """The k largest entries of row (E,) into idx (k,), best first, ties to the lower index."""
+    """The k largest entries of row (E,) into idx (k,), best first, ties to the lower index. NaN ranks as -inf,
+    so a damaged weight still gives k distinct experts in 0..E-1 (idx indexes buffers unchecked)."""
     E = row.shape[0]
     last_v = np.float32(np.inf)
     last_e = -1
     for s in range(k):
         best = -1
+        best_v = np.float32(-np.inf)
         for e in range(E):
             v = row[e]
+            if v != v:
+                v = np.float32(-np.inf)
             after_last = v < last_v or (v == last_v and e > last_e)
-            if after_last and (best < 0 or v > row[best]):
+            if after_last and (best < 0 or v > best_v):
                 best = e
+                best_v = v
         idx[s] = best
-        last_v = row[best]
+        last_v = best_v
         last_e = best
 
 

@@ -28,11 +28,13 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=20000, help="examples per property")
     ap.add_argument("--seconds", type=float, default=30.0, help="longer than this on one input is a hang")
     ap.add_argument("-k", default=None, help="only the properties whose name matches (pytest -k)")
+    ap.add_argument("--keep", type=Path, default=Path("fuzz-last-input.json"),
+                    help="where the manifest input being tried is kept, for a crash that no exception reports")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         env = {**os.environ, "MOE_FUZZ_EXAMPLES": str(args.examples), "MOE_FUZZ_SECONDS": str(args.seconds),
-               "MOE_FUZZ_REPORT": str(report), "MOE_HOME": str(Path(tmp) / "moe")}
+               "MOE_FUZZ_REPORT": str(report), "MOE_HOME": str(Path(tmp) / "moe"), "MOE_FUZZ_KEEP": str(args.keep)}
         command = [sys.executable, "-m", "pytest", str(TESTS / "test_fuzz.py"), "-p", "no:cacheprovider", "-q",
                    "-W", "ignore", "--hypothesis-show-statistics", "--durations=0"]
         if args.k:
