@@ -413,6 +413,10 @@ def _check_config(path: Path, m: dict) -> None:
         cfg = ModelConfig.from_dict(m["config"])
     except MoeError as exc:
         raise MoeError(f"{path}: {exc.message}; reconvert the model") from None
+    runs = {str(i): cfg.num_experts for i in cfg.moe_layers()}  # first: the records bound the expert count
+    if {layer: len(records) for layer, records in m["experts"].items()} != runs:
+        raise MoeError(f"{path}: expert runs do not match the config's {cfg.num_experts} experts in layers "
+                       f"{', '.join(runs)}; reconvert the model")
     want, have = cfg.tensor_shapes(), m["tensors"]
     odd = sorted(want.keys() ^ have.keys())
     if odd:
@@ -423,10 +427,6 @@ def _check_config(path: Path, m: dict) -> None:
         if tuple(e["shape"]) != shape or (len(shape) == 1 and e["encoding"] != "f32"):
             raise MoeError(f"{path}: tensor {name} is {e['encoding']} {e['shape']}, the config implies "
                            f"{list(shape)}{' f32' if len(shape) == 1 else ''}; reconvert the model")
-    runs = {str(i): cfg.num_experts for i in cfg.moe_layers()}
-    if {layer: len(records) for layer, records in m["experts"].items()} != runs:
-        raise MoeError(f"{path}: expert runs do not match the config's {cfg.num_experts} experts in layers "
-                       f"{', '.join(runs)}; reconvert the model")
 
 
 def expert_key(name: str) -> tuple[int, int, str] | None:

@@ -226,7 +226,9 @@ def test_paging_a_damaged_expert_names_layer_and_expert(damaged_copy, capsys):
 @pytest.mark.parametrize("edit, said", [
     (lambda m: m["config"].update(hidden_size=512), "tensor embed is q8 [4096, 256], the config implies [4096, 512]"),
     (lambda m: m["config"].update(vocab_size=8192), "the config implies [8192, 256]"),
-    (lambda m: m["config"].update(num_experts=16), "tensor layers.0.experts.10.down is missing"),
+    (lambda m: m["config"].update(num_experts=16), "expert runs do not match the config's 16 experts"),
+    (lambda m: m["config"].update(num_experts=2**40, top_k=2), "expert runs do not match"),  # before 2**40 names
+    (lambda m: m["tensors"].pop("layers.3.experts.7.down"), "tensor layers.3.experts.7.down is missing"),
     (lambda m: m["config"].update(head_dim=64), "tensor layers.0.attn.qkv is q8 [384, 256], the config implies"),
     (lambda m: m["tensors"]["layers.2.attn.o"].update(shape=[256, 128]), "tensor layers.2.attn.o is q8 [256, 128]"),
     (lambda m: m["tensors"]["norm"].update(encoding="bf16"), "the config implies [256] f32"),
