@@ -1,7 +1,8 @@
 """Faults a user meets: signals and a full disk during `moe convert`, an existing output, damaged model files.
 
-Every case runs the real command (a subprocess where a signal or a resource limit is involved) and
-asserts the exit code, the one line on stderr (never a traceback) and that nothing partial is left.
+Every case runs the `moe` command (in this process, or in a subprocess where a signal, a resource limit
+or a crash is involved) and asserts the exit code, the one line on stderr (never a traceback) and that
+nothing partial is left.
 Exit codes, as cli/errors.py defines them: 2 bad input (a manifest moe cannot read, an output that
 exists), 1 runtime failure (a full disk, data on disk that is not what was written: checksums and
 sizes), 130 Ctrl-C, 143 SIGTERM.
