@@ -50,7 +50,9 @@ def execute(app: typer.Typer, argv: list[str] | None = None) -> int:
         # the reader of stdout went away (`moe run ... | head`); say nothing more to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
-    except Exception as exc:
+    except SystemExit:
+        raise
+    except BaseException as exc:  # any Exception, or a Rust panic (pyo3's PanicException is a BaseException)
         if debug:
             traceback.print_exc()
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

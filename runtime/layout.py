@@ -400,9 +400,9 @@ def _validate(folder: Path, m: dict) -> None:
         if key is None:
             continue
         nbytes, snbytes = expected_nbytes(e)
-        ends = [e["offset"] + nbytes] + ([e["scales_offset"] + snbytes] if snbytes else [])
+        spans = [(e["offset"], e["offset"] + nbytes)] + ([(e["scales_offset"], e["scales_offset"] + snbytes)] if snbytes else [])
         start, end = runs.get((str(key[0]), key[1]), (None, None))
-        if start is None or e["file"] != EXPERTS_FILE or e["offset"] < start or max(ends) > end:
+        if start is None or e["file"] != EXPERTS_FILE or min(a for a, _ in spans) < start or max(b for _, b in spans) > end:
             raise MoeError(f"{path}: tensor {name} lies outside its expert's run; reconvert the model")
 
 

@@ -16,6 +16,7 @@ from .errors import MoeError
 
 TOKENIZER_FILE = "tokenizer.json"
 STREAM_CONTEXT = 4  # prompt tokens fed to a stream first, so the first piece joins the prompt as full decode would
+SAMPLE = "Hello, world! 123\n\tdef f(x): return x  # é 😀 中文"  # encoded once at load, as a check
 
 
 class Tokenizer:
@@ -47,7 +48,10 @@ class Tokenizer:
             raise MoeError(f"{path}: missing; the model needs its tokenizer.json (reconvert it from a source that has one)")
         try:
             tok = HFTokenizer.from_file(str(path))
-        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            tok.decode(tok.encode(SAMPLE).ids)  # some malformed files load, then panic on first use
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a bare Exception, or a Rust panic (pyo3's PanicException is a BaseException)
             raise MoeError(f"{path}: not a valid tokenizer file ({_first_line(exc)}); replace it or reconvert the model") from None
         facts, eos_ids = _facts(manifest or {}, folder)
         return cls(tok, bos_token=facts.get("bos_token"), eos_token=facts.get("eos_token"),

@@ -233,6 +233,8 @@ def test_paging_a_damaged_expert_names_layer_and_expert(damaged_copy, capsys):
     (lambda m: m["config"].update(head_dim=64), "tensor layers.0.attn.qkv is q8 [384, 256], the config implies"),
     (lambda m: m["tensors"]["layers.2.attn.o"].update(shape=[256, 128]), "tensor layers.2.attn.o is q8 [256, 128]"),
     (lambda m: m["tensors"]["norm"].update(encoding="bf16"), "the config implies [256] f32"),
+    (lambda m: m["tensors"]["layers.0.experts.1.down"].update(scales_offset=m["experts"]["0"][1]["offset"] - 64),
+     "tensor layers.0.experts.1.down lies outside its expert's run"),  # scales before the run: paging read past it
     (lambda m: m["config"].update(num_experts="8"), "config: num_experts must be int, not '8'"),
     (lambda m: m["config"]["layers"][1].update(attention="sliding"), "layer 1: sliding attention needs a positive window"),
     (lambda m: m["config"]["rope"].update(theta=1), "rope theta must be above 1"),
@@ -289,3 +291,26 @@ def test_nan_weights_in_model_bin_never_crash_and_verify_names_them(damaged_copy
     softmax_topk(np.array([[np.nan] * 8, [1, np.nan, 3, np.inf, 0, 2, np.nan, 1]], np.float32), 3, True, idx, weights)
     assert idx[0].tolist() == [0, 1, 2] and sorted(set(idx[1].tolist())) == sorted(idx[1].tolist())
     assert ((0 <= idx) & (idx < 8)).all()
+
+
+def test_a_tokenizer_that_makes_tokenizers_panic_is_one_line(damaged_copy, capsys):
+    """A Rust panic surfaces as pyo3's PanicException, a BaseException: caught at load, naming the file."""
+    tokenizer = json.loads((damaged_copy / "tokenizer.json").read_text())
+    tokenizer["model"]["continuing_subword_prefix"] = "#" * 40  # longer than the merges: BpeBuilder panics
+    (damaged_copy / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert main(["run", str(damaged_copy), "x", "--max-tokens", "1"]) == 2
+    one_line_error(capsys.readouterr().err, f"{damaged_copy / 'tokenizer.json'}: not a valid tokenizer file")
+
+
+def test_any_other_base_exception_is_one_line(monkeypatch, capsys):
+    import moe.cli.run
+
+    class PanicException(BaseException):  # what pyo3 raises for a Rust panic
+        pass
+
+    def panicking(*args):
+        raise PanicException("index out of bounds: the len is 3 but the index is 7")
+
+    monkeypatch.setattr(moe.cli.run, "open_model", panicking)
+    assert main(["run", "x"]) == 1
+    one_line_error(capsys.readouterr().err, "unexpected PanicException: index out of bounds", "MOE_DEBUG=1")
