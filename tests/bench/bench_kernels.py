@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import time
 
+# isort: off
+from moe.runtime.kernels import qmatmul, simd  # before numba: it points numba's cache at these sources' kernels
 import numba
 import numpy as np
-from moe.runtime.kernels import qmatmul, simd
+# isort: on
 from moe.runtime.layout import Packed, pack_q4
 
 CASES = ["q4:2048:1024:1", "q4:1024:2048:1", "q8:50304:2048:1", "q8:2048:2048:1",
