@@ -137,8 +137,10 @@ def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
     """q4 (bits 4) or q8 (bits 8) weights times prepared activations.
 
     Tiles of ROW_TILE rows in parallel; within one, tiles of 4 tokens run over its rows through the
-    vector step (simd.py), single tokens after over 4 rows at a time; then the blocks it leaves (a tail of fewer than 8, or
-    all of them for groups of a non-power-of-two number of blocks) go through the scalar loop.
+    vector step (simd.py), then single tokens row after row: one sequential stream through memory, which
+    reads twice as fast from RAM as 4 rows side by side (measured: 2048-column q4 rows on one thread, 20
+    GB/s against 11); then the blocks it leaves (a tail of fewer than 8, or all of them for groups of a
+    non-power-of-two number of blocks) go through the scalar loop.
     """
     rows = codes.shape[0]
     T, cols_pad = xq.shape
@@ -164,14 +166,7 @@ def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
                 for j in range(4):
                     out[t + j, r] = a[j]
         for t in range(T - T % 4, T):
-            for r in range(r0, r1 - (r1 - r0) % 4, 4):
-                if bits == 4:
-                    a = simd.q4_dot4x1(codes, scales, r, xqa, xs, xsum, t, nb, shift)
-                else:
-                    a = simd.q8_dot4x1(codes, scales, r, xqa, xs, xsum, t, nb, shift)
-                for i in range(4):
-                    out[t, r + i] = a[i]
-            for r in range(r1 - (r1 - r0) % 4, r1):
+            for r in range(r0, r1):
                 if bits == 4:
                     out[t, r] = simd.q4_dot1x1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
                 else:

@@ -44,7 +44,7 @@ F32, HALF = ir.FloatType(), ir.HalfType()
 V32I8, V16I16, V8I32 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8)
 V8I16, V8HALF, V8F32 = ir.VectorType(I16, 8), ir.VectorType(HALF, 8), ir.VectorType(F32, 8)
 BLOCKS = 8  # blocks of 32 columns per loop step
-PREFETCH_ROWS = 4  # how far ahead (in rows) the loop prefetches codes: one 4-row decode tile on
+PREFETCH_BYTES = 2048  # how far ahead of the row position the loop prefetches codes (the next rows' when near the end)
 _X86_NEEDS = ("avx2", "fma", "f16c")
 
 
@@ -243,12 +243,11 @@ def _make_dot(kind: str, nr: int, nt: int):
         offset = 8.0 if kind == "q4" else 128.0 if vnni else 0.0
         steps = builder.udiv(nb, ir.Constant(I64, BLOCKS))
         step_bytes = BLOCKS * (16 if kind == "q4" else 32)  # bytes of one row's codes per loop step
-        prefetch_at = builder.mul(codes_stride, ir.Constant(I64, PREFETCH_ROWS))
+        prefetch_at = ir.Constant(I64, PREFETCH_BYTES)
         with cgutils.for_range(builder, steps) as loop:
             b = builder.mul(loop.index, ir.Constant(I64, BLOCKS))
             ints = {tile: [] for tile in tiles}  # per pair of blocks: <8 x i32> partial sums (x86) or 2 sums
-            # hardware prefetchers lose track of 4 interleaved row streams a page apart (2048-column q4
-            # rows read at 8 GB/s from RAM against 28 in cache): ask for the same columns PREFETCH_ROWS on
+            # the hardware prefetcher alone leaves a thread at 15 GB/s from RAM; PREFETCH_BYTES ahead, 20
             for crow in crows:
                 ahead = builder.gep(crow, [builder.add(builder.mul(b, ir.Constant(I64, step_bytes // BLOCKS)), prefetch_at)])
                 for line in range(0, step_bytes, 64):
@@ -370,6 +369,6 @@ def _abs8(builder, v):
     return _call(builder, "llvm.abs.v32i8", V32I8, v, ir.Constant(ir.IntType(1), 0))
 
 
-# (rows, tokens) tiles: 1 x 4 for prefill, 4 x 1 for decode (one activation load serves 4 rows), 1 x 1
-q4_dot1x4, q4_dot4x1, q4_dot1x1 = (_make_dot("q4", nr, nt) for nr, nt in ((1, 4), (4, 1), (1, 1)))
-q8_dot1x4, q8_dot4x1, q8_dot1x1 = (_make_dot("q8", nr, nt) for nr, nt in ((1, 4), (4, 1), (1, 1)))
+# (rows, tokens) tiles: 1 x 4 for prefill, 1 x 1 for decode (rows one after another: one stream from memory)
+q4_dot1x4, q4_dot1x1 = (_make_dot("q4", 1, nt) for nt in (4, 1))
+q8_dot1x4, q8_dot1x1 = (_make_dot("q8", 1, nt) for nt in (4, 1))
