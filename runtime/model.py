@@ -26,7 +26,7 @@ from .kernels.attention import attend, temperature
 from .kernels.embed import embed
 from .kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from .kernels.norms import rmsnorm
-from .kernels.qmatmul import Scratch, linear
+from .kernels.qmatmul import Scratch, linear, linear_each
 from .kernels.routing import group_by_expert, sigmoid_topk, softmax_topk, topk_softmax
 from .layout import MANIFEST, Layout, Packed, open_layout
 from .paging import PagedExperts, auto_budget, peak_rss
@@ -97,9 +97,10 @@ class _Buffers:
         self.offsets = np.zeros(E + 1, np.int64)
         self.order = np.zeros(T * k, np.int64)
         self.active = np.zeros(E, np.int64)
-        self.xe = np.zeros((T, H), F32)  # one expert's gathered tokens
-        self.ye = np.zeros((T, H), F32)  # and its outputs
-        self.hidden = {F: (np.zeros((T, 2 * F), F32), np.zeros((T, F), F32)) for F in widths}  # (gate_up, act)
+        n = max(T, k)  # rows of one expert's tokens (prefill) or of a token's k experts (decode)
+        self.xe = np.zeros((n, H), F32)  # gathered inputs
+        self.ye = np.zeros((n, H), F32)  # and outputs
+        self.hidden = {F: (np.zeros((n, 2 * F), F32), np.zeros((n, F), F32)) for F in widths}  # (gate_up, act)
         self.logits = np.zeros((1, cfg.vocab_size), F32)  # last-token logits
 
     @property
@@ -337,6 +338,9 @@ class Model:
             B.y[:] = 0.0
         scale_input = cfg.router == "sigmoid_topk"  # Llama 4 weighs the expert's input, the others its output
         gate_up_buf, act_buf = B.hidden[cfg.expert_intermediate_size]
+        if B.T == 1 and n_active == k:  # k distinct experts, one pair each
+            self._experts_of_token(i, B.active[:n_active].tolist(), B, scale_input)
+            return
         for e in B.active[:n_active].tolist():
             lo, hi = int(B.offsets[e]), int(B.offsets[e + 1])
             n = hi - lo
@@ -355,6 +359,28 @@ class Model:
                 np.add(ye, w.down_bias, out=ye)
             scatter_add(ye, B.order, k, lo, hi, B.w, not scale_input, B.y)
 
+    def _experts_of_token(self, i: int, experts: list[int], B: _Buffers, scale_input: bool) -> None:
+        """Decode: the k experts of one token side by side (one compiled call per projection), as _moe's loop
+        would run them one by one."""
+        cfg, n = self.config, len(experts)
+        ws = [self.experts.get(i, e) for e in experts]
+        gate_up_buf, act_buf = B.hidden[cfg.expert_intermediate_size]
+        xe, ye, gate_up, act = B.xe[:n], B.ye[:n], gate_up_buf[:n], act_buf[:n]
+        gather(B.xn, B.order, cfg.top_k, 0, n, B.w, scale_input, xe)  # order: one pair per expert, in their order
+        linear_each([w.gate_up for w in ws], xe, gate_up, self._scratch)
+        if ws[0].gate_up_bias is not None:
+            for j, w in enumerate(ws):
+                np.add(gate_up[j], w.gate_up_bias, out=gate_up[j])
+        if cfg.activation == "gpt_oss":
+            swiglu_clamped(gate_up, cfg.swiglu_alpha, cfg.swiglu_limit, act)
+        else:
+            swiglu(gate_up, act)
+        linear_each([w.down for w in ws], act, ye, self._scratch)
+        if ws[0].down_bias is not None:
+            for j, w in enumerate(ws):
+                np.add(ye[j], w.down_bias, out=ye[j])
+        scatter_add(ye, B.order, cfg.top_k, 0, n, B.w, not scale_input, B.y)
+
     def _predict(self, j: int, B: _Buffers) -> None:
         """Layer j's router applied to the current hidden state: the experts to read while this layer computes."""
         layer = self.layers[j]
@@ -368,7 +394,7 @@ class Model:
     def _mlp(self, weights: tuple[Packed, Packed], x: np.ndarray, out: np.ndarray, B: _Buffers) -> None:
         """A SwiGLU MLP (dense layer or shared expert) over all T tokens: out = down(silu(gate x) * up x)."""
         gate_up, down = weights
-        gate_up_buf, act_buf = B.hidden[gate_up.shape[0] // 2]
+        gate_up_buf, act_buf = (h[: x.shape[0]] for h in B.hidden[gate_up.shape[0] // 2])
         linear(gate_up, x, gate_up_buf, self._scratch)
         swiglu(gate_up_buf, act_buf)
         linear(down, act_buf, out, self._scratch)

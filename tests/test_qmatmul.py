@@ -191,6 +191,24 @@ def test_linear_dispatch_and_scratch_reuse(enc):
             assert np.array_equal(xq, ref_q) and np.array_equal(xs, ref_s)
 
 
+@pytest.mark.parametrize("enc", ["q4", "q8", "f32"])
+@pytest.mark.parametrize("rows, cols, gs", [(37, 96, 32), (9, 400, 32), (17, 192, 96), (40, 2048, 64)])
+def test_linear_each_equals_linear_per_weight(enc, rows, cols, gs):
+    """A token's k experts in one call give, bit for bit, what linear() gives for each alone."""
+    rng = np.random.default_rng(rows)
+    scratch = qmatmul.Scratch()
+    weights = [make_packed(enc, rows, cols, gs, rng) for _ in range(4)]
+    for w in weights:  # read-only, as the memory-mapped experts are
+        for a in (w.codes, w.scales):
+            if a is not None:
+                a.setflags(write=False)
+    x = acts(4, cols, rng)
+    got = qmatmul.linear_each(weights, x, np.empty((4, rows), np.float32), scratch)
+    for j, w in enumerate(weights):
+        alone = qmatmul.linear(w, x[j: j + 1], np.empty((1, rows), np.float32), qmatmul.Scratch())
+        assert np.array_equal(got[j], alone[0])
+
+
 def test_disagreeing_shapes_raise_instead_of_reading_out_of_bounds():
     rng = np.random.default_rng(5)
     p = make_packed("q4", 8, 64, 32, rng)

@@ -180,6 +180,49 @@ def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
                         out[t, r] += _q8_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, nblocks)
 
 
+@njit(**PARALLEL)
+def _matmul_quant_each(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
+    """out[j] = W_j x_j for the k weights of the tuples codes and scales (one shape and group size) and the
+    k rows of the prepared activations: one parallel region over every (weight, row tile), so the threads
+    stream through all k weights without a barrier between them. Each row is summed exactly as
+    _matmul_quant sums it for a single token."""
+    k = len(codes)
+    rows = codes[0].shape[0]
+    cols_pad = xq.shape[1]
+    nblocks = xs.shape[1]
+    if xq.shape[0] != k or xqa.shape != xq.shape or xs.shape != (k, cols_pad // CHUNK) or xsum.shape != xs.shape:
+        raise ValueError("matmul: one row of activations per weight")
+    if gs <= 0 or gs % CHUNK or out.shape != (k, rows):
+        raise ValueError("matmul: out must be [weights, rows]")
+    for j in range(k):
+        if codes[j].shape != (rows, cols_pad * bits // 8) or scales[j].shape != (rows, cols_pad // gs):
+            raise ValueError("matmul: the weights disagree in shape")
+    per_group = gs // CHUNK
+    nb, shift = _vector_span(nblocks, per_group)
+    tiles = (rows + ROW_TILE - 1) // ROW_TILE
+    for item in prange(k * tiles):
+        j = item // tiles
+        r0 = (item - j * tiles) * ROW_TILE
+        c, sc = codes[j], scales[j]
+        for r in range(r0, min(r0 + ROW_TILE, rows)):
+            if bits == 4:
+                a = simd.q4_dot1x1(c, sc, r, xqa, xs, xsum, j, nb, shift)[0]
+                if nb < nblocks:
+                    a += _q4_blocks(c[r], sc[r], per_group, xq[j], xs[j], nb, nblocks)
+            else:
+                a = simd.q8_dot1x1(c, sc, r, xqa, xs, xsum, j, nb, shift)[0]
+                if nb < nblocks:
+                    a += _q8_blocks(c[r], sc[r], per_group, xq[j], xs[j], nb, nblocks)
+            out[j, r] = a
+
+
+@njit(**EXACT)
+def _linear_each(codes, scales, gs, x, xq, xqa, xs, xsum, out, bits):
+    """One compiled call: out[j] = W_j x[j] for tuples of k q4 (bits 4) or q8 weights and x f32 [k, cols]."""
+    prepare_acts(x, xq, xqa, xs, xsum)
+    _matmul_quant_each(codes, scales, gs, xq, xqa, xs, xsum, out, bits)
+
+
 @njit(**FLAGS)
 def _prepare(xq, xs, xqa, xsum):
     for t in range(xq.shape[0]):
@@ -367,4 +410,20 @@ def linear(p: Packed, x: np.ndarray, out: np.ndarray, scratch: Scratch) -> np.nd
         matmul_f16(p.codes.view(np.uint16), x, out)
     else:
         raise ValueError(f"unknown encoding {enc!r}")
+    return out
+
+
+def linear_each(weights: list[Packed], x: np.ndarray, out: np.ndarray, scratch: Scratch) -> np.ndarray:
+    """out[j] = W_j x[j] for k weights of one shape and encoding (say, the experts a token chose): for q4 and
+    q8 one compiled call and one parallel region; else linear() per weight. Results equal linear()'s."""
+    enc = weights[0].encoding
+    if enc not in ("q4", "q8") or any(w.encoding != enc or w.group_size != weights[0].group_size for w in weights):
+        for j, w in enumerate(weights):
+            linear(w, x[j: j + 1], out[j: j + 1], scratch)
+        return out
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bits = 4 if enc == "q4" else 8
+    cols_pad = weights[0].codes.shape[1] * 8 // bits
+    _linear_each(tuple(w.codes for w in weights), tuple(w.scales.view(np.uint16) for w in weights),
+                 weights[0].group_size, x, *scratch.acts(x.shape[0], cols_pad), out, bits)
     return out
