@@ -275,6 +275,19 @@ def _token_text(token) -> str | None:
     return token if isinstance(token, str) else None
 
 
+def _copy_tokenizer_file(src: Path, dst: Path) -> None:
+    """Copy src; tokenizer.json without its indentation (Hub files are pretty-printed: 257 kB of the
+    trained models' becomes 101 kB, which is a tenth of such a model's whole layout)."""
+    if src.name != "tokenizer.json":
+        shutil.copyfile(src, dst)
+        return
+    try:
+        data = json.loads(src.read_bytes())
+    except (ValueError, RecursionError):
+        raise MoeError(f"{src}: not valid JSON; use the tokenizer.json the model was published with") from None
+    dst.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+
+
 def _post_processor_adds(tokenizer_json: Path, token: str) -> bool:
     """Whether tokenizer.json's post-processor puts `token` first (Llama 3 / 4 style BOS), absent add_bos_token."""
     try:
@@ -427,7 +440,7 @@ def write_layout(out: Path, force: bool, plan: Plan, ckpt: Checkpoint, encodings
             writer = LayoutWriter(tmp)
             errors = _write_tensors(writer, plan, ckpt, encodings, group_size, progress)
             for f in manifest["tokenizer"]["files"]:
-                shutil.copyfile(folder / f, tmp / f)
+                _copy_tokenizer_file(folder / f, tmp / f)
             manifest["stats"] = _stats(ckpt, errors, time.perf_counter() - started)
             writer.finish(manifest)
             writer = None

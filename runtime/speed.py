@@ -42,6 +42,7 @@ import numpy as np
 from ..convert.safetensors_io import TensorInfo
 from .errors import MoeError
 from .home import moe_home
+from .kernels import SOURCES_HASH
 from .layout import CHUNK, LayoutWriter, Packed, padded_cols
 from .units import format_size
 
@@ -49,7 +50,7 @@ HIT_EXPONENT = 2.5  # mean of the four trained models' fits (see above)
 PREFETCH_READS = 1.55  # expert reads with prefetch per miss without it (1.52 to 1.65 on the trained models)
 MACHINE_FILE = "machine.json"
 OVERHEAD_FILE = "plan-overheads.json"
-VERSION = 4
+VERSION = f"5-{SOURCES_HASH}"  # kernels of other sources run at other speeds: measured again
 BANDWIDTH_BYTES = 256 << 20  # numpy sum over this much memory
 MATVEC_BYTES = 128 << 20  # weights cycled through per encoding, well beyond the CPU caches
 MATRIX_BYTES = 8 << 20  # one matrix of that set: its rows are a layer's, its calls few

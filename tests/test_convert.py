@@ -238,7 +238,9 @@ def test_manifest_records_tokenizer_quantization_source_and_stats(source, tmp_pa
     out = convert(src, tmp_path / "out")
     m = json.loads((out / "manifest.json").read_text())
     assert m["tokenizer"]["files"] == ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
-    assert all((out / f).read_bytes() == (src / f).read_bytes() for f in m["tokenizer"]["files"])
+    assert all((out / f).read_bytes() == (src / f).read_bytes() for f in m["tokenizer"]["files"][1:])
+    copied = (out / "tokenizer.json").read_bytes()  # the same JSON, without indentation
+    assert json.loads(copied) == json.loads((src / "tokenizer.json").read_bytes()) and b"\n" not in copied
     assert m["tokenizer"] | {} == m["tokenizer"] | {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False}
     assert m["quantization"]["experts"] == "q4" and m["quantization"]["attention"] == "q8"
     assert m["quantization"]["router"] == "f32" and m["quantization"]["norms"] == "f32"
