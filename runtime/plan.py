@@ -242,7 +242,7 @@ def assess(src: str, memory: int | None = None, bits: int = 4, revision: str | N
     hf, headers = read_source(src, revision)
     fig = figures(hf, headers, bits)
     rates = speed.machine(remeasure, say)
-    mini = speed.overhead(hf, bits, remeasure=remeasure, say=say)
+    mini = speed.overhead(hf, bits, remeasure=remeasure, say=say, layout_bytes=fig["layout_bytes"])
     available = available_ram()
     memory = available if memory is None else memory
     in_ram = speed.predict(fig, rates, mini)

@@ -4,7 +4,9 @@ Decode time per token = fixed cost + weight bytes / kernel rate + expert misses 
 
 - the fixed cost (Python, kernel calls, routing) is measured on a miniature of the planned
   model: same architecture, layers, experts and top-k, every width shrunk to a few dozen, random
-  weights; its own few weight bytes are taken back out;
+  weights; its own few weight bytes are taken back out. A model whose layout is at most
+  SMALL_MODEL_BYTES is timed whole instead (random weights, its own widths): its weights stay in
+  the CPU caches, and its narrow rows cost more per byte than any bandwidth says;
 - weight bytes touched per token (plan.figures) are read at the rate our matrix-vector kernels
   reach on matrices that do not fit in the CPU caches, per encoding (q4, q8, ...); the plain memory
   bandwidth (numpy sum) is measured beside it for reference;
@@ -63,6 +65,7 @@ MINI_WIDTHS = {"hidden_size": 64, "head_dim": 16, "vocab_size": 256, "intermedia
 # (single-threaded): CPU seconds leave out the time slices other processes take.
 clock = time.perf_counter
 MINI_TOKENS = 48  # decoded per timing of the miniature
+SMALL_MODEL_BYTES = 64 << 20  # a layout up to this size is its own miniature (random weights, full widths)
 
 
 def hit_rate(fraction: float) -> float:
@@ -208,22 +211,26 @@ def _disk_rate(name: str, fd: int, buf, size: int) -> float:
 # ---- the miniature: fixed cost per token and per miss
 
 
-def mini_config(hf: dict) -> dict:
+def mini_config(hf: dict, shrink: bool = True) -> dict:
     """hf's config with every width shrunk (MINI_WIDTHS); layers, heads, experts and top-k unchanged.
-    A multimodal config keeps only its text part."""
+    A multimodal config keeps only its text part. shrink=False keeps the widths: a small model is timed
+    at its own size, where narrow rows cost more per byte than the bandwidth figures say."""
     if isinstance(hf.get("text_config"), dict):
         text = hf["text_config"]
         hf = {**text, "architectures": hf.get("architectures"), "model_type": text.get("model_type")}
+    if not shrink:
+        return dict(hf)
     return {**hf, **{k: v for k, v in MINI_WIDTHS.items() if k in hf or k in ("hidden_size", "head_dim")}}
 
 
-def overhead(hf: dict, bits: int, group_size: int = 32, remeasure: bool = False, say=None) -> dict:
+def overhead(hf: dict, bits: int, group_size: int = 32, remeasure: bool = False, say=None,
+             layout_bytes: int | None = None) -> dict:
     """The miniature's decode seconds per token with experts mapped, the paging path's seconds per expert
     lookup and per miss (its read excluded), and its bytes touched per token by encoding; cached in
     moe_home() by architecture and geometry."""
     import numba
 
-    mini = mini_config(hf)
+    mini = mini_config(hf, shrink=layout_bytes is None or layout_bytes > SMALL_MODEL_BYTES)
     key = json.dumps({"config": mini, "bits": bits, "group_size": group_size, "threads": numba.get_num_threads(),
                       "version": VERSION}, sort_keys=True)
     path = moe_home() / OVERHEAD_FILE

@@ -280,6 +280,17 @@ def test_miniature_runs(checkpoints, tmp_path, arch):
     assert held[1] == 0 and held[2] == lookups
 
 
+@pytest.mark.parametrize("layout_bytes, whole", [(1 << 20, True), (1 << 30, False)])
+def test_small_model_is_timed_at_its_own_size(checkpoints, monkeypatch, isolated_home, layout_bytes, whole):
+    """Up to SMALL_MODEL_BYTES the miniature keeps the model's widths, so it touches the model's own bytes."""
+    monkeypatch.setattr(speed, "machine", lambda remeasure=False, say=None: RATES)
+    monkeypatch.setattr(speed, "_time_decode", lambda folder, budget, passes=1, prefetch=False: (1e-3, 1.0, 2.0))
+    hf = json.loads((checkpoints["qwen3_moe"] / "config.json").read_text())
+    real = plan.figures(*plan.read_source(str(checkpoints["qwen3_moe"])))
+    mini = speed.overhead(hf, 4, layout_bytes=layout_bytes)
+    assert (mini["bytes_per_token_by_encoding"] == real["bytes_per_token_by_encoding"]) == whole
+
+
 def test_measurements_are_cached(monkeypatch, isolated_home):
     monkeypatch.setattr(speed, "BANDWIDTH_BYTES", 1 << 20)
     monkeypatch.setattr(speed, "matvec_rate", lambda enc: 1e9)
@@ -298,7 +309,7 @@ def test_read_rates_measure_a_temporary_file(tmp_path):
 
 def test_cli_plan_json_and_text(checkpoints, capsys, monkeypatch):
     monkeypatch.setattr(moe.runtime.speed, "machine", lambda remeasure=False, say=None: RATES)
-    monkeypatch.setattr(moe.runtime.speed, "overhead", lambda hf, bits, remeasure=False, say=None: MINI)
+    monkeypatch.setattr(moe.runtime.speed, "overhead", lambda hf, bits, **options: MINI)
     src = str(checkpoints["qwen3_moe"])
     assert main(["plan", src, "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
