@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from compare_llamacpp import read_through
 from moe.convert import convert
 from moe.runtime import speed
 from moe.runtime.bench import bench
@@ -96,6 +97,8 @@ def compare(src: Path, converted: Path, budgets: dict[str, int | None], threads:
     rows = []
     for label, budget in budgets.items():
         predicted = speed.predict(fig, rates, mini, budget, available_ram())
+        for f in converted.glob("*.bin"):  # from the page cache, as a model used before (the plan assumes it)
+            read_through(f)
         measured = bench(converted, prompt, gen, budget, threads, repeat)
         median = median_decode(converted, budget, threads, prompt, gen)
         rows.append({
