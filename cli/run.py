@@ -65,7 +65,9 @@ def run(
                 sys.stdout.write(piece)
                 sys.stdout.flush()
     except KeyboardInterrupt:
-        generation.finish_reason = "interrupted"
+        rest = generation.interrupt()
+        if not json:
+            sys.stdout.write(rest)
         _finish(generation, loaded, load_s, json, stats)
         raise
     _finish(generation, loaded, load_s, json, stats)

@@ -82,6 +82,7 @@ class Generation:
         self.ttft_s = 0.0  # prompt given -> first token chosen (prefill and one sample)
         self.decode_s = 0.0  # first token -> last one
         self._stream = model.tokenizer.stream(prompt_ids, skip_special_tokens=True)
+        self._pending = ""  # decoded text not yet yielded: it may be the start of a stop string
         self._pieces = self._run(tokens, stop, max_tokens)
 
     def __iter__(self) -> Iterator[str]:
@@ -94,27 +95,33 @@ class Generation:
 
     def _run(self, tokens: Iterator[int], stop: list[str], max_tokens: int) -> Iterator[str]:
         start = time.perf_counter()
-        pending = ""  # decoded text not yet yielded: it may be the start of a stop string
         for token in tokens:
             now = time.perf_counter()
             if not self.tokens:
                 self.ttft_s = now - start
             self.decode_s = now - start - self.ttft_s
             self.tokens.append(token)
-            pending += self._stream.step(token)
-            cut = _first_stop(pending, stop)
+            self._pending += self._stream.step(token)
+            cut = _first_stop(self._pending, stop)
             if cut is not None:
                 self.finish_reason = "stop"
                 if cut:
-                    yield pending[:cut]
+                    yield self._pending[:cut]
                 return
-            ready = len(pending) - _stop_prefix_len(pending, stop)
+            ready = len(self._pending) - _stop_prefix_len(self._pending, stop)
             if ready:
-                yield pending[:ready]
-                pending = pending[ready:]
-        if pending:
-            yield pending
+                piece, self._pending = self._pending[:ready], self._pending[ready:]
+                yield piece
+        if self._pending:
+            yield self._pending
         self.finish_reason = "length" if len(self.tokens) == max_tokens or self.model.pos >= self.model.max_context else "stop"
+
+    def interrupt(self) -> str:
+        """Stop here (Ctrl-C): the text held back for a stop string that never came, now part of the answer."""
+        rest, self._pending = self._pending, ""
+        self.text += rest
+        self.finish_reason = "interrupted"
+        return rest
 
     def summary(self) -> dict:
         """Counts and speeds: prompt and generated tokens, time to first token, prefill and decode tokens/s."""

@@ -145,6 +145,15 @@ def test_interrupt_keeps_the_text_so_far(capsys, monkeypatch, exc, code, said):
     assert out == model.tokenizer.decode(model.script[:6])  # the prefill and 5 decode steps gave 6 tokens
 
 
+def test_interrupt_gives_out_text_held_for_a_stop_string(capsys, monkeypatch):
+    """Text held back because it might begin a stop string is printed when Ctrl-C comes before it resolves."""
+    model = InterruptedModel(after=5, exc=KeyboardInterrupt)
+    monkeypatch.setattr(moe.cli.run, "open_model", lambda *a: (model, 0.0))
+    said = model.tokenizer.decode(model.script[:6])
+    code, out, _ = moe_cli(capsys, "run", "x", "--stop", said + "never")
+    assert code == 130 and out == said
+
+
 def test_interrupt_with_json_still_reports(capsys, monkeypatch):
     model = InterruptedModel(after=3, exc=KeyboardInterrupt)
     monkeypatch.setattr(moe.cli.run, "open_model", lambda *a: (model, 0.0))
