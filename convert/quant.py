@@ -2,11 +2,14 @@
 
 Each group of `group_size` columns of a row gets one float16 scale d; q4 stores codes
 c = q + 8 (value (c - 8) * d, q in -8..7), q8 stores q in -128..127 (value q * d). The scale
-is searched, not just max-abs: the group's largest value m is mapped to a few candidate
-codes (q4: -8, -7.5, -7 and 7; q8: -128 and 127), then a least-squares refit d = sum(q x) / sum(q q) of the
-best is tried, and the candidate with the least squared error wins. A candidate is only
-admissible if no element clips by more than half a step, so every element keeps
-|dequantized - x| <= |d| / 2. Scales are rounded to float16 before the codes are chosen.
+is searched, not just max-abs: the group's largest value m is mapped to each of a grid of
+candidate codes (q4: -9 to -5 and 6 to 7.5, where those beyond the code range clip the largest
+values to trade their error for a finer step everywhere else; q8: -128 and 127), then a
+least-squares refit d = sum(q x) / sum(q q) of the best is tried, and the scale of least
+squared error wins. Measured on the trained models (4-bit/16-bit perplexity, 16k tokens), the
+clipping grid beat the max-abs candidates -8, -7.5, -7, 7 on all four (tinymix 1.0116 -> 1.0079,
+gpt-oss 1.0008 -> 0.9989); a coarser clipping grid of 8 was worse than either, and weighting the
+error by |x| gained nothing. Scales are rounded to float16 before the codes are chosen.
 Groups whose largest value is below float16's range (amax < ~4e-7) quantize to zero.
 """
 
@@ -25,7 +28,9 @@ from ..runtime.kernels.bits import bf16_to_f32
 from ..runtime.layout import CHUNK, Packed, padded_cols
 
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
-_CANDIDATES = {4: 1.0 / np.array([-8.0, -7.5, -7.0, 7.0]), 8: 1.0 / np.array([-128.0, 127.0])}
+_CANDIDATES = {4: 1.0 / np.array([-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0,
+                                  6.0, 6.5, 7.0, 7.5]),
+               8: 1.0 / np.array([-128.0, 127.0])}
 
 
 @dataclass
@@ -81,13 +86,6 @@ def _f16_round(x):
 
 
 @njit(**FLAGS)
-def _admissible(inv, lo, hi, qmin, qmax):
-    """No element of a group spanning lo..hi clips by more than half a step at scale 1 / inv."""
-    a, b = (lo * inv, hi * inv) if inv > 0 else (hi * inv, lo * inv)
-    return a >= qmin - 0.5 and b <= qmax + 0.5
-
-
-@njit(**FLAGS)
 def _group_err(x, g0, gs, d, inv, qmin, qmax):
     """Squared error of the group at scale d = 1 / inv (branch-free, so it vectorizes)."""
     inv = np.float32(inv)
@@ -103,7 +101,7 @@ def _group_err(x, g0, gs, d, inv, qmin, qmax):
 
 @njit(**FLAGS)
 def _best_scale(x, g0, gs, qmin, qmax, inv_cands):
-    """The admissible float16 scale of least squared error among the candidates and a least-squares refit."""
+    """The float16 scale of least squared error among the candidates and a least-squares refit."""
     lo = x[g0]
     hi = x[g0]
     for c0 in range(g0, g0 + gs, CHUNK):
@@ -117,11 +115,9 @@ def _best_scale(x, g0, gs, qmin, qmax, inv_cands):
         d = _f16_round(m * rt)
         if d == 0.0:
             continue
-        inv = 1.0 / d
-        if _admissible(inv, lo, hi, qmin, qmax):
-            err = _group_err(x, g0, gs, d, inv, qmin, qmax)
-            if err < best:
-                best, best_d = err, d
+        err = _group_err(x, g0, gs, d, 1.0 / d, qmin, qmax)
+        if err < best:
+            best, best_d = err, d
     if best_d == 0.0:
         return 0.0
     sxq = np.float32(0.0)
@@ -133,7 +129,7 @@ def _best_scale(x, g0, gs, qmin, qmax, inv_cands):
             sxq += q * x[c]
             sqq += q * q
     d = _f16_round(sxq / sqq)
-    if d != 0.0 and _admissible(1.0 / d, lo, hi, qmin, qmax) and _group_err(x, g0, gs, d, 1.0 / d, qmin, qmax) < best:
+    if d != 0.0 and _group_err(x, g0, gs, d, 1.0 / d, qmin, qmax) < best:
         best_d = d
     return best_d
 
