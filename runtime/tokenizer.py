@@ -159,6 +159,8 @@ def render_chat_template(template: str, messages: list[dict], **variables) -> st
         raise MoeError(f"chat template: {exc}") from None
     except jinja2.TemplateSyntaxError as exc:
         raise MoeError(f"chat template: syntax error on line {exc.lineno}: {exc.message}") from None
+    except SyntaxError as exc:  # jinja2 parsed it but Python refused what it compiled to (a stray {% break %})
+        raise MoeError(f"chat template: syntax error: {exc.msg}") from None
     except jinja2.TemplateError as exc:
         raise MoeError(f"chat template: {exc}") from None
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, ArithmeticError, MemoryError, RecursionError) as exc:

@@ -127,6 +127,7 @@ def test_sandbox_refuses_python_internals(template):
     ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message is required') }}{% endif %}",
      "a system message is required"),
     ("{% for m in messages %}", "syntax error"),
+    ("{% continue %}", "syntax error: 'continue' not properly in loop"),  # found by tests/bench/fuzz.py
     ("{{ nothing.here }}", "undefined"),
 ])
 def test_template_errors_are_moe_errors(template, message):
