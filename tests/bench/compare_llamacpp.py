@@ -3,7 +3,8 @@
 Steps, each a child process timed with its own peak RSS (os.wait4):
   1. write the random-weight bf16 checkpoint (~14 GB) unless it exists;
   2. `moe convert` to 4 bits, against llama.cpp's `convert_hf_to_gguf.py` (bf16) + `llama-quantize Q4_0`;
-  3. `moe bench --json` against `llama-bench -o json`, same prompt, generation length and threads.
+  3. `moe bench --json` against `llama-bench -o json`, same prompt, generation length and threads,
+     alternately for --rounds rounds (a shared machine's noise then falls on both); medians reported.
 
 llama.cpp is found through LLAMA_CPP (a folder with build/bin/llama-bench and the wrapper
 convert_gpt2pre.py that takes an unknown pre-tokenizer as gpt-2); it is never part of this repository.
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="moe bench and llama-bench alternately; medians reported")
     ap.add_argument("--skip-convert", action="store_true", help="reuse converted models from an earlier run")
     args = ap.parse_args()
 
@@ -77,15 +80,20 @@ def main() -> None:
 
     for f in [*ours.glob("*.bin"), gguf4]:  # both start from the page cache, as a model used before does
         read_through(f)
-    _, _, out = run(["moe", "bench", str(ours), "--json", "--threads", str(args.threads),
-                     "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)], capture=True)
-    report["moe_bench"] = json.loads(out)
-    _, _, out = run([str(bins / "llama-bench"), "-m", str(gguf4), "-t", str(args.threads), "-p", str(args.prompt_tokens),
-                     "-n", str(args.gen_tokens), "-o", "json"], capture=True)
-    records = json.loads(out)
-    llama = {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in records}
-    report["llamacpp_bench"] = {"prefill_tok_s": llama.get("prefill"), "decode_tok_s": llama.get("decode")}
-
+    rounds = []  # alternating, so a noisy neighbour slows both rather than one
+    for _ in range(args.rounds):
+        _, _, out = run(["moe", "bench", str(ours), "--json", "--threads", str(args.threads),
+                         "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)], capture=True)
+        ours_run = json.loads(out)
+        _, _, out = run([str(bins / "llama-bench"), "-m", str(gguf4), "-t", str(args.threads), "-p",
+                         str(args.prompt_tokens), "-n", str(args.gen_tokens), "-o", "json"], capture=True)
+        llama = {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in json.loads(out)}
+        rounds.append((ours_run, {"prefill_tok_s": llama.get("prefill"), "decode_tok_s": llama.get("decode")}))
+    report["rounds"] = [{"moe": {k: o[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_s")}, "llamacpp": p}
+                        for o, p in rounds]
+    report["moe_bench"] = {**rounds[0][0], **{k: statistics.median(o[k] for o, _ in rounds)
+                                              for k in ("prefill_tok_s", "decode_tok_s", "ttft_s")}}
+    report["llamacpp_bench"] = {k: statistics.median(p[k] for _, p in rounds) for k in ("prefill_tok_s", "decode_tok_s")}
     ours_b, peer = report["moe_bench"], report["llamacpp_bench"]
     report["ratio"] = {k: round(ours_b[k] / peer[k], 3) for k in ("prefill_tok_s", "decode_tok_s") if peer.get(k)}
     print(f"{'':24}{'moe':>12}{'llama.cpp':>12}{'ratio':>8}")
