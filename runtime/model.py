@@ -29,7 +29,7 @@ from .kernels.norms import rmsnorm
 from .kernels.qmatmul import Scratch, linear, linear_each
 from .kernels.routing import group_by_expert, sigmoid_topk, softmax_topk, topk_softmax
 from .layout import MANIFEST, Layout, Packed, open_layout
-from .paging import PagedExperts, auto_budget, peak_rss
+from .paging import PagedExperts, auto_budget, misses_from_disk, peak_rss
 from .units import parse_size
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -401,12 +401,13 @@ class Model:
 
 
 def load_model(path, memory_budget=None, threads: int | None = None, max_context: int | None = None,
-               cache_policy: str = "freq", prefetch: bool = True, pin=()) -> Model:
+               cache_policy: str = "freq", prefetch: bool | None = None, pin=()) -> Model:
     """Open a converted model (a folder, or a name or Hub id converted before) and map its files; copies no expert.
 
     memory_budget (bytes or text such as "2GB") bounds the expert cache: experts are then paged
-    into a fixed pool (cache_policy "freq" or "lru", prefetch of the next layer's predicted
-    experts; `pin`: (layer, expert) pairs, hottest first, kept resident while room is left for
+    into a fixed pool (cache_policy "freq" or "lru"; prefetch of the next layer's predicted
+    experts: True, False, or None for when misses come from disk (paging.misses_from_disk);
+    `pin`: (layer, expert) pairs, hottest first, kept resident while room is left for
     one layer's top-k). Without one, experts come straight from the memory map when the model fits in
     available RAM, else a budget is chosen (and said on stderr). threads sets numba's thread
     count; max_context sizes the KV cache (default: the model's, at most 4096).
@@ -431,6 +432,8 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
     if memory_budget is None:
         experts: ExpertStore = MappedExperts(layout)
     else:
+        if prefetch is None:
+            prefetch = misses_from_disk(layout, memory_budget)
         experts = PagedExperts(layout, memory_budget, cache_policy, prefetch, pin)
     model = Model(layout, experts, max_context)
     if kernels.cache_is_cold():

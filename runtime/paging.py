@@ -5,9 +5,9 @@ expert run. A miss reads the expert's run from experts.bin into a slot with one 
 read (no mmap residency, so the budget holds whatever the OS does with its page cache), and
 checks its CRC-32 the first time that expert is read. Eviction picks, among slots no one is
 using, the one whose expert has the lowest decayed use count (`freq`), or the least recently
-used one (`lru`). A background thread reads the experts the next layer is predicted to need
-while this layer computes; a slot being read is never handed out until its read completed
-and checked, and a failed read leaves the slot empty.
+used one (`lru`). With prefetch, a background thread reads the experts the next layer is
+predicted to need while this layer computes; a slot being read is never handed out until its
+read completed and checked, and a failed read leaves the slot empty.
 """
 
 from __future__ import annotations
@@ -51,6 +51,15 @@ def available_ram() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def misses_from_disk(layout: Layout, budget: int) -> bool:
+    """Whether experts.bin is larger than the page cache can keep beside the pool and the rest of the model,
+    so a miss waits for the disk: then reading the next layer's predicted experts ahead pays. From the page
+    cache a miss is a copy cheaper than predicting it: prefetch cost 20-35 % of decode speed on the trained
+    models at a 25 % budget and on synthetic OLMoE at 1 GiB (22.8 -> 17.9 tok/s, misses from the page cache)."""
+    sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
+    return sizes.get(EXPERTS_FILE, 0) > available_ram() - budget - sizes.get(MODEL_FILE, 0)
 
 
 def peak_rss() -> int:

@@ -14,7 +14,8 @@ Decode time per token = fixed cost + weight bytes / kernel rate + expert misses 
   run: from the page cache (a copy) when experts.bin fits in the RAM left over, else from disk
   (measured with O_DIRECT, or after dropping the file's pages). Both costs are measured on the
   miniature: with a budget holding all its experts (lookups hit) and at its minimum (lookups miss).
-  Prefetch (on by default) applies each next layer's router ahead of time, measured on the miniature
+  Prefetch (on when misses come from disk, as load_model decides) applies each next layer's router
+  ahead of time, measured on the miniature
   too, and reads what it predicts: it turns misses into hits but, wrong predictions included, reads
   PREFETCH_READS times as many experts as the misses it would have had (measured on the trained
   models at 25 % and 50 % budgets); those reads are counted in full, as the CPU they take.
@@ -349,7 +350,8 @@ def predict(fig: dict, rates: dict, mini: dict, budget: int | None = None, avail
     from_cache = fig["experts_bin_bytes"] <= room
     rate = rates["cached_read"] if from_cache else rates["disk_read"]
     reads = misses
-    if prefetch and slots > 2 * fig["top_k"]:  # the paging store prefetches only with room beyond two layers
+    # as load_model decides: prefetch when misses come from disk, and with room beyond two layers' top-k
+    if prefetch and not from_cache and slots > 2 * fig["top_k"]:
         seconds += fig["moe_layers"] * mini["predict_s"]
         reads = misses * PREFETCH_READS
     seconds += lookups * mini["lookup_s"] + reads * (fig["expert_run_bytes"] / rate + mini["miss_s"])

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 
+import moe.runtime.paging
 import numpy as np
 import pytest
 from moe.convert import convert
@@ -81,7 +82,7 @@ def test_counts_hits_misses_and_bytes(converted):
 def test_prefetch_is_counted_and_identical(converted):
     path = converted["gpt_oss"]
     want = _decode_logits(load_model(path), IDS)
-    model = load_model(path, memory_budget=6 * slot_bytes(load_model(path).layout))
+    model = load_model(path, memory_budget=6 * slot_bytes(load_model(path).layout), prefetch=True)
     assert model.experts._pool is not None, "prefetch should run when the pool holds more than two layers' top-k"
     got = _decode_logits(model, IDS)
     assert np.array_equal(got, want)
@@ -90,11 +91,19 @@ def test_prefetch_is_counted_and_identical(converted):
     assert 0 <= store.predicted_right.sum() <= store.predicted.sum()
 
 
+def test_prefetch_by_default_only_when_misses_come_from_disk(converted, monkeypatch):
+    path = converted["gpt_oss"]
+    budget = 6 * slot_bytes(load_model(path).layout)
+    assert load_model(path, memory_budget=budget).experts._pool is None  # experts.bin stays in the page cache
+    monkeypatch.setattr(moe.runtime.paging, "available_ram", lambda: budget)  # no room left beside the pool
+    assert load_model(path, memory_budget=budget).experts._pool is not None
+
+
 def test_slow_reads_never_serve_half_an_expert(converted):
     """Reads that arrive in small pieces, slowly, while prefetch runs: still identical logits."""
     path = converted["olmoe"]
     want = _decode_logits(load_model(path), IDS)
-    model = load_model(path, memory_budget=7 * slot_bytes(load_model(path).layout))
+    model = load_model(path, memory_budget=7 * slot_bytes(load_model(path).layout), prefetch=True)
 
     def slow_read(fd, buffers, offset):
         time.sleep(0.0005)
