@@ -93,7 +93,7 @@ def compare(src: Path, converted: Path, budgets: dict[str, int | None], threads:
     hf, headers = read_source(str(src))
     fig = figures(hf, headers, 4)
     rates = speed.machine(remeasure=True, say=print)
-    mini = speed.overhead(hf, 4, say=print, layout_bytes=fig["layout_bytes"])
+    mini = speed.overhead(hf, 4, remeasure=True, say=print, layout_bytes=fig["layout_bytes"])
     rows = []
     for label, budget in budgets.items():
         predicted = speed.predict(fig, rates, mini, budget, available_ram())
