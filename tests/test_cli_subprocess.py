@@ -4,6 +4,7 @@ One moe home for the module (the demo converts once); Numba's cache is the test 
 kernels compile at most once per session.
 """
 
+import fcntl
 import json
 import os
 import signal
@@ -64,8 +65,12 @@ def test_missing_model_exits_2(env, tmp_path):
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_keeps_the_text_and_exits_cleanly(env, signum, code):
-    proc = subprocess.Popen([sys.executable, "-m", "moe", "run", PROMPT, "--max-tokens", "1500"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # 1,500 sampled tokens are 5.5 kB of text: with a pipe of 4 kB the child waits for us to read, so it is still
+    # generating when the signal comes (it can write 1,500 tokens faster than a busy machine lets us send it)
+    proc = subprocess.Popen([sys.executable, "-m", "moe", "run", PROMPT, "--max-tokens", "1500", "--temperature",
+                             "1.5", "--seed", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
     first = b"".join(proc.stdout.read(1) for _ in range(12))  # generation is well under way
     proc.send_signal(signum)
     rest, err = proc.communicate(timeout=60)
