@@ -71,7 +71,7 @@ def test_signal_keeps_the_text_and_exits_cleanly(env, signum, code):
                              "1.5", "--seed", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     if hasattr(fcntl, "F_SETPIPE_SZ"):
         fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
-    first = b"".join(proc.stdout.read(1) for _ in range(12))  # generation is well under way
+    first = b"".join(os.read(proc.stdout.fileno(), 1) for _ in range(12))  # unbuffered: the pipe stays full
     proc.send_signal(signum)
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err.decode()
