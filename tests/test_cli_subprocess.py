@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from test_faults import default_sigint
 
 PROMPT = "def add(a, b):\n"
 
@@ -68,7 +69,8 @@ def test_signal_keeps_the_text_and_exits_cleanly(env, signum, code):
     # 1,500 sampled tokens are 5.5 kB of text: with a pipe of 4 kB the child waits for us to read, so it is still
     # generating when the signal comes (it can write 1,500 tokens faster than a busy machine lets us send it)
     proc = subprocess.Popen([sys.executable, "-m", "moe", "run", PROMPT, "--max-tokens", "1500", "--temperature",
-                             "1.5", "--seed", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                             "1.5", "--seed", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=default_sigint)
     if hasattr(fcntl, "F_SETPIPE_SZ"):
         fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
     first = b"".join(os.read(proc.stdout.fileno(), 1) for _ in range(12))  # unbuffered: the pipe stays full

@@ -67,7 +67,7 @@ def leftovers(parent: Path, name: str) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}."))
 
 
-def _default_sigint():
+def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a shell may start background jobs with SIGINT ignored
 
 
@@ -89,7 +89,7 @@ def wait_for_partial(parent: Path, name: str, proc: subprocess.Popen, timeout: f
                                                 (signal.SIGTERM, 143, "terminated")])
 def test_signal_during_convert_removes_the_temporary_folder(big, tmp_path, env, signum, code, said):
     proc = subprocess.Popen([sys.executable, "-m", "moe", "convert", str(big), "-o", str(tmp_path / "out")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=_default_sigint)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
     partial = wait_for_partial(tmp_path, "out", proc)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
