@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from moe.runtime.errors import MoeError
 from rich.console import Console
 
 # stdout: the product (tables of `info`, `list`, `bench`); wide when piped, so no path is cut short
@@ -52,6 +53,20 @@ def pinned(pin: Path | None, model, memory_budget: int | None) -> list[tuple[int
     from moe.runtime.routing_stats import read_pins
 
     return read_pins(pin, model, memory_budget)
+
+
+def read_text(file: Path) -> str:
+    """A UTF-8 text file given on the command line; anything else is a one-line error."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MoeError(f"{file}: no such file") from None
+    except IsADirectoryError:
+        raise MoeError(f"{file}: is a folder; give a text file") from None
+    except UnicodeDecodeError as exc:
+        raise MoeError(f"{file}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
+    except OSError as exc:
+        raise MoeError(f"{file}: cannot read it ({exc.strerror})") from None
 
 
 def print_json(obj) -> None:

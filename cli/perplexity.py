@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from moe.runtime.errors import MoeError
 from rich.progress import Progress
 
-from .common import err, open_model, print_json
+from .common import err, open_model, print_json, read_text
 from .options import Json, MemoryBudget, ModelArg, Pin, Threads
 
 EXAMPLE = """Examples:
@@ -33,7 +32,7 @@ def perplexity(
     """Perplexity over consecutive windows of --ctx tokens (no BOS added; a last partial window is dropped)."""
     from moe.runtime.perplexity import perplexity as measure
 
-    text = _read_text(file)
+    text = read_text(file)
     loaded, _ = open_model(model, memory_budget, threads, pin)
     ids = loaded.tokenizer.encode(text, add_bos=False)[:max_tokens]
     with Progress(console=err, disable=not err.is_terminal, transient=True) as bar:
@@ -44,16 +43,3 @@ def perplexity(
     else:
         print(f"{ppl:.4f}")
         err.print(f"{scored} tokens scored in windows of {ctx}", style="dim")
-
-
-def _read_text(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MoeError(f"{file}: no such file") from None
-    except IsADirectoryError:
-        raise MoeError(f"{file}: is a folder; give a text file") from None
-    except UnicodeDecodeError as exc:
-        raise MoeError(f"{file}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
-    except OSError as exc:
-        raise MoeError(f"{file}: cannot read it ({exc.strerror})") from None

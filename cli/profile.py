@@ -12,9 +12,8 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from .common import err, open_model, out, print_json
+from .common import err, open_model, out, print_json, read_text
 from .options import Json, ModelArg, Threads
-from .perplexity import _read_text
 from .trace import colour
 
 EXAMPLE = """Examples:
@@ -44,7 +43,7 @@ def profile(
     experts per window."""
     from moe.runtime.routing_stats import profile as measure
 
-    text = _read_text(file)
+    text = read_text(file)
     loaded, _ = open_model(model, threads=threads)
     ids = loaded.tokenizer.encode(text, add_bos=False)[:max_tokens]
     with Progress(console=err, disable=not err.is_terminal, transient=True) as bar:
