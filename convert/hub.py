@@ -32,14 +32,22 @@ class Source:
     revision: str | None  # the commit of a Hub snapshot
 
 
+def local_folder(src: str, revision: str | None = None) -> Path | None:
+    """`src` as a local folder (a folder, and no revision asked of it), or None when nothing is there."""
+    path = Path(src).expanduser()
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        raise MoeError(f"{src}: is a file; SRC is a folder in the Hugging Face layout or a Hub id (org/name)")
+    if revision:
+        raise MoeError(f"--revision {revision}: only applies to Hub ids, and {src} is a local folder")
+    return path
+
+
 def resolve(src: str, revision: str | None = None) -> Source:
     """The folder to convert from: `src` itself, or the Hub snapshot of `src` at `revision`."""
-    path = Path(src).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise MoeError(f"{src}: is a file; SRC is a folder in the Hugging Face layout or a Hub id (org/name)")
-        if revision:
-            raise MoeError(f"--revision {revision}: only applies to Hub ids, and {src} is a local folder")
+    path = local_folder(src, revision)
+    if path is not None:
         check_weights(path, src)
         return Source(path.resolve(), str(path.resolve()), None)
     if not _HUB_ID.match(src):

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..convert import arch as arch_registry
 from ..convert.arch.common import Plan, Run
 from ..convert.converter import check_options, check_plan, encoding_for, read_json
-from ..convert.hub import check_weights, hub_errors
+from ..convert.hub import check_weights, hub_errors, local_folder
 from ..convert.safetensors_io import DTYPES, INDEX, Checkpoint, TensorInfo
 from .errors import MoeError
 from .info import kind_of
@@ -58,12 +58,8 @@ class Placement:
 
 def read_source(src: str, revision: str | None = None) -> tuple[dict, Headers]:
     """(config.json, headers) of a local Hub-layout folder or a Hub id; no weight is read."""
-    path = Path(src).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise MoeError(f"{src}: is a file; SRC is a folder in the Hugging Face layout or a Hub id (org/name)")
-        if revision:
-            raise MoeError(f"--revision {revision}: only applies to Hub ids, and {src} is a local folder")
+    path = local_folder(src, revision)
+    if path is not None:
         return read_json(path / "config.json", required=True), _local_headers(path, str(path.resolve()), None)
     return _hub(src, revision)
 
