@@ -24,7 +24,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ..runtime.kernels import FLAGS, PARALLEL
-from ..runtime.kernels.bits import bf16_to_f32
+from ..runtime.kernels.bits import widen
 from ..runtime.layout import CHUNK, Packed, padded_cols
 
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
@@ -176,24 +176,14 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, stats):
 
 
 @njit(**PARALLEL)
-def _quantize_f32(w, gs, bits, inv_cands, codes, scales, stats):
+def _quantize(w, kind, gs, bits, inv_cands, codes, scales, stats):
+    """Each row of w (floats, or 16-bit patterns of `kind`: see bits.widen) widened, padded and quantized."""
     rows, cols = w.shape
     cp = scales.shape[1] * gs
     for r in prange(rows):
         x = np.zeros(cp, np.float32)
         for c in range(cols):
-            x[c] = w[r, c]
-        _quantize_row(x, gs, bits, inv_cands, codes[r], scales[r], stats[r])
-
-
-@njit(**PARALLEL)
-def _quantize_bf16(w, gs, bits, inv_cands, codes, scales, stats):
-    rows, cols = w.shape
-    cp = scales.shape[1] * gs
-    for r in prange(rows):
-        x = np.zeros(cp, np.float32)
-        for c in range(cols):
-            x[c] = bf16_to_f32(w[r, c])
+            x[c] = widen(w[r, c], kind)
         _quantize_row(x, gs, bits, inv_cands, codes[r], scales[r], stats[r])
 
 
@@ -207,10 +197,10 @@ def quantize(w: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[Pac
     scales = np.empty((rows, cp // group_size), np.float64)
     stats = np.zeros((rows, 3), np.float64)
     if dtype == "BF16":
-        _quantize_bf16(np.ascontiguousarray(w), group_size, bits, _CANDIDATES[bits], codes, scales, stats)
+        _quantize(np.ascontiguousarray(w), 1, group_size, bits, _CANDIDATES[bits], codes, scales, stats)
     else:
         w32 = np.ascontiguousarray(w, dtype=np.float32)
-        _quantize_f32(w32, group_size, bits, _CANDIDATES[bits], codes, scales, stats)
+        _quantize(w32, 0, group_size, bits, _CANDIDATES[bits], codes, scales, stats)
     packed = Packed(f"q{bits}", (rows, cols), codes if bits == 4 else codes.view(np.int8),
                     scales.astype(np.float16), group_size)
     err = QuantError(float(stats[:, 0].max(initial=0.0)), float(stats[:, 1].sum()), float(stats[:, 2].sum()))

@@ -1,4 +1,5 @@
-"""Scalar conversions of 16-bit float bit patterns to float32 (numba has no float16 type)."""
+"""Scalar conversions of 16-bit float bit patterns to float32 (numba has no float16 type), and `widen`: any
+stored weight (a float, or bfloat16 / float16 bits) as float32."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import config
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 _F16_EXP = np.uint32(0x7C00 << 13)  # float16 exponent field, moved to float32's mantissa-aligned position
 _REBIAS = np.uint32((127 - 15) << 23)
@@ -91,3 +92,20 @@ def f16_to_f32(typingctx, h):
         return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
 
     return sig, codegen
+
+
+def widen(v, kind):
+    """One stored weight as float32: a float as is; 16-bit patterns as bfloat16 (kind 1) or float16 (kind 2)."""
+
+
+@overload(widen)
+def _widen_typed(v, kind):
+    if isinstance(v, types.Float):
+        return lambda v, kind: np.float32(v)
+
+    def widen_bits(v, kind):
+        if kind == 1:
+            return bf16_to_f32(v)
+        return f16_to_f32(v)
+
+    return widen_bits

@@ -19,12 +19,11 @@ multiply by several weights), and the interface's `quantize_acts`, `matmul_q4`, 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
 from ..layout import CHUNK, Packed
 from . import FLAGS, PARALLEL, simd
-from .bits import bf16_to_f32, f16_to_f32, u32_as_f32
+from .bits import f16_to_f32, u32_as_f32, widen
 
 _QMAX = np.float32(127.0)
 # Whatever quantizes activations compiles without fast-math (inlined code takes its caller's
@@ -299,26 +298,9 @@ def linear_q8(codes, scales, gs, x, xq, xqa, xs, xsum, out):
     _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 8)
 
 
-def _widen(v, kind):
-    """One stored weight as float32: a float as is; 16-bit patterns as bfloat16 (kind 1) or float16 (kind 2)."""
-
-
-@overload(_widen)
-def _widen_typed(v, kind):
-    if isinstance(v, types.Float):
-        return lambda v, kind: np.float32(v)
-
-    def widen_bits(v, kind):
-        if kind == 1:
-            return bf16_to_f32(v)
-        return f16_to_f32(v)
-
-    return widen_bits
-
-
 @njit(**PARALLEL)
 def _matmul_float(w, x, out, kind):
-    """w [rows, cols] of kind `kind` (see _widen); tokens in tiles of 4, so each weight is widened once
+    """w [rows, cols] of kind `kind` (see bits.widen); tokens in tiles of 4, so each weight is widened once
     per 4 tokens and the 4 sums run side by side."""
     rows, cols = w.shape
     T = x.shape[0]
@@ -328,7 +310,7 @@ def _matmul_float(w, x, out, kind):
             x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for c in range(cols):
-                v = _widen(wrow[c], kind)
+                v = widen(wrow[c], kind)
                 a0 += v * x0[c]
                 a1 += v * x1[c]
                 a2 += v * x2[c]
@@ -341,7 +323,7 @@ def _matmul_float(w, x, out, kind):
             xrow = x[t]
             acc = np.float32(0.0)
             for c in range(cols):
-                acc += _widen(wrow[c], kind) * xrow[c]
+                acc += widen(wrow[c], kind) * xrow[c]
             out[t, r] = acc
 
 
