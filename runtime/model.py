@@ -337,49 +337,43 @@ class Model:
         else:
             B.y[:] = 0.0
         scale_input = cfg.router == "sigmoid_topk"  # Llama 4 weighs the expert's input, the others its output
-        gate_up_buf, act_buf = B.hidden[cfg.expert_intermediate_size]
-        if B.T == 1 and n_active == k:  # k distinct experts, one pair each
-            self._experts_of_token(i, B.active[:n_active].tolist(), B, scale_input)
-            return
-        for e in B.active[:n_active].tolist():
-            lo, hi = int(B.offsets[e]), int(B.offsets[e + 1])
-            n = hi - lo
-            w = self.experts.get(i, e)
-            xe, ye, gate_up, act = B.xe[:n], B.ye[:n], gate_up_buf[:n], act_buf[:n]
-            gather(B.xn, B.order, k, lo, hi, B.w, scale_input, xe)
-            linear(w.gate_up, xe, gate_up, self._scratch)
-            if w.gate_up_bias is not None:
-                np.add(gate_up, w.gate_up_bias, out=gate_up)
-            if cfg.activation == "gpt_oss":
-                swiglu_clamped(gate_up, cfg.swiglu_alpha, cfg.swiglu_limit, act)
-            else:
-                swiglu(gate_up, act)
-            linear(w.down, act, ye, self._scratch)
-            if w.down_bias is not None:
-                np.add(ye, w.down_bias, out=ye)
-            scatter_add(ye, B.order, k, lo, hi, B.w, not scale_input, B.y)
+        active = B.active[:n_active].tolist()
+        if B.T == 1 and n_active == k:  # decode: the k experts side by side, one pair each
+            groups = [(active, 0, k)]
+        else:  # each chosen expert once, over the tokens routed to it
+            groups = [([e], int(B.offsets[e]), int(B.offsets[e + 1])) for e in active]
+        for experts, lo, hi in groups:
+            self._experts_ffn(i, experts, lo, hi, B, scale_input)
 
-    def _experts_of_token(self, i: int, experts: list[int], B: _Buffers, scale_input: bool) -> None:
-        """Decode: the k experts of one token side by side (one compiled call per projection), as _moe's loop
-        would run them one by one."""
-        cfg, n = self.config, len(experts)
+    def _experts_ffn(self, i: int, experts: list[int], lo: int, hi: int, B: _Buffers, scale_input: bool) -> None:
+        """The (token, slot) pairs order[lo:hi] through layer i's `experts`: one expert over all of them, or
+        expert j on pair j (one compiled call per projection for a token's k experts); added into B.y."""
+        cfg, n = self.config, hi - lo
         ws = [self.experts.get(i, e) for e in experts]
+        rows = [slice(j, j + 1) for j in range(n)] if len(ws) > 1 else [slice(0, n)]
         gate_up_buf, act_buf = B.hidden[cfg.expert_intermediate_size]
         xe, ye, gate_up, act = B.xe[:n], B.ye[:n], gate_up_buf[:n], act_buf[:n]
-        gather(B.xn, B.order, cfg.top_k, 0, n, B.w, scale_input, xe)  # order: one pair per expert, in their order
-        linear_each([w.gate_up for w in ws], xe, gate_up, self._scratch)
+        gather(B.xn, B.order, cfg.top_k, lo, hi, B.w, scale_input, xe)
+        self._project([w.gate_up for w in ws], xe, gate_up)
         if ws[0].gate_up_bias is not None:
-            for j, w in enumerate(ws):
-                np.add(gate_up[j], w.gate_up_bias, out=gate_up[j])
+            for r, w in zip(rows, ws, strict=True):
+                np.add(gate_up[r], w.gate_up_bias, out=gate_up[r])
         if cfg.activation == "gpt_oss":
             swiglu_clamped(gate_up, cfg.swiglu_alpha, cfg.swiglu_limit, act)
         else:
             swiglu(gate_up, act)
-        linear_each([w.down for w in ws], act, ye, self._scratch)
+        self._project([w.down for w in ws], act, ye)
         if ws[0].down_bias is not None:
-            for j, w in enumerate(ws):
-                np.add(ye[j], w.down_bias, out=ye[j])
-        scatter_add(ye, B.order, cfg.top_k, 0, n, B.w, not scale_input, B.y)
+            for r, w in zip(rows, ws, strict=True):
+                np.add(ye[r], w.down_bias, out=ye[r])
+        scatter_add(ye, B.order, cfg.top_k, lo, hi, B.w, not scale_input, B.y)
+
+    def _project(self, weights: list[Packed], x: np.ndarray, out: np.ndarray) -> None:
+        """One weight over every row of x, or weight j on row j."""
+        if len(weights) == 1:
+            linear(weights[0], x, out, self._scratch)
+        else:
+            linear_each(weights, x, out, self._scratch)
 
     def _predict(self, j: int, B: _Buffers) -> None:
         """Layer j's router applied to the current hidden state: the experts to read while this layer computes."""
