@@ -28,7 +28,7 @@ from .kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from .kernels.norms import rmsnorm
 from .kernels.qmatmul import Scratch, linear, linear_each
 from .kernels.routing import group_by_expert, sigmoid_topk, softmax_topk, topk_softmax
-from .layout import MANIFEST, Layout, Packed, open_layout
+from .layout import EXPERTS_FILE, MANIFEST, MODEL_FILE, Layout, Packed, open_layout
 from .paging import PagedExperts, auto_budget, misses_from_disk, peak_rss
 from .units import parse_size
 
@@ -427,7 +427,8 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
         experts: ExpertStore = MappedExperts(layout)
     else:
         if prefetch is None:
-            prefetch = misses_from_disk(layout, memory_budget)
+            sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
+            prefetch = misses_from_disk(sizes[EXPERTS_FILE], sizes[MODEL_FILE], memory_budget)
         experts = PagedExperts(layout, memory_budget, cache_policy, prefetch, pin)
     model = Model(layout, experts, max_context)
     if kernels.cache_is_cold():

@@ -53,13 +53,14 @@ def available_ram() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def misses_from_disk(layout: Layout, budget: int) -> bool:
-    """Whether experts.bin is larger than the page cache can keep beside the pool and the rest of the model,
-    so a miss waits for the disk: then reading the next layer's predicted experts ahead pays. From the page
-    cache a miss is a copy cheaper than predicting it: prefetch cost 20-35 % of decode speed on the trained
-    models at a 25 % budget and on synthetic OLMoE at 1 GiB (22.8 -> 17.9 tok/s, misses from the page cache)."""
-    sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
-    return sizes.get(EXPERTS_FILE, 0) > available_ram() - budget - sizes.get(MODEL_FILE, 0)
+def misses_from_disk(experts_bytes: int, resident_bytes: int, budget: int, available: int | None = None) -> bool:
+    """Whether experts.bin (experts_bytes) is larger than the page cache can keep beside the pool (budget) and
+    the rest of the model in RAM (resident_bytes), out of `available` (default: available_ram()): then a miss
+    waits for the disk, and reading the next layer's predicted experts ahead pays. From the page cache a miss
+    is a copy cheaper than predicting it: prefetch cost 20-35 % of decode speed on the trained models at a
+    25 % budget and on synthetic OLMoE at 1 GiB (22.8 -> 17.9 tok/s, misses from the page cache)."""
+    available = available_ram() if available is None else available
+    return experts_bytes > available - budget - resident_bytes
 
 
 def peak_rss() -> int:

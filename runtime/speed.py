@@ -15,10 +15,10 @@ Decode time per token = fixed cost + weight bytes / kernel rate + expert misses 
   (measured with O_DIRECT, or after dropping the file's pages). Both costs are measured on the
   miniature: with a budget holding all its experts (lookups hit) and at its minimum (lookups miss).
   Prefetch (on when misses come from disk, as load_model decides) applies each next layer's router
-  ahead of time, measured on the miniature
-  too, and reads what it predicts: it turns misses into hits but, wrong predictions included, reads
-  PREFETCH_READS times as many experts as the misses it would have had (measured on the trained
-  models at 25 % and 50 % budgets); those reads are counted in full, as the CPU they take.
+  ahead of time, measured on the miniature too, and reads what it predicts: it turns misses into
+  hits but, wrong predictions included, reads PREFETCH_READS times as many experts as the misses it
+  would have had (measured on the trained models at 25 % and 50 % budgets); those reads are counted
+  in full, as the CPU they take.
 
 Hit rate under a budget holding a fraction f of all experts (slots / (MoE layers x experts)):
     hit(f) = 1 - (1 - f) ** HIT_EXPONENT
@@ -47,6 +47,7 @@ from .errors import MoeError
 from .home import moe_home
 from .kernels import SOURCES_HASH
 from .layout import CHUNK, LayoutWriter, Packed, padded_cols
+from .paging import misses_from_disk
 from .units import format_size
 
 HIT_EXPONENT = 2.5  # mean of the four trained models' fits (see above)
@@ -346,8 +347,7 @@ def predict(fig: dict, rates: dict, mini: dict, budget: int | None = None, avail
     hit = hit_rate(fraction)
     lookups = fig["top_k"] * fig["moe_layers"]
     misses = (1.0 - hit) * lookups
-    room = (available or 0) - fig["ram_bytes_at_min_budget"] - budget
-    from_cache = fig["experts_bin_bytes"] <= room
+    from_cache = not misses_from_disk(fig["experts_bin_bytes"], fig["ram_bytes_at_min_budget"], budget, available or 0)
     rate = rates["cached_read"] if from_cache else rates["disk_read"]
     reads = misses
     # as load_model decides: prefetch when misses come from disk, and with room beyond two layers' top-k
