@@ -350,7 +350,7 @@ class Model:
         expert j on pair j (one compiled call per projection for a token's k experts); added into B.y."""
         cfg, n = self.config, hi - lo
         ws = [self.experts.get(i, e) for e in experts]
-        rows = [slice(j, j + 1) for j in range(n)] if len(ws) > 1 else [slice(0, n)]
+        rows = [slice(j, j + 1) for j in range(n)] if len(ws) > 1 else [slice(0, n)]  # each expert's, for biases
         gate_up_buf, act_buf = B.hidden[cfg.expert_intermediate_size]
         xe, ye, gate_up, act = B.xe[:n], B.ye[:n], gate_up_buf[:n], act_buf[:n]
         gather(B.xn, B.order, cfg.top_k, lo, hi, B.w, scale_input, xe)
