@@ -25,7 +25,15 @@ from ..runtime import home
 from ..runtime.config import ModelConfig
 from ..runtime.errors import MoeError
 from ..runtime.info import kind_of
-from ..runtime.layout import EXPERT_ALIGN, MANIFEST, TENSOR_ALIGN, LayoutWriter, Packed, stored_nbytes
+from ..runtime.layout import (
+    EXPERT_ALIGN,
+    MANIFEST,
+    QUANT_BITS,
+    TENSOR_ALIGN,
+    LayoutWriter,
+    Packed,
+    stored_nbytes,
+)
 from . import arch as arch_registry
 from . import hub, mxfp4
 from .arch.common import Out, Plan, Run, Src, eos_ids
@@ -340,8 +348,8 @@ def gather(ckpt: Checkpoint, o: Out) -> tuple[np.ndarray, str]:
 
 
 def encode(raw: np.ndarray, dtype: str, encoding: str, group_size: int, err: QuantError) -> Packed:
-    if encoding in ("q4", "q8"):
-        packed, e = quantize(raw, dtype, int(encoding[1]), group_size)
+    if encoding in QUANT_BITS:
+        packed, e = quantize(raw, dtype, QUANT_BITS[encoding], group_size)
         err.add(e)
         return packed
     if encoding == "f32":

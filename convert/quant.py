@@ -1,10 +1,11 @@
-"""Group-wise symmetric quantization into the layout's q4 / q8 encodings, reporting its own error.
+"""Group-wise symmetric quantization into the layout's q4 / q5 / q6 / q8 encodings, reporting its own error.
 
-Each group of `group_size` columns of a row gets one float16 scale d; q4 stores codes
-c = q + 8 (value (c - 8) * d, q in -8..7), q8 stores q in -128..127 (value q * d). The scale
-is searched, not just max-abs: the group's largest value m is mapped to each of a grid of
-candidate codes (q4: -9 to -5 and 6 to 7.5, where those beyond the code range clip the largest
-values to trade their error for a finer step everywhere else; q8: -128 and 127), then a
+Each group of `group_size` columns of a row gets one float16 scale d and each value a code q in
+-2**(b-1) .. 2**(b-1) - 1 (value q * d); q4-q6 store q + 2**(b-1), q8 q itself. The scale is
+searched, not just max-abs: the group's largest value m is mapped to each of a grid of candidate
+codes (q4: -9 to -5 and 6 to 7.5, where those beyond the code range clip the largest values to
+trade their error for a finer step everywhere else; q5 and q6 the same grid scaled by 2 and 4;
+q8: -128 and 127), then a
 least-squares refit d = sum(q x) / sum(q q) of the best is tried, and the scale of least
 squared error wins. Measured on the trained models (4-bit/16-bit perplexity, 16k tokens), the
 clipping grid beat the max-abs candidates -8, -7.5, -7, 7 on all four (tinymix 1.0116 -> 1.0079,
@@ -28,9 +29,8 @@ from ..runtime.kernels.bits import widen
 from ..runtime.layout import CHUNK, Packed, padded_cols
 
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
-_CANDIDATES = {4: 1.0 / np.array([-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0,
-                                  6.0, 6.5, 7.0, 7.5]),
-               8: 1.0 / np.array([-128.0, 127.0])}
+_Q4_GRID = np.array([-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0, 6.0, 6.5, 7.0, 7.5])
+_CANDIDATES = {4: 1.0 / _Q4_GRID, 5: 1.0 / (2 * _Q4_GRID), 6: 1.0 / (4 * _Q4_GRID), 8: 1.0 / np.array([-128.0, 127.0])}
 
 
 @dataclass
@@ -136,8 +136,10 @@ def _best_scale(x, g0, gs, qmin, qmax, inv_cands):
 
 @njit(**FLAGS)
 def _quantize_row(x, gs, bits, inv_cands, codes, scales, stats):
-    """x f32 [cols_pad] -> codes uint8 [cols_pad / 2] (q4) or [cols_pad] (q8, two's complement), scales [groups]."""
-    qmin, qmax = (-8, 7) if bits == 4 else (-128, 127)
+    """x f32 [cols_pad] -> codes uint8 [cols_pad * bits / 8] (layout.pack_codes' order; q8: two's complement),
+    scales [groups]."""
+    qmax = (1 << (bits - 1)) - 1
+    qmin = -qmax - 1
     cp = x.shape[0]
     q = np.empty(cp, np.int32)
     emax = 0.0
@@ -166,13 +168,29 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, stats):
     stats[0] = emax
     stats[1] = e2
     stats[2] = x2
-    if bits == 4:
-        for c0 in range(0, cp, 32):  # chunk of 32 columns: byte b = column b (low nibble), b + 16 (high)
-            for b in range(16):
-                codes[c0 // 2 + b] = np.uint8((q[c0 + b] + 8) | ((q[c0 + b + 16] + 8) << 4))
-    else:
+    if bits == 8:
         for c in range(cp):
             codes[c] = np.uint8(q[c] & 0xFF)
+        return
+    for c in range(cp):
+        q[c] -= qmin  # the stored code, 0 .. 2**bits - 1
+    for c0 in range(0, cp, 32):  # chunk of 32 columns: byte b = column b (low nibble), b + 16 (high)
+        for b in range(16):
+            codes[c0 // 2 + b] = np.uint8((q[c0 + b] & 15) | ((q[c0 + b + 16] & 15) << 4))
+    high = cp // 2  # then the high bits, 4 (q5) or 8 (q6) bytes per chunk
+    for c0 in range(0, cp, 32):
+        if bits == 5:
+            for k in range(4):
+                v = 0
+                for i in range(8):
+                    v |= (q[c0 + 8 * k + i] >> 4) << i
+                codes[high + c0 // 8 + k] = np.uint8(v)
+        elif bits == 6:
+            for k in range(8):
+                v = 0
+                for j in range(4):
+                    v |= (q[c0 + k + 8 * j] >> 4) << (2 * j)
+                codes[high + c0 // 4 + k] = np.uint8(v)
 
 
 @njit(**PARALLEL)
@@ -188,12 +206,12 @@ def _quantize(w, kind, gs, bits, inv_cands, codes, scales, stats):
 
 
 def quantize(w: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[Packed, QuantError]:
-    """Quantize a 2-D tensor given as its raw values (dtype BF16: uint16 words; F16; F32) to q4 or q8."""
+    """Quantize a 2-D tensor given as its raw values (dtype BF16: uint16 words; F16; F32) to q4, q5, q6 or q8."""
     if bits not in _CANDIDATES or group_size <= 0 or group_size % CHUNK:
         raise ValueError(f"bits {bits} / group size {group_size}")
     rows, cols = w.shape
     cp = padded_cols(cols, group_size)
-    codes = np.empty((rows, cp // 2 if bits == 4 else cp), np.uint8)
+    codes = np.empty((rows, cp * bits // 8), np.uint8)
     scales = np.empty((rows, cp // group_size), np.float64)
     stats = np.zeros((rows, 3), np.float64)
     if dtype == "BF16":
@@ -201,7 +219,7 @@ def quantize(w: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[Pac
     else:
         w32 = np.ascontiguousarray(w, dtype=np.float32)
         _quantize(w32, 0, group_size, bits, _CANDIDATES[bits], codes, scales, stats)
-    packed = Packed(f"q{bits}", (rows, cols), codes if bits == 4 else codes.view(np.int8),
+    packed = Packed(f"q{bits}", (rows, cols), codes.view(np.int8) if bits == 8 else codes,
                     scales.astype(np.float16), group_size)
     err = QuantError(float(stats[:, 0].max(initial=0.0)), float(stats[:, 1].sum()), float(stats[:, 2].sum()))
     return packed, err

@@ -33,6 +33,12 @@ Encodings of a 2-D tensor [rows, cols] (1-D tensors are always f32):
   q4: uint8 [rows, cols_pad / 2]; in each chunk of 32 columns, byte b holds
       column b in its low nibble and column b + 16 in its high nibble;
       value = (nibble - 8) * scale.
+  q5, q6: uint8 [rows, cols_pad * 5 / 8] or [rows, cols_pad * 3 / 4]: codes c = q + 16 (0..31) or
+      q + 32 (0..63), value = q * scale. Each row holds the low four bits of its codes as q4 does
+      (cols_pad / 2 bytes), then their high bits, per chunk of 32 columns: q5 4 bytes, bit i of their
+      little-endian uint32 the high bit of column i; q6 8 bytes, byte k holding the high two bits of
+      columns k, k + 8, k + 16, k + 24 in bits 0-1, 2-3, 4-5, 6-7 (the orders the vector kernels
+      unpack with one shuffle or one shift per 32 columns).
   Quantized encodings keep one IEEE float16 scale per group of `group_size`
   columns (a multiple of 32), stored after the codes as [rows, cols_pad / group_size].
   cols_pad rounds cols up to a multiple of group_size; padding columns hold zero.
@@ -61,7 +67,8 @@ EXPERTS_FILE = "experts.bin"
 EXPERT_ALIGN = 16384
 TENSOR_ALIGN = 64
 CHUNK = 32
-ENCODINGS = ("f32", "bf16", "f16", "q8", "q4")
+ENCODINGS = ("f32", "bf16", "f16", "q8", "q6", "q5", "q4")
+QUANT_BITS = {"q4": 4, "q5": 5, "q6": 6, "q8": 8}  # bits per code of the quantized encodings
 _RAW_DTYPES = {"f32": np.float32, "bf16": np.uint16, "f16": np.float16}
 
 
@@ -79,7 +86,7 @@ class Packed:
 
     encoding: str
     shape: tuple[int, ...]
-    codes: np.ndarray  # f32/uint16(bf16)/f16 values, int8 (q8) or uint8 nibbles (q4)
+    codes: np.ndarray  # f32/uint16(bf16)/f16 values, int8 (q8) or uint8 packed codes (q4, q5, q6)
     scales: np.ndarray | None = None  # float16 [rows, cols_pad / group_size]
     group_size: int = 0
 
@@ -102,6 +109,36 @@ def unpack_q4(nibbles: np.ndarray) -> np.ndarray:
     return np.concatenate([n & 0x0F, n >> 4], axis=2).reshape(rows, half * 2)
 
 
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes 0 .. 2**bits - 1 [rows, cols_pad] -> the q4 / q5 / q6 rows described above."""
+    rows, cols = codes.shape
+    codes = codes.astype(np.uint8)
+    nibbles = pack_q4(codes & 0x0F)
+    if bits == 4:
+        return nibbles
+    high = (codes >> 4).reshape(rows, cols // CHUNK, 4, 8)
+    if bits == 5:
+        planes = np.packbits(high.reshape(rows, cols // CHUNK, CHUNK), axis=2, bitorder="little")
+    else:
+        planes = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
+    return np.concatenate([nibbles, planes.reshape(rows, -1)], axis=1)
+
+
+def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of pack_codes: uint8 codes [rows, cols_pad]."""
+    rows, width = packed.shape
+    cols = width * 8 // bits
+    low = unpack_q4(np.ascontiguousarray(packed[:, : cols // 2]))
+    if bits == 4:
+        return low
+    planes = packed[:, cols // 2:].reshape(rows, cols // CHUNK, -1)
+    if bits == 5:
+        high = np.unpackbits(planes, axis=2, bitorder="little")
+    else:
+        high = np.stack([(planes >> s) & 3 for s in (0, 2, 4, 6)], axis=2)
+    return low | (high.reshape(rows, cols) << 4).astype(np.uint8)
+
+
 def dequantize(p: Packed) -> np.ndarray:
     """The float32 values a packed tensor stands for (the slow, obvious reference)."""
     if p.encoding == "f32":
@@ -111,10 +148,11 @@ def dequantize(p: Packed) -> np.ndarray:
     if p.encoding == "f16":
         return np.asarray(p.codes, dtype=np.float16).astype(np.float32).reshape(p.shape)
     rows, cols = p.shape
-    if p.encoding == "q8":
+    bits = QUANT_BITS[p.encoding]
+    if bits == 8:
         q = np.asarray(p.codes, dtype=np.int8).astype(np.float32)
     else:
-        q = unpack_q4(np.asarray(p.codes)).astype(np.float32) - 8.0
+        q = unpack_codes(np.asarray(p.codes), bits).astype(np.float32) - 2.0 ** (bits - 1)
     s = np.repeat(np.asarray(p.scales, dtype=np.float16).astype(np.float32), p.group_size, axis=1)
     return (q * s)[:, :cols]
 
@@ -156,7 +194,7 @@ class LayoutWriter:
         if name in self.tensors:
             raise MoeError(f"tensor {name} written twice; this is a bug in the converter", 1)
         entry = {"file": fname, "encoding": encoding, "shape": list(shape)}
-        if encoding in ("q4", "q8"):
+        if encoding in QUANT_BITS:
             entry["group_size"] = group_size
         f = self._files[fname]
         entry["offset"] = self._write(fname, np.empty(0, np.uint8), TENSOR_ALIGN)
@@ -219,7 +257,7 @@ class LayoutWriter:
             "experts": self.experts,
         }
         with open(self.folder / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1)
+            json.dump(manifest, f, separators=(",", ":"))  # compact: a tiny model's manifest is 5 % of it
         return manifest
 
     def abort(self) -> None:
@@ -290,8 +328,8 @@ def _view(buf, e: dict, base: int) -> Packed:
     rows, cols = shape
     gs = e["group_size"]
     cp = padded_cols(cols, gs)
-    width = cp // 2 if enc == "q4" else cp
-    codes = np.frombuffer(buf, dtype=np.uint8 if enc == "q4" else np.int8, count=rows * width, offset=e["offset"] - base)
+    width = cp * QUANT_BITS[enc] // 8
+    codes = np.frombuffer(buf, dtype=np.int8 if enc == "q8" else np.uint8, count=rows * width, offset=e["offset"] - base)
     scales = np.frombuffer(buf, dtype=np.float16, count=rows * (cp // gs), offset=e["scales_offset"] - base)
     return Packed(enc, shape, codes.reshape(rows, width), scales.reshape(rows, cp // gs), gs)
 
@@ -304,7 +342,7 @@ def expected_nbytes(e: dict) -> tuple[int, int]:
         return math.prod(shape) * np.dtype(_RAW_DTYPES[enc]).itemsize, 0
     rows, cols = shape
     cp = padded_cols(cols, e["group_size"])
-    return rows * (cp // 2 if enc == "q4" else cp), rows * (cp // e["group_size"]) * 2
+    return rows * cp * QUANT_BITS[enc] // 8, rows * (cp // e["group_size"]) * 2
 
 
 def stored_nbytes(entry: dict) -> int:
@@ -375,7 +413,7 @@ def _validate(folder: Path, m: dict) -> None:
         shape = e["shape"]
         if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or any(_check_int(s, "shape") == 0 for s in shape):
             raise ValueError(f"tensor {name}: bad shape {shape!r}")
-        if e["encoding"] in ("q4", "q8"):
+        if e["encoding"] in QUANT_BITS:
             gs = _check_int(e["group_size"], f"tensor {name} group_size")
             if len(shape) != 2 or gs == 0 or gs % CHUNK:
                 raise ValueError(f"tensor {name}: bad group size {gs}")

@@ -46,7 +46,7 @@ from ..convert.safetensors_io import TensorInfo
 from .errors import MoeError
 from .home import moe_home
 from .kernels import SOURCES_HASH
-from .layout import CHUNK, LayoutWriter, Packed, padded_cols
+from .layout import CHUNK, QUANT_BITS, LayoutWriter, Packed, padded_cols
 from .paging import misses_from_disk
 from .units import format_size
 
@@ -60,7 +60,7 @@ MATVEC_BYTES = 128 << 20  # weights cycled through per encoding, well beyond the
 MATRIX_BYTES = 8 << 20  # one matrix of that set: its rows are a layer's, its calls few
 DISK_BYTES = 256 << 20  # the temporary file read back for the disk rate
 READ_CHUNK = 4 << 20  # expert-run-sized reads
-ENCODINGS = ("q4", "q8", "bf16", "f16", "f32")
+ENCODINGS = ("q4", "q5", "q6", "q8", "bf16", "f16", "f32")
 MINI_WIDTHS = {"hidden_size": 64, "head_dim": 16, "vocab_size": 256, "intermediate_size": 32,
                "moe_intermediate_size": 32, "intermediate_size_mlp": 32, "shared_expert_intermediate_size": 32}
 # The clock of every measurement here. Benchmarks on a shared machine may swap in time.process_time
@@ -136,7 +136,8 @@ def random_packed(encoding: str, shape: tuple[int, ...], group_size: int, rng: n
     scales = np.full((rows, cp // group_size), 0.01, np.float16)
     if encoding == "q8":
         return Packed("q8", shape, rng.integers(-8, 8, (rows, cp), dtype=np.int8), scales, group_size)
-    return Packed("q4", shape, rng.integers(0, 256, (rows, cp // 2), dtype=np.uint8), scales, group_size)
+    return Packed(encoding, shape, rng.integers(0, 256, (rows, cp * QUANT_BITS[encoding] // 8), dtype=np.uint8),
+                  scales, group_size)
 
 
 def matvec_rate(encoding: str, total: int = MATVEC_BYTES, matrix: int = MATRIX_BYTES) -> float:
@@ -144,8 +145,10 @@ def matvec_rate(encoding: str, total: int = MATVEC_BYTES, matrix: int = MATRIX_B
     from .kernels.qmatmul import Scratch, linear
 
     cols = 4096
-    bytes_per_row = {"q4": cols // 2 + 2 * cols // CHUNK, "q8": cols + 2 * cols // CHUNK,
-                     "bf16": 2 * cols, "f16": 2 * cols, "f32": 4 * cols}[encoding]
+    if encoding in QUANT_BITS:
+        bytes_per_row = cols * QUANT_BITS[encoding] // 8 + 2 * cols // CHUNK
+    else:
+        bytes_per_row = {"bf16": 2 * cols, "f16": 2 * cols, "f32": 4 * cols}[encoding]
     rows = max(1, matrix // bytes_per_row)
     rng = np.random.default_rng(0)
     weights = [random_packed(encoding, (rows, cols), CHUNK, rng) for _ in range(max(1, total // matrix))]

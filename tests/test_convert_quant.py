@@ -4,10 +4,14 @@ import numpy as np
 import pytest
 from moe.convert.mxfp4 import decode
 from moe.convert.quant import quantize
-from moe.runtime.layout import dequantize, pack_q4
+from moe.runtime.layout import QUANT_BITS, dequantize, pack_codes
 
-CANDIDATES = {4: [-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0, 6.0, 6.5, 7.0, 7.5],
-              8: [-128.0, 127.0]}
+Q4 = [-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0, 6.0, 6.5, 7.0, 7.5]
+CANDIDATES = {4: Q4, 5: [2 * t for t in Q4], 6: [4 * t for t in Q4], 8: [-128.0, 127.0]}
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
 def f16(x):
@@ -16,7 +20,7 @@ def f16(x):
 
 def twin(w, bits, gs):
     """The same algorithm, obvious and slow: codes q [rows, cols_pad] and float16-exact scales [rows, groups]."""
-    qmin, qmax = (-8, 7) if bits == 4 else (-128, 127)
+    qmin, qmax = code_range(bits)
     rows, cols = w.shape
     cp = -(-cols // gs) * gs
     x = np.zeros((rows, cp), np.float32)
@@ -47,7 +51,7 @@ def twin(w, bits, gs):
     return q, scales
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 @pytest.mark.parametrize("shape, gs", [((5, 40), 32), ((3, 96), 64), ((1, 33), 32), ((7, 1), 32)])
 def test_kernel_matches_its_numpy_twin(bits, shape, gs):
     w = np.random.default_rng(bits * 100 + shape[1]).standard_normal(shape).astype(np.float32)
@@ -55,7 +59,7 @@ def test_kernel_matches_its_numpy_twin(bits, shape, gs):
     q, scales = twin(w, bits, gs)
     same = packed.scales.astype(np.float64) == scales
     assert same.mean() > 0.95  # near-ties may resolve differently: f32 sums in another order
-    expected = pack_q4((q + 8).astype(np.uint8)) if bits == 4 else q.astype(np.int8)
+    expected = q.astype(np.int8) if bits == 8 else pack_codes((q - code_range(bits)[0]).astype(np.uint8), bits)
     rows_same = same.all(axis=1)
     np.testing.assert_array_equal(packed.codes[rows_same], expected[rows_same])
 
@@ -63,7 +67,7 @@ def test_kernel_matches_its_numpy_twin(bits, shape, gs):
 def assert_nearest_values(packed, exact: np.ndarray) -> None:
     """Every element got the nearest value its group's scale can give: within half a step, or at the end of
     the code range when the scale clips it."""
-    qmin, qmax = (-8, 7) if packed.encoding == "q4" else (-128, 127)
+    qmin, qmax = code_range(QUANT_BITS[packed.encoding])
     got = dequantize(packed)
     cols = exact.shape[1]
     step = np.repeat(packed.scales.astype(np.float32), packed.group_size, axis=1)[:, :cols]
@@ -74,7 +78,7 @@ def assert_nearest_values(packed, exact: np.ndarray) -> None:
     assert np.allclose(got[~inside], np.where(ideal[~inside] > 0, qmax, qmin) * step[~inside])
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 @pytest.mark.parametrize("cols", [1, 31, 32, 33, 100, 257])
 def test_error_report_and_nearest_values(bits, cols):
     """The nearest values (assert_nearest_values); the reported worst element and RMS are the real ones."""

@@ -12,7 +12,7 @@ from moe.runtime.kernels.expf import exp32
 from moe.runtime.kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from moe.runtime.kernels.norms import rmsnorm
 from moe.runtime.kernels.routing import group_by_expert, sigmoid_topk, softmax_topk, topk_softmax
-from moe.runtime.layout import Packed, dequantize, pack_q4
+from moe.runtime.layout import QUANT_BITS, Packed, dequantize, pack_codes
 from numba import njit
 
 rng = np.random.default_rng(0)
@@ -279,15 +279,16 @@ def packed(encoding, w, gs=32):
         return Packed("f16", w.shape, w.astype(np.float16))
     pad = -cols % gs
     wp = np.pad(w, ((0, 0), (0, pad))).reshape(rows, -1, gs)
-    qmax = 127 if encoding == "q8" else 7
+    bits = QUANT_BITS[encoding]
+    qmax = (1 << (bits - 1)) - 1
     scales = (np.abs(wp).max(-1) / qmax).astype(np.float16)
     q = np.clip(np.rint(wp / np.maximum(scales[..., None].astype(np.float32), 1e-12)), -qmax - 1, qmax)
     q = q.reshape(rows, -1)
-    codes = q.astype(np.int8) if encoding == "q8" else pack_q4((q + 8).astype(np.uint8))
+    codes = q.astype(np.int8) if bits == 8 else pack_codes((q + qmax + 1).astype(np.uint8), bits)
     return Packed(encoding, w.shape, codes, scales, gs)
 
 
-@pytest.mark.parametrize("encoding", ["f32", "bf16", "f16", "q8", "q4"])
+@pytest.mark.parametrize("encoding", ["f32", "bf16", "f16", "q8", "q6", "q5", "q4"])
 def test_embed(encoding):
     p = packed(encoding, randn(50, 72), gs=64 if encoding == "q4" else 32)
     ids = np.array([3, 0, 49, 3], np.int64)

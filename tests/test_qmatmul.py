@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from moe.runtime.kernels import qmatmul, simd
 from moe.runtime.kernels.bits import bf16_to_f32, f16_to_f32, f16_to_f32_exact
-from moe.runtime.layout import CHUNK, Packed, dequantize, pack_q4, padded_cols
+from moe.runtime.layout import CHUNK, QUANT_BITS, Packed, dequantize, pack_codes, padded_cols
 from numba import njit
 from numba.core.codegen import get_host_cpu_features
 
@@ -33,9 +33,10 @@ def make_packed(enc: str, rows: int, cols: int, gs: int, rng) -> Packed:
         codes = rng.integers(-128, 128, (rows, cp), dtype=np.int8)
         codes[:, cols:] = 0
     else:
-        nib = rng.integers(0, 16, (rows, cp), dtype=np.uint8)
-        nib[:, cols:] = 8
-        codes = pack_q4(nib)
+        bits = QUANT_BITS[enc]
+        c = rng.integers(0, 1 << bits, (rows, cp), dtype=np.uint8)
+        c[:, cols:] = 1 << (bits - 1)  # the code of zero
+        codes = pack_codes(c, bits)
     return Packed(enc, (rows, cols), codes, scales, gs)
 
 
@@ -139,7 +140,7 @@ def _close(got: np.ndarray, ref: np.ndarray, scale: np.ndarray, rtol: float) -> 
     assert np.all(np.abs(got - ref) <= rtol * scale + 1e-30), np.abs(got - ref).max()
 
 
-@pytest.mark.parametrize("enc", ["q4", "q8"])
+@pytest.mark.parametrize("enc", ["q4", "q5", "q6", "q8"])
 @pytest.mark.parametrize("gs", [32, 64, 96, 256])
 @pytest.mark.parametrize("rows,cols,T", SHAPES)
 def test_quantized_matches_dequantized_twin(enc, gs, rows, cols, T):
@@ -149,8 +150,7 @@ def test_quantized_matches_dequantized_twin(enc, gs, rows, cols, T):
     cp = padded_cols(cols, gs)
     xq, xs = quantize_acts_twin(x, cp)
     out = np.full((T, rows), np.nan, np.float32)
-    kernel = qmatmul.matmul_q4 if enc == "q4" else qmatmul.matmul_q8
-    kernel(p.codes, p.scales.view(np.uint16), gs, xq, xs, out)
+    qmatmul.matmul_quant(p.codes, p.scales.view(np.uint16), gs, xq, xs, out, QUANT_BITS[enc])
     w = dequantize(p).astype(np.float64)  # [rows, cols]
     xd = (xq[:, :cols] * xs.repeat(CHUNK, axis=1)[:, :cols]).astype(np.float64)
     _close(out, xd @ w.T, np.abs(xd) @ np.abs(w).T, 1e-5)
@@ -171,7 +171,7 @@ def test_float_matches_dequantized_twin(enc, rows, cols, T):
     _close(out, x.astype(np.float64) @ w.T, np.abs(x).astype(np.float64) @ np.abs(w).T, 1e-5)
 
 
-@pytest.mark.parametrize("enc", ["q4", "q8", "f32", "bf16", "f16"])
+@pytest.mark.parametrize("enc", ["q4", "q5", "q6", "q8", "f32", "bf16", "f16"])
 def test_linear_dispatch_and_scratch_reuse(enc):
     rng = np.random.default_rng(3)
     scratch = qmatmul.Scratch(max_tokens=4, max_cols=96)
@@ -186,12 +186,12 @@ def test_linear_dispatch_and_scratch_reuse(enc):
         w = dequantize(p).astype(np.float64)
         _close(out, x @ w.T, np.abs(x) @ np.abs(w).T, 2e-2 if enc[0] == "q" else 1e-5)
         if enc[0] == "q":  # the activations were quantized exactly as the twin does
-            xq, _, xs, _ = scratch.acts(T, p.codes.shape[1] * (2 if enc == "q4" else 1))
+            xq, _, xs, _ = scratch.acts(T, p.codes.shape[1] * 8 // QUANT_BITS[enc])
             ref_q, ref_s = quantize_acts_twin(x, xq.shape[1])
             assert np.array_equal(xq, ref_q) and np.array_equal(xs, ref_s)
 
 
-@pytest.mark.parametrize("enc", ["q4", "q8", "f32"])
+@pytest.mark.parametrize("enc", ["q4", "q6", "q8", "f32"])
 @pytest.mark.parametrize("rows, cols, gs", [(37, 96, 32), (9, 400, 32), (17, 192, 96), (40, 2048, 64)])
 def test_linear_each_equals_linear_per_weight(enc, rows, cols, gs):
     """A token's k experts in one call give, bit for bit, what linear() gives for each alone."""
@@ -241,9 +241,14 @@ TARGETS = {
 }
 
 
-@pytest.mark.skipif(not simd.target_has_x86_simd() or "avx512vnni" not in simd.target_features(),
-                    reason="emulates smaller x86 CPUs from an AVX-512 VNNI one")
-@pytest.mark.parametrize("target", TARGETS)
+def _emulates_another_cpu(target: str) -> bool:
+    """An x86 SIMD host can stand in for the portable path; only an AVX-512 / VNNI one for plain AVX2."""
+    host = simd.target_features()
+    return simd.target_has_x86_simd() and (target == "portable" or "avx512f" in host or simd.has_vnni(host))
+
+
+@pytest.mark.parametrize("target", [pytest.param(t, marks=pytest.mark.skipif(
+    not _emulates_another_cpu(t), reason="this CPU is that target, or cannot emulate it")) for t in TARGETS])
 def test_other_cpus_in_a_subprocess(target):
     """The kernels compiled for another CPU give the same answers (numba caches per target)."""
     cpu, features, expect_simd = TARGETS[target]
@@ -263,7 +268,7 @@ def test_target_reports_simd_as_expected():
     assert simd.target_has_x86_simd() == (os.environ["MOE_EXPECT_SIMD"] == "1")
 
 
-@pytest.mark.parametrize("enc", ["q4", "q8"])
+@pytest.mark.parametrize("enc", ["q4", "q6", "q8"])
 def test_deterministic_across_thread_counts(enc):
     import numba
 

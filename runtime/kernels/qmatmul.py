@@ -9,11 +9,10 @@ a weight row is read from memory once per call. Each output element is summed by
 fixed order: results are bit-identical whatever the thread count.
 
 The quantized products' inner loops are LLVM IR (simd.py): AVX2 / AVX-512 VNNI instructions when
-numba compiles for such an x86 CPU, portable vector IR otherwise. Entry points: `linear` (Python,
-any encoding, with a reusable `Scratch`); the njit-callable `linear_q4` / `linear_q8` (quantize and
-multiply in one call), `prepare_acts` + `matmul_q4_prepared` / `matmul_q8_prepared` (quantize once,
-multiply by several weights), and the interface's `quantize_acts`, `matmul_q4`, `matmul_q8`,
-`matmul_f32`, `matmul_bf16`, `matmul_f16`.
+numba compiles for such an x86 CPU, portable vector IR otherwise. Entry points: `linear` and
+`linear_each` (Python, any encoding, with a reusable `Scratch`); the njit-callable `linear_quant`
+(quantize and multiply in one call, q4 / q5 / q6 / q8 by `bits`), and the interface's
+`quantize_acts`, `prepare_acts`, `matmul_quant`, `matmul_f32`, `matmul_bf16`, `matmul_f16`.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..layout import CHUNK, Packed
+from ..layout import CHUNK, QUANT_BITS, Packed
 from . import FLAGS, PARALLEL, simd
 from .bits import f16_to_f32, u32_as_f32, widen
 
@@ -91,15 +90,33 @@ def _sum_block(xq, xs, xsum, t, b):
 
 
 @njit(**FLAGS)
-def _q4_blocks(crow, srow, per_group, qrow, xsrow, b0, b1):
-    """sum over blocks [b0, b1) of one q4 row with one token's 8-bit activations (all 1-D)."""
+def _packed_blocks(crow, srow, per_group, qrow, xsrow, b0, b1, bits):
+    """sum over blocks [b0, b1) of one q4 / q5 / q6 row (layout's order) with one token's 8-bit activations (all
+    1-D). Byte i of a block's nibbles holds columns i and i + 16; q5's high bits are one uint32 per block, q6's
+    byte i % 8 of 8 holds columns i and i + 16 at bits 2 * (i // 8) and 4 + 2 * (i // 8)."""
+    half = CHUNK // 2
+    offset = np.int32(1 << (bits - 1))
+    high_at = crow.shape[0] * 4 // bits  # the high bits follow cols_pad / 2 bytes of nibbles
     acc = np.float32(0.0)
     for b in range(b0, b1):
         isum = np.int32(0)
-        for i in range(CHUNK // 2):
-            v = np.int32(crow[b * (CHUNK // 2) + i])
-            isum += ((v & 15) - 8) * np.int32(qrow[b * CHUNK + i])
-            isum += ((v >> 4) - 8) * np.int32(qrow[b * CHUNK + CHUNK // 2 + i])
+        word = np.int32(0)
+        if bits == 5:
+            for k in range(4):
+                word |= np.int32(crow[high_at + 4 * b + k]) << (8 * k)
+        for i in range(half):
+            v = np.int32(crow[b * half + i])
+            lo = v & 15
+            hi = v >> 4
+            if bits == 5:
+                lo |= ((word >> i) & 1) << 4
+                hi |= ((word >> (i + half)) & 1) << 4
+            elif bits == 6:
+                h = np.int32(crow[high_at + 8 * b + i % 8]) >> (2 * (i // 8))
+                lo |= (h & 3) << 4
+                hi |= ((h >> 4) & 3) << 4
+            isum += (lo - offset) * np.int32(qrow[b * CHUNK + i])
+            isum += (hi - offset) * np.int32(qrow[b * CHUNK + half + i])
         acc += np.float32(isum) * (xsrow[b] * f16_to_f32(srow[b // per_group]))
     return acc
 
@@ -131,9 +148,9 @@ def _vector_span(nblocks, per_group):
 @njit(**FLAGS)
 def _tail(codes, scales, r, per_group, xq, xs, t, nb, bits):
     """Row r times token t over the blocks the vector step leaves, [nb, nblocks), through the scalar loop."""
-    if bits == 4:
-        return _q4_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, xs.shape[1])
-    return _q8_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, xs.shape[1])
+    if bits == 8:
+        return _q8_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, xs.shape[1])
+    return _packed_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, xs.shape[1], bits)
 
 
 @njit(inline="always", **FLAGS)  # inlined in numba's IR: a call per row costs a quarter of the decode speed
@@ -141,6 +158,10 @@ def _row_dot(codes, scales, r, xq, xqa, xs, xsum, t, nb, shift, per_group, bits)
     """Row r times token t: the vector step over blocks [0, nb), then the scalar tail."""
     if bits == 4:
         a = simd.q4_dot1x1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
+    elif bits == 5:
+        a = simd.q5_dot1x1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
+    elif bits == 6:
+        a = simd.q6_dot1x1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
     else:
         a = simd.q8_dot1x1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
     if nb < xs.shape[1]:
@@ -153,7 +174,7 @@ ROW_TILE = 8  # rows whose codes stay in L1 while a tile of 4 tokens runs over t
 
 @njit(**PARALLEL)
 def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
-    """q4 (bits 4) or q8 (bits 8) weights times prepared activations.
+    """q4, q5, q6 or q8 weights (`bits`) times prepared activations.
 
     Tiles of ROW_TILE rows in parallel; within one, tiles of 4 tokens run over its rows through the
     vector step (simd.py), then single tokens row after row: one sequential stream through memory, which
@@ -165,7 +186,7 @@ def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
     T, cols_pad = xq.shape
     nblocks = xs.shape[1]
     # the vector step reads raw pointers: shapes that disagree must stop here, not read out of bounds
-    if codes.shape[1] * (8 // bits) != cols_pad or xqa.shape != xq.shape or xs.shape != (T, cols_pad // CHUNK):
+    if codes.shape[1] * 8 != cols_pad * bits or xqa.shape != xq.shape or xs.shape != (T, cols_pad // CHUNK):
         raise ValueError("matmul: codes, activations and their scales disagree in shape")
     if gs <= 0 or gs % CHUNK or scales.shape != (rows, cols_pad // gs) or xsum.shape != xs.shape:
         raise ValueError("matmul: scales disagree with codes and group size")
@@ -180,6 +201,10 @@ def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
             for r in range(r0, r1):
                 if bits == 4:
                     a = simd.q4_dot1x4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
+                elif bits == 5:
+                    a = simd.q5_dot1x4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
+                elif bits == 6:
+                    a = simd.q6_dot1x4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
                 else:
                     a = simd.q8_dot1x4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
                 for j in range(4):
@@ -220,7 +245,7 @@ def _matmul_quant_each(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
 
 @njit(**EXACT)
 def _linear_each(codes, scales, gs, x, xq, xqa, xs, xsum, out, bits):
-    """One compiled call: out[j] = W_j x[j] for tuples of k q4 (bits 4) or q8 weights and x f32 [k, cols]."""
+    """One compiled call: out[j] = W_j x[j] for tuples of k quantized weights (`bits`) and x f32 [k, cols]."""
     prepare_acts(x, xq, xqa, xs, xsum)
     _matmul_quant_each(codes, scales, gs, xq, xqa, xs, xsum, out, bits)
 
@@ -256,49 +281,21 @@ def prepare_acts(x, xq, xqa, xs, xsum):
             _sum_block(xq, xs, xsum, t, b)
 
 
-@njit(**FLAGS)
-def matmul_q4_prepared(codes, scales, gs, xq, xqa, xs, xsum, out):
-    """matmul_q4 with prepare_acts' buffers (quantize once, multiply by several weights)."""
-    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 4)
-
-
-@njit(**FLAGS)
-def matmul_q8_prepared(codes, scales, gs, xq, xqa, xs, xsum, out):
-    """matmul_q8 with prepare_acts' buffers."""
-    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 8)
-
-
 @njit(**EXACT)
-def matmul_q4(codes, scales, gs, xq, xs, out):
-    """codes u8 [rows, cols_pad / 2] (nibbles), scales u16 [rows, cols_pad / gs] (f16 bits), xq and xs from
-    quantize_acts. Allocates the vector kernel's small buffers; linear() and linear_q4 reuse a Scratch."""
+def matmul_quant(codes, scales, gs, xq, xs, out, bits):
+    """codes [rows, cols_pad * bits / 8] (layout's q4 / q5 / q6 / q8), scales u16 [rows, cols_pad / gs] (f16
+    bits), xq and xs from quantize_acts. Allocates the vector kernel's small buffers; linear() reuses a Scratch."""
     xqa = np.empty_like(xq)
     xsum = np.empty_like(xs)
     _prepare(xq, xs, xqa, xsum)
-    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 4)
+    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits)
 
 
 @njit(**EXACT)
-def matmul_q8(codes, scales, gs, xq, xs, out):
-    """codes i8 [rows, cols_pad], scales u16 [rows, cols_pad / gs] (f16 bits), xq and xs from quantize_acts."""
-    xqa = np.empty_like(xq)
-    xsum = np.empty_like(xs)
-    _prepare(xq, xs, xqa, xsum)
-    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 8)
-
-
-@njit(**EXACT)
-def linear_q4(codes, scales, gs, x, xq, xqa, xs, xsum, out):
-    """One compiled call: prepare_acts(x) into the given buffers, then the q4 product."""
+def linear_quant(codes, scales, gs, x, xq, xqa, xs, xsum, out, bits):
+    """One compiled call: prepare_acts(x) into the given buffers, then the quantized product."""
     prepare_acts(x, xq, xqa, xs, xsum)
-    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 4)
-
-
-@njit(**EXACT)
-def linear_q8(codes, scales, gs, x, xq, xqa, xs, xsum, out):
-    """One compiled call: prepare_acts(x) into the given buffers, then the q8 product."""
-    prepare_acts(x, xq, xqa, xs, xsum)
-    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, 8)
+    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits)
 
 
 @njit(**PARALLEL)
@@ -382,11 +379,11 @@ class Scratch:
 def linear(p: Packed, x: np.ndarray, out: np.ndarray, scratch: Scratch) -> np.ndarray:
     """out f32 [T, rows] = x f32 [T, cols] @ W.T for a packed weight W [rows, cols] in any encoding."""
     enc = p.encoding
-    if enc == "q4" or enc == "q8":
+    if enc in QUANT_BITS:
         x = np.ascontiguousarray(x, dtype=np.float32)  # the vector quantizer reads whole rows; a no-op as a rule
-        cols_pad = p.codes.shape[1] * (2 if enc == "q4" else 1)
-        kernel = linear_q4 if enc == "q4" else linear_q8
-        kernel(p.codes, p.scales.view(np.uint16), p.group_size, x, *scratch.acts(x.shape[0], cols_pad), out)
+        bits = QUANT_BITS[enc]
+        cols_pad = p.codes.shape[1] * 8 // bits
+        linear_quant(p.codes, p.scales.view(np.uint16), p.group_size, x, *scratch.acts(x.shape[0], cols_pad), out, bits)
     elif enc == "f32":
         matmul_f32(p.codes, x, out)
     elif enc == "bf16":
@@ -399,15 +396,15 @@ def linear(p: Packed, x: np.ndarray, out: np.ndarray, scratch: Scratch) -> np.nd
 
 
 def linear_each(weights: list[Packed], x: np.ndarray, out: np.ndarray, scratch: Scratch) -> np.ndarray:
-    """out[j] = W_j x[j] for k weights of one shape and encoding (say, the experts a token chose): for q4 and
-    q8 one compiled call and one parallel region; else linear() per weight. Results equal linear()'s."""
+    """out[j] = W_j x[j] for k weights of one shape and encoding (say, the experts a token chose): quantized,
+    one compiled call and one parallel region; else linear() per weight. Results equal linear()'s."""
     enc = weights[0].encoding
-    if enc not in ("q4", "q8") or any(w.encoding != enc or w.group_size != weights[0].group_size for w in weights):
+    if enc not in QUANT_BITS or any(w.encoding != enc or w.group_size != weights[0].group_size for w in weights):
         for j, w in enumerate(weights):
             linear(w, x[j: j + 1], out[j: j + 1], scratch)
         return out
     x = np.ascontiguousarray(x, dtype=np.float32)
-    bits = 4 if enc == "q4" else 8
+    bits = QUANT_BITS[enc]
     cols_pad = weights[0].codes.shape[1] * 8 // bits
     _linear_each(tuple(w.codes for w in weights), tuple(w.scales.view(np.uint16) for w in weights),
                  weights[0].group_size, x, *scratch.acts(x.shape[0], cols_pad), out, bits)

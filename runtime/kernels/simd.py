@@ -44,6 +44,8 @@ F32, HALF = ir.FloatType(), ir.HalfType()
 V32I8, V16I16, V8I32 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8)
 V8I16, V8HALF, V8F32 = ir.VectorType(I16, 8), ir.VectorType(HALF, 8), ir.VectorType(F32, 8)
 BLOCKS = 8  # blocks of 32 columns per loop step
+BITS = {"q4": 4, "q5": 5, "q6": 6, "q8": 8}
+OFFSETS = {"q4": 8, "q5": 16, "q6": 32}  # q4-q6 store q + 2**(bits - 1)
 PREFETCH_BYTES = 2048  # how far ahead of the row position the loop prefetches codes (the next rows' when near the end)
 _X86_NEEDS = ("avx2", "fma", "f16c")
 
@@ -203,15 +205,41 @@ def _concat16(builder, base, first, second):
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
 
 
+def _high_bits(builder, kind: str, crow, at):
+    """q5 / q6: the high bits of a pair of blocks (bytes at `at` of the row), as two <32 x i8> already shifted
+    to bit 4, in the lanes of the pair's low and high nibbles (c0[0:16] c1[0:16], c0[16:32] c1[16:32])."""
+    if kind == "q6":  # 8 bytes per block; byte k: columns k, k+8, k+16, k+24, two bits each
+        v4i64 = ir.VectorType(I64, 4)
+        words = _load(builder, crow, at, ir.VectorType(I64, 2))
+        words = builder.shuffle_vector(words, words, ir.Constant(ir.VectorType(I32, 4), [0, 0, 1, 1]))
+        out = []
+        for shifts in ((0, 2, 0, 2), (4, 6, 4, 6)):  # one variable shift per 64 bits (vpsrlvq)
+            v = builder.lshr(words, ir.Constant(v4i64, [ir.Constant(I64, k) for k in shifts]))
+            out.append(builder.shl(builder.and_(builder.bitcast(v, V32I8), _splat(V32I8, 3)), _splat(V32I8, 4)))
+        return out
+    # q5: 4 bytes per block, bit i the high bit of column i: each lane picks its byte and tests its bit
+    v8i8 = ir.VectorType(I8, 8)
+    raw = _load(builder, crow, at, v8i8)
+    bit = ir.Constant(V32I8, [ir.Constant(I8, 1 << (i % 8)) for i in range(32)])
+    out = []
+    for src in ((0, 1, 4, 5), (2, 3, 6, 7)):
+        picked = builder.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(I32, 32), [src[i // 8] for i in range(32)]))
+        on = builder.icmp_unsigned("!=", builder.and_(picked, bit), _splat(V32I8, 0))
+        out.append(builder.select(on, _splat(V32I8, 16), _splat(V32I8, 0)))
+    return out
+
+
 def _make_dot(kind: str, nr: int, nt: int):
     """An intrinsic (codes, scales, r, xqa, xs, xsum, t0, nb, shift) -> nr * nt float32 dot products:
     rows r .. r+nr-1 (outer) with tokens t0 .. t0+nt-1 (inner).
 
-    codes: u8 nibbles [rows, cols_pad / 2] (q4) or i8 [rows, cols_pad] (q8), scales u16 [rows, groups];
+    codes: u8 [rows, cols_pad * bits / 8] (q4, q5, q6: layout's nibbles, then high bits) or i8 [rows, cols_pad]
+    (q8), scales u16 [rows, groups];
     xqa int8 [T, cols_pad] arranged by pairs of blocks, xs and xsum f32 [T, cols_pad / 32]; blocks
     [0, nb), nb a multiple of 8; block b's scale is scales[r, b >> shift].
     Each pair of blocks becomes two <32 x i8> weight vectors matching xqa's halves: for q4 one load
-    of nibbles, masked (low) and shifted (high); for q8 the blocks' first halves, then their second.
+    of nibbles, masked (low) and shifted (high), q5 and q6 or-ing in their high bits (_high_bits);
+    for q8 the blocks' first halves, then their second.
     Weights are unpacked once for the nt tokens, activations loaded once for the nr rows.
     Without AVX2 (see target_has_x86_simd) the products are portable vector IR, reduced per block.
     Arrays are taken whole, with the row index, as slicing them per row costs reference counting.
@@ -239,10 +267,14 @@ def _make_dot(kind: str, nr: int, nt: int):
         accs = {tile: cgutils.alloca_once_value(builder, _splat(V8F32, 0.0)) for tile in tiles}
         offs = {tile: cgutils.alloca_once_value(builder, _splat(V8F32, 0.0)) for tile in tiles}
         vnni = x86 and has_vnni(target_features())
-        # the weights' offset, times sum(xq) per block: q4 stores n + 8; q8 with VNNI uses c + 128 as u8
-        offset = 8.0 if kind == "q4" else 128.0 if vnni else 0.0
+        # the weights' offset, times sum(xq) per block: q4-q6 store q + 2**(bits-1); q8 with VNNI uses c + 128 as u8
+        packed = kind != "q8"
+        offset = float(OFFSETS[kind]) if packed else 128.0 if vnni else 0.0
         steps = builder.udiv(nb, ir.Constant(I64, BLOCKS))
-        step_bytes = BLOCKS * (16 if kind == "q4" else 32)  # bytes of one row's codes per loop step
+        step_bytes = BLOCKS * (16 if packed else 32)  # bytes of one row's nibbles (or q8 codes) per loop step
+        # q5 / q6: where a row's high bits begin (after cols_pad / 2 bytes of nibbles), and their bytes per block
+        high_at = builder.udiv(builder.mul(codes_stride, ir.Constant(I64, 4)), ir.Constant(I64, BITS[kind]))
+        high_block = {"q5": 4, "q6": 8}.get(kind, 0)
         prefetch_at = ir.Constant(I64, PREFETCH_BYTES)
         with cgutils.for_range(builder, steps) as loop:
             b = builder.mul(loop.index, ir.Constant(I64, BLOCKS))
@@ -250,8 +282,12 @@ def _make_dot(kind: str, nr: int, nt: int):
             # the hardware prefetcher alone leaves a thread at 15 GB/s from RAM; PREFETCH_BYTES ahead, 20
             for crow in crows:
                 ahead = builder.gep(crow, [builder.add(builder.mul(b, ir.Constant(I64, step_bytes // BLOCKS)), prefetch_at)])
-                for line in range(0, step_bytes, 64):
-                    _call(builder, "llvm.prefetch.p0", ir.VoidType(), builder.gep(ahead, [ir.Constant(I64, line)]),
+                lines = [builder.gep(ahead, [ir.Constant(I64, line)]) for line in range(0, step_bytes, 64)]
+                if high_block:  # the high bits' stream, as far ahead in columns (at most one line per step)
+                    lines.append(builder.gep(crow, [builder.add(high_at, builder.mul(
+                        builder.add(b, ir.Constant(I64, PREFETCH_BYTES // 16)), ir.Constant(I64, high_block)))]))
+                for at in lines:
+                    _call(builder, "llvm.prefetch.p0", ir.VoidType(), at,
                           ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1))
             for k in range(BLOCKS // 2):
                 pair = builder.add(b, ir.Constant(I64, 2 * k))
@@ -259,10 +295,14 @@ def _make_dot(kind: str, nr: int, nt: int):
                 xv = [(_load(builder, row, xoff, V32I8), _load(builder, row, builder.add(xoff, ir.Constant(I64, 32)), V32I8))
                       for row in xq_rows]
                 for i, crow in enumerate(crows):
-                    if kind == "q4":
+                    if packed:
                         nib = _load(builder, crow, builder.mul(pair, ir.Constant(I64, 16)), V32I8)
                         lo = builder.and_(nib, _splat(V32I8, 0x0F))
                         hi = builder.and_(builder.lshr(nib, _splat(V32I8, 4)), _splat(V32I8, 0x0F))
+                        if high_block:
+                            at = builder.add(high_at, builder.mul(pair, ir.Constant(I64, high_block)))
+                            hlo, hhi = _high_bits(builder, kind, crow, at)
+                            lo, hi = builder.or_(lo, hlo), builder.or_(hi, hhi)
                     else:
                         lo = _concat16(builder, crow, xoff, builder.add(xoff, ir.Constant(I64, 32)))
                         hi = _concat16(builder, crow, builder.add(xoff, ir.Constant(I64, 16)),
@@ -371,4 +411,6 @@ def _abs8(builder, v):
 
 # (rows, tokens) tiles: 1 x 4 for prefill, 1 x 1 for decode (rows one after another: one stream from memory)
 q4_dot1x4, q4_dot1x1 = (_make_dot("q4", 1, nt) for nt in (4, 1))
+q5_dot1x4, q5_dot1x1 = (_make_dot("q5", 1, nt) for nt in (4, 1))
+q6_dot1x4, q6_dot1x1 = (_make_dot("q6", 1, nt) for nt in (4, 1))
 q8_dot1x4, q8_dot1x1 = (_make_dot("q8", 1, nt) for nt in (4, 1))

@@ -18,17 +18,19 @@ from moe.runtime.kernels import qmatmul, simd  # before numba: it points numba's
 import numba
 import numpy as np
 # isort: on
-from moe.runtime.layout import Packed, pack_q4
+from moe.runtime.layout import QUANT_BITS, Packed, pack_codes
 
-CASES = ["q4:2048:1024:1", "q4:1024:2048:1", "q8:50304:2048:1", "q8:2048:2048:1",
+CASES = ["q4:2048:1024:1", "q4:1024:2048:1", "q5:2048:2048:1", "q6:2048:2048:1", "q6:50304:2048:1",
+         "q8:50304:2048:1", "q8:2048:2048:1",
          "q4:2048:1024:8", "q4:2048:2048:64", "q8:2048:2048:64", "bf16:2048:2048:1"]
 LAST_LEVEL_CACHE = 96 << 20  # bytes cycled through for decode: above any laptop's L3
 
 
 def packed(enc: str, rows: int, cols: int, rng) -> Packed:
     scales = (rng.random((rows, cols // 32)) * 0.01 + 1e-3).astype(np.float16)
-    if enc == "q4":
-        return Packed("q4", (rows, cols), pack_q4(rng.integers(0, 16, (rows, cols), dtype=np.uint8)), scales, 32)
+    if enc in ("q4", "q5", "q6"):
+        codes = rng.integers(0, 1 << QUANT_BITS[enc], (rows, cols), dtype=np.uint8)
+        return Packed(enc, (rows, cols), pack_codes(codes, QUANT_BITS[enc]), scales, 32)
     if enc == "q8":
         return Packed("q8", (rows, cols), rng.integers(-128, 128, (rows, cols), dtype=np.int8), scales, 32)
     w = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
