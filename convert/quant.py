@@ -1,17 +1,20 @@
 """Group-wise symmetric quantization into the layout's q4 / q5 / q6 / q8 encodings, reporting its own error.
 
-Each group of `group_size` columns of a row gets one float16 scale d and each value a code q in
+Each group of `group_size` columns of a row gets one scale d and each value a code q in
 -2**(b-1) .. 2**(b-1) - 1 (value q * d); q4-q6 store q + 2**(b-1), q8 q itself. The scale is
 searched, not just max-abs: the group's largest value m is mapped to each of a grid of candidate
 codes (q4: -9 to -5 and 6 to 7.5, where those beyond the code range clip the largest values to
 trade their error for a finer step everywhere else; q5 and q6 the same grid scaled by 2 and 4;
-q8: -128 and 127), then a
-least-squares refit d = sum(q x) / sum(q q) of the best is tried, and the scale of least
-squared error wins. Measured on the trained models (4-bit/16-bit perplexity, 16k tokens), the
-clipping grid beat the max-abs candidates -8, -7.5, -7, 7 on all four (tinymix 1.0116 -> 1.0079,
-gpt-oss 1.0008 -> 0.9989); a coarser clipping grid of 8 was worse than either, and weighting the
-error by |x| gained nothing. Scales are rounded to float16 before the codes are chosen.
-Groups whose largest value is below float16's range (amax < ~4e-7) quantize to zero.
+q8: -128 and 127), then a least-squares refit d = sum(q x) / sum(q q) of the best is tried, and
+the scale of least squared error wins. Measured on the trained models (4-bit/16-bit perplexity,
+16k tokens), the clipping grid beat the max-abs candidates -8, -7.5, -7, 7 on all four (tinymix
+1.0116 -> 1.0079, gpt-oss 1.0008 -> 0.9989); a coarser clipping grid of 8 was worse than either,
+and weighting the error by |x| gained nothing.
+
+Scales are stored in two levels (see layout): d = k * D / 127 with an int8 k per group and a
+bfloat16 D per layout.SUPER groups. A first pass finds each group's best scale freely; D is the
+largest of its groups' (rounded to bfloat16), and a second pass searches each group's scale again
+among the multiples of D / 127, so the codes are chosen for the scale actually stored.
 """
 
 from __future__ import annotations
@@ -20,13 +23,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from ..runtime.kernels import FLAGS, PARALLEL
-from ..runtime.kernels.bits import widen
-from ..runtime.layout import CHUNK, Packed, padded_cols
+from ..runtime.kernels.bits import bf16_to_f32, f32_bits, widen
+from ..runtime.layout import CHUNK, SUPER, Packed, padded_cols, supers_of
 
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
 _Q4_GRID = np.array([-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0, 6.0, 6.5, 7.0, 7.5])
@@ -51,40 +52,6 @@ class QuantError:
         self.sum_x2 += other.sum_x2
 
 
-@intrinsic
-def _f64_bits(typingctx, x):
-    """The IEEE bits of a float64, as a uint64."""
-    if x != types.float64:
-        return None
-    return types.uint64(x), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(64))
-
-
-@intrinsic
-def _bits_f64(typingctx, u):
-    if u != types.uint64:
-        return None
-    return types.float64(u), lambda context, builder, sig, args: builder.bitcast(args[0], ir.DoubleType())
-
-
-_DROP = np.uint64(42)  # float64 keeps 52 mantissa bits, float16 10
-_HALF = np.uint64(1 << 41) - np.uint64(1)
-_KEEP = ~np.uint64((1 << 42) - 1)
-
-
-@njit(**FLAGS)
-def _f16_round(x):
-    """x rounded to the nearest float16 value (ties to even, saturating at 65504), as a float64."""
-    a = np.float64(abs(x))
-    if a >= 65504.0:
-        r = 65504.0
-    elif a < 2.0**-14:
-        r = np.rint(a * 2.0**24) / 2.0**24  # float16 subnormals: multiples of 2^-24
-    else:
-        b = _f64_bits(a)
-        r = _bits_f64((b + _HALF + ((b >> _DROP) & np.uint64(1))) & _KEEP)
-    return -r if x < 0 else r
-
-
 @njit(**FLAGS)
 def _group_err(x, g0, gs, d, inv, qmin, qmax):
     """Squared error of the group at scale d = 1 / inv (branch-free, so it vectorizes)."""
@@ -100,8 +67,16 @@ def _group_err(x, g0, gs, d, inv, qmin, qmax):
 
 
 @njit(**FLAGS)
-def _best_scale(x, g0, gs, qmin, qmax, inv_cands):
-    """The float16 scale of least squared error among the candidates and a least-squares refit."""
+def _on_grid(d, step):
+    """d as a multiple k * step of its super-scale's step, |k| <= 127 (step 0, the first pass: d as it is)."""
+    if step == 0.0:
+        return d
+    return min(max(np.rint(d / step), -127.0), 127.0) * step
+
+
+@njit(**FLAGS)
+def _best_scale(x, g0, gs, qmin, qmax, inv_cands, step):
+    """The scale of least squared error among the candidates and a least-squares refit, each on the grid."""
     lo = x[g0]
     hi = x[g0]
     for c0 in range(g0, g0 + gs, CHUNK):
@@ -112,7 +87,7 @@ def _best_scale(x, g0, gs, qmin, qmax, inv_cands):
     best_d = 0.0
     best = np.inf
     for rt in inv_cands:
-        d = _f16_round(m * rt)
+        d = _on_grid(m * rt, step)
         if d == 0.0:
             continue
         err = _group_err(x, g0, gs, d, 1.0 / d, qmin, qmax)
@@ -128,29 +103,52 @@ def _best_scale(x, g0, gs, qmin, qmax, inv_cands):
             q = min(max(np.rint(x[c] * inv), np.float32(qmin)), np.float32(qmax))
             sxq += q * x[c]
             sqq += q * q
-    d = _f16_round(sxq / sqq)
+    d = _on_grid(sxq / sqq, step)
     if d != 0.0 and _group_err(x, g0, gs, d, 1.0 / d, qmin, qmax) < best:
         best_d = d
     return best_d
 
 
 @njit(**FLAGS)
-def _quantize_row(x, gs, bits, inv_cands, codes, scales, stats):
+def _bf16_round(x):
+    """The bfloat16 nearest to x (finite, >= 0; ties to even), as its 16-bit pattern."""
+    b = np.uint32(f32_bits(np.float32(x)))
+    return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(**FLAGS)
+def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
     """x f32 [cols_pad] -> codes uint8 [cols_pad * bits / 8] (layout.pack_codes' order; q8: two's complement),
-    scales [groups]."""
+    int8 scales [groups] and bfloat16 super-scales [supers].
+
+    Two passes: each group's best scale, searched freely, sets its super-block's D (the largest
+    magnitude among them); then each group searches again among the multiples k * D / 127 it can store."""
     qmax = (1 << (bits - 1)) - 1
     qmin = -qmax - 1
     cp = x.shape[0]
+    groups = cp // gs
+    free = np.empty(groups, np.float64)
+    for g in range(groups):
+        free[g] = _best_scale(x, g * gs, gs, qmin, qmax, inv_cands, 0.0)
     q = np.empty(cp, np.int32)
     emax = 0.0
     e2 = 0.0
     x2 = 0.0
-    for g in range(cp // gs):
+    step = np.float32(0.0)
+    for g in range(groups):
+        if g % SUPER == 0:
+            top = 0.0
+            for h in range(g, min(g + SUPER, groups)):
+                top = max(top, abs(free[h]))
+            supers[g // SUPER] = _bf16_round(top)
+            step = bf16_to_f32(supers[g // SUPER]) * np.float32(1.0 / 127.0)
         g0 = g * gs
-        d = _best_scale(x, g0, gs, qmin, qmax, inv_cands)
-        scales[g] = d
-        inv = np.float32(1.0 / d) if d != 0.0 else np.float32(0.0)
-        d32 = np.float32(d)
+        k = 0.0
+        if step > 0:
+            k = np.rint(_best_scale(x, g0, gs, qmin, qmax, inv_cands, np.float64(step)) / step)
+        scales[g] = np.int8(k)
+        d32 = np.float32(k) * step  # the scale the kernels will use
+        inv = np.float32(1.0 / d32) if d32 != 0.0 else np.float32(0.0)
         ge2 = np.float32(0.0)
         gx2 = np.float32(0.0)
         gmax = np.float32(0.0)
@@ -194,7 +192,7 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, stats):
 
 
 @njit(**PARALLEL)
-def _quantize(w, kind, gs, bits, inv_cands, codes, scales, stats):
+def _quantize(w, kind, gs, bits, inv_cands, codes, scales, supers, stats):
     """Each row of w (floats, or 16-bit patterns of `kind`: see bits.widen) widened, padded and quantized."""
     rows, cols = w.shape
     cp = scales.shape[1] * gs
@@ -202,7 +200,7 @@ def _quantize(w, kind, gs, bits, inv_cands, codes, scales, stats):
         x = np.zeros(cp, np.float32)
         for c in range(cols):
             x[c] = widen(w[r, c], kind)
-        _quantize_row(x, gs, bits, inv_cands, codes[r], scales[r], stats[r])
+        _quantize_row(x, gs, bits, inv_cands, codes[r], scales[r], supers[r], stats[r])
 
 
 def quantize(w: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[Packed, QuantError]:
@@ -212,14 +210,14 @@ def quantize(w: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[Pac
     rows, cols = w.shape
     cp = padded_cols(cols, group_size)
     codes = np.empty((rows, cp * bits // 8), np.uint8)
-    scales = np.empty((rows, cp // group_size), np.float64)
+    scales = np.empty((rows, cp // group_size), np.int8)
+    supers = np.empty((rows, supers_of(cp // group_size)), np.uint16)
     stats = np.zeros((rows, 3), np.float64)
     if dtype == "BF16":
-        _quantize(np.ascontiguousarray(w), 1, group_size, bits, _CANDIDATES[bits], codes, scales, stats)
+        _quantize(np.ascontiguousarray(w), 1, group_size, bits, _CANDIDATES[bits], codes, scales, supers, stats)
     else:
         w32 = np.ascontiguousarray(w, dtype=np.float32)
-        _quantize(w32, 0, group_size, bits, _CANDIDATES[bits], codes, scales, stats)
-    packed = Packed(f"q{bits}", (rows, cols), codes.view(np.int8) if bits == 8 else codes,
-                    scales.astype(np.float16), group_size)
+        _quantize(w32, 0, group_size, bits, _CANDIDATES[bits], codes, scales, supers, stats)
+    packed = Packed(f"q{bits}", (rows, cols), codes.view(np.int8) if bits == 8 else codes, scales, group_size, supers)
     err = QuantError(float(stats[:, 0].max(initial=0.0)), float(stats[:, 1].sum()), float(stats[:, 2].sum()))
     return packed, err

@@ -39,9 +39,12 @@ Encodings of a 2-D tensor [rows, cols] (1-D tensors are always f32):
       little-endian uint32 the high bit of column i; q6 8 bytes, byte k holding the high two bits of
       columns k, k + 8, k + 16, k + 24 in bits 0-1, 2-3, 4-5, 6-7 (the orders the vector kernels
       unpack with one shuffle or one shift per 32 columns).
-  Quantized encodings keep one IEEE float16 scale per group of `group_size`
-  columns (a multiple of 32), stored after the codes as [rows, cols_pad / group_size].
-  cols_pad rounds cols up to a multiple of group_size; padding columns hold zero.
+  Quantized encodings keep one scale per group of `group_size` columns (a multiple of 32), in two
+  levels: every SUPER groups of a row share a bfloat16 super-scale D, and each group has an int8 k
+  (-127..127), its scale being k * (D / 127) (float32: k times float32(D) * float32(1 / 127)).
+  Stored after the codes, as one region: D as uint16 [rows, ceil(groups / SUPER)], then k as int8
+  [rows, groups] (groups = cols_pad / group_size). cols_pad rounds cols up to a multiple of
+  group_size; padding columns hold zero.
 """
 
 from __future__ import annotations
@@ -60,13 +63,14 @@ from .config import ModelConfig
 from .errors import MoeError
 
 FORMAT = "moe-layout"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: two-level scales (bfloat16 per SUPER groups, int8 per group); q5, q6
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.bin"
 EXPERTS_FILE = "experts.bin"
 EXPERT_ALIGN = 16384
 TENSOR_ALIGN = 64
 CHUNK = 32
+SUPER = 8  # groups per super-scale: one vector step of the kernels at group size 32 (256 columns)
 ENCODINGS = ("f32", "bf16", "f16", "q8", "q6", "q5", "q4")
 QUANT_BITS = {"q4": 4, "q5": 5, "q6": 6, "q8": 8}  # bits per code of the quantized encodings
 _RAW_DTYPES = {"f32": np.float32, "bf16": np.uint16, "f16": np.float16}
@@ -87,12 +91,24 @@ class Packed:
     encoding: str
     shape: tuple[int, ...]
     codes: np.ndarray  # f32/uint16(bf16)/f16 values, int8 (q8) or uint8 packed codes (q4, q5, q6)
-    scales: np.ndarray | None = None  # float16 [rows, cols_pad / group_size]
+    scales: np.ndarray | None = None  # int8 k [rows, groups]
     group_size: int = 0
+    supers: np.ndarray | None = None  # uint16 bfloat16 D [rows, supers_of(groups)]
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + (0 if self.scales is None else self.scales.nbytes)
+        return self.codes.nbytes + sum(a.nbytes for a in (self.scales, self.supers) if a is not None)
+
+
+def supers_of(groups: int) -> int:
+    return -(-groups // SUPER)
+
+
+def group_scales(p: Packed) -> np.ndarray:
+    """float32 [rows, groups]: each group's scale, k * (D / 127), in the kernels' arithmetic."""
+    step = (np.asarray(p.supers, np.uint16).astype(np.uint32) << 16).view(np.float32) * np.float32(1.0 / 127.0)
+    groups = p.scales.shape[1]
+    return np.asarray(p.scales, np.int8).astype(np.float32) * np.repeat(step, SUPER, axis=1)[:, :groups]
 
 
 def pack_q4(codes: np.ndarray) -> np.ndarray:
@@ -153,7 +169,7 @@ def dequantize(p: Packed) -> np.ndarray:
         q = np.asarray(p.codes, dtype=np.int8).astype(np.float32)
     else:
         q = unpack_codes(np.asarray(p.codes), bits).astype(np.float32) - 2.0 ** (bits - 1)
-    s = np.repeat(np.asarray(p.scales, dtype=np.float16).astype(np.float32), p.group_size, axis=1)
+    s = np.repeat(group_scales(p), p.group_size, axis=1)
     return (q * s)[:, :cols]
 
 
@@ -198,22 +214,23 @@ class LayoutWriter:
             entry["group_size"] = group_size
         f = self._files[fname]
         entry["offset"] = self._write(fname, np.empty(0, np.uint8), TENSOR_ALIGN)
-        checksum, scales = 0, []
+        checksum, supers, scales = 0, [], []
         for p in blocks:
             codes = np.ascontiguousarray(p.codes)
             f.write(memoryview(codes).cast("B"))
             checksum = zlib.crc32(memoryview(codes).cast("B"), checksum)
             if p.scales is not None:
-                scales.append(np.ascontiguousarray(p.scales, dtype=np.float16))
+                supers.append(np.ascontiguousarray(p.supers, dtype=np.uint16))
+                scales.append(np.ascontiguousarray(p.scales, dtype=np.int8))
         nbytes, snbytes = expected_nbytes(entry)
         if f.tell() - entry["offset"] != nbytes:
             raise MoeError(f"tensor {name}: {f.tell() - entry['offset']} bytes of codes for {nbytes}; "
                            "this is a bug in the converter", 1)
         entry["crc32"] = checksum
         if snbytes:
-            s = np.concatenate(scales) if len(scales) > 1 else scales[0]
-            entry["scales_offset"] = self._write(fname, s, TENSOR_ALIGN)
-            entry["scales_crc32"] = crc32(s)
+            region = np.concatenate([np.concatenate(supers).view(np.uint8).ravel(), np.concatenate(scales).view(np.uint8).ravel()])
+            entry["scales_offset"] = self._write(fname, region, TENSOR_ALIGN)
+            entry["scales_crc32"] = crc32(region)
         self.tensors[name] = entry
 
     def begin_expert(self, layer: int, expert: int) -> None:
@@ -330,8 +347,11 @@ def _view(buf, e: dict, base: int) -> Packed:
     cp = padded_cols(cols, gs)
     width = cp * QUANT_BITS[enc] // 8
     codes = np.frombuffer(buf, dtype=np.int8 if enc == "q8" else np.uint8, count=rows * width, offset=e["offset"] - base)
-    scales = np.frombuffer(buf, dtype=np.float16, count=rows * (cp // gs), offset=e["scales_offset"] - base)
-    return Packed(enc, shape, codes.reshape(rows, width), scales.reshape(rows, cp // gs), gs)
+    groups = cp // gs
+    nsup = supers_of(groups)
+    supers = np.frombuffer(buf, dtype=np.uint16, count=rows * nsup, offset=e["scales_offset"] - base)
+    scales = np.frombuffer(buf, dtype=np.int8, count=rows * groups, offset=e["scales_offset"] - base + 2 * rows * nsup)
+    return Packed(enc, shape, codes.reshape(rows, width), scales.reshape(rows, groups), gs, supers.reshape(rows, nsup))
 
 
 def expected_nbytes(e: dict) -> tuple[int, int]:
@@ -342,7 +362,8 @@ def expected_nbytes(e: dict) -> tuple[int, int]:
         return math.prod(shape) * np.dtype(_RAW_DTYPES[enc]).itemsize, 0
     rows, cols = shape
     cp = padded_cols(cols, e["group_size"])
-    return rows * cp * QUANT_BITS[enc] // 8, rows * (cp // e["group_size"]) * 2
+    groups = cp // e["group_size"]
+    return rows * cp * QUANT_BITS[enc] // 8, rows * (2 * supers_of(groups) + groups)
 
 
 def stored_nbytes(entry: dict) -> int:

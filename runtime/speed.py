@@ -46,7 +46,7 @@ from ..convert.safetensors_io import TensorInfo
 from .errors import MoeError
 from .home import moe_home
 from .kernels import SOURCES_HASH
-from .layout import CHUNK, QUANT_BITS, LayoutWriter, Packed, padded_cols
+from .layout import CHUNK, QUANT_BITS, LayoutWriter, Packed, padded_cols, supers_of
 from .paging import misses_from_disk
 from .units import format_size
 
@@ -133,11 +133,13 @@ def random_packed(encoding: str, shape: tuple[int, ...], group_size: int, rng: n
         return Packed(encoding, shape, values.astype(np.float16) if encoding == "f16" else values)
     rows, cols = shape
     cp = padded_cols(cols, group_size)
-    scales = np.full((rows, cp // group_size), 0.01, np.float16)
+    groups = cp // group_size
+    scales = np.full((rows, groups), 127, np.int8)  # each group's scale 0.01: k = 127, D = 0.01
+    supers = np.full((rows, supers_of(groups)), np.float32(0.01).view(np.uint32) >> 16, np.uint16)
     if encoding == "q8":
-        return Packed("q8", shape, rng.integers(-8, 8, (rows, cp), dtype=np.int8), scales, group_size)
+        return Packed("q8", shape, rng.integers(-8, 8, (rows, cp), dtype=np.int8), scales, group_size, supers)
     return Packed(encoding, shape, rng.integers(0, 256, (rows, cp * QUANT_BITS[encoding] // 8), dtype=np.uint8),
-                  scales, group_size)
+                  scales, group_size, supers)
 
 
 def matvec_rate(encoding: str, total: int = MATVEC_BYTES, matrix: int = MATRIX_BYTES) -> float:

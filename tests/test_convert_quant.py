@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from moe.convert.mxfp4 import decode
 from moe.convert.quant import quantize
-from moe.runtime.layout import QUANT_BITS, dequantize, pack_codes
+from moe.runtime.layout import QUANT_BITS, SUPER, dequantize, group_scales, pack_codes
 
 Q4 = [-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0, 6.0, 6.5, 7.0, 7.5]
 CANDIDATES = {4: Q4, 5: [2 * t for t in Q4], 6: [4 * t for t in Q4], 8: [-128.0, 127.0]}
@@ -14,15 +14,19 @@ def code_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-def f16(x):
-    return float(np.float16(x))
+def bf16(x: float) -> int:
+    """The bfloat16 nearest to x >= 0, as its bits."""
+    b = int(np.float32(x).view(np.uint32))
+    return (b + 0x7FFF + ((b >> 16) & 1)) >> 16
 
 
 def twin(w, bits, gs):
-    """The same algorithm, obvious and slow: codes q [rows, cols_pad] and float16-exact scales [rows, groups]."""
+    """The same algorithm, obvious and slow: codes q [rows, cols_pad], int8 scales k [rows, groups] and
+    bfloat16 super-scales [rows, supers]."""
     qmin, qmax = code_range(bits)
     rows, cols = w.shape
     cp = -(-cols // gs) * gs
+    groups = cp // gs
     x = np.zeros((rows, cp), np.float32)
     x[:, :cols] = w
 
@@ -32,23 +36,32 @@ def twin(w, bits, gs):
     def err(g, d):
         return float(np.sum((codes(g, d) * np.float32(d) - g) ** 2))
 
+    def search(g, snap):
+        m = g[np.argmax(np.abs(g))]
+        options = [d for d in (snap(m / t) for t in CANDIDATES[bits]) if d != 0]
+        if not options:
+            return 0.0
+        best = min(options, key=lambda d: err(g, d))
+        c = codes(g, best)
+        refit = snap(float(np.sum(c * g)) / float(np.sum(c * c)))
+        return refit if refit != 0 and err(g, refit) < err(g, best) else best
+
     q = np.zeros((rows, cp))
-    scales = np.zeros((rows, cp // gs))
+    ks = np.zeros((rows, groups), np.int8)
+    supers = np.zeros((rows, -(-groups // SUPER)), np.uint16)
     for r in range(rows):
-        for k in range(cp // gs):
-            g = x[r, k * gs:(k + 1) * gs]
-            m = g[np.argmax(np.abs(g))]
-            options = [d for d in (f16(m / t) for t in CANDIDATES[bits]) if d != 0]
-            if not options:
+        g = x[r].reshape(groups, gs)
+        free = [search(g[k], lambda d: d) for k in range(groups)]
+        for k in range(groups):
+            if k % SUPER == 0:
+                supers[r, k // SUPER] = bf16(max(abs(f) for f in free[k: k + SUPER]))
+                step = np.float32((np.uint32(supers[r, k // SUPER]) << 16).view(np.float32) * np.float32(1 / 127))
+            if step == 0:
                 continue
-            best = min(options, key=lambda d: err(g, d))
-            c = codes(g, best)
-            refit = f16(float(np.sum(c * g)) / float(np.sum(c * c)))
-            if refit != 0 and err(g, refit) < err(g, best):
-                best = refit
-            scales[r, k] = best
-            q[r, k * gs:(k + 1) * gs] = codes(g, best)
-    return q, scales
+            d = search(g[k], lambda d, step=step: float(np.clip(np.rint(d / step), -127, 127) * step))
+            ks[r, k] = np.rint(d / step)
+            q[r, k * gs:(k + 1) * gs] = codes(g[k], np.float32(ks[r, k]) * step)
+    return q, ks, supers
 
 
 @pytest.mark.parametrize("bits", [4, 5, 6, 8])
@@ -56,8 +69,9 @@ def twin(w, bits, gs):
 def test_kernel_matches_its_numpy_twin(bits, shape, gs):
     w = np.random.default_rng(bits * 100 + shape[1]).standard_normal(shape).astype(np.float32)
     packed, _ = quantize(w, "F32", bits, gs)
-    q, scales = twin(w, bits, gs)
-    same = packed.scales.astype(np.float64) == scales
+    q, scales, supers = twin(w, bits, gs)
+    np.testing.assert_array_equal(packed.supers, supers)
+    same = packed.scales == scales
     assert same.mean() > 0.95  # near-ties may resolve differently: f32 sums in another order
     expected = q.astype(np.int8) if bits == 8 else pack_codes((q - code_range(bits)[0]).astype(np.uint8), bits)
     rows_same = same.all(axis=1)
@@ -70,7 +84,7 @@ def assert_nearest_values(packed, exact: np.ndarray) -> None:
     qmin, qmax = code_range(QUANT_BITS[packed.encoding])
     got = dequantize(packed)
     cols = exact.shape[1]
-    step = np.repeat(packed.scales.astype(np.float32), packed.group_size, axis=1)[:, :cols]
+    step = np.repeat(group_scales(packed), packed.group_size, axis=1)[:, :cols]
     with np.errstate(divide="ignore", invalid="ignore"):
         ideal = np.where(step != 0, exact / step, 0)
     inside = (ideal >= qmin - 0.5) & (ideal <= qmax + 0.5)

@@ -26,8 +26,10 @@ def spans(e):
     rows, cols = shape
     gs = e["group_size"]
     cp = -(-cols // gs) * gs
-    yield e["offset"], e["offset"] + rows * (cp // 2 if enc == "q4" else cp)
-    yield e["scales_offset"], e["scales_offset"] + rows * (cp // gs) * 2
+    bits = {"q4": 4, "q5": 5, "q6": 6, "q8": 8}[enc]
+    groups = cp // gs
+    yield e["offset"], e["offset"] + rows * cp * bits // 8
+    yield e["scales_offset"], e["scales_offset"] + rows * (2 * -(-groups // 8) + groups)  # bfloat16 D, then int8 k
 
 
 @pytest.mark.parametrize("name", ["gpt_oss", "llama4"])

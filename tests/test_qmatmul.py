@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from moe.runtime.kernels import qmatmul, simd
 from moe.runtime.kernels.bits import bf16_to_f32, f16_to_f32, f16_to_f32_exact
-from moe.runtime.layout import CHUNK, QUANT_BITS, Packed, dequantize, pack_codes, padded_cols
+from moe.runtime.layout import CHUNK, QUANT_BITS, Packed, dequantize, pack_codes, padded_cols, supers_of
 from numba import njit
 from numba.core.codegen import get_host_cpu_features
 
@@ -28,7 +28,10 @@ def make_packed(enc: str, rows: int, cols: int, gs: int, rng) -> Packed:
             return Packed("f16", (rows, cols), w.astype(np.float16))
         return Packed("bf16", (rows, cols), (w.view(np.uint32) >> 16).astype(np.uint16))
     cp = padded_cols(cols, gs)
-    scales = (rng.random((rows, cp // gs)) * 0.1 + 0.001).astype(np.float16)
+    groups = cp // gs
+    # as the quantizer's: |k| within 4x of its super-block's largest, either sign
+    scales = (rng.integers(32, 128, (rows, groups)) * rng.choice([-1, 1], (rows, groups))).astype(np.int8)
+    supers = (rng.random((rows, supers_of(groups))) * 0.1 + 0.001).astype(np.float32).view(np.uint32) >> 16
     if enc == "q8":
         codes = rng.integers(-128, 128, (rows, cp), dtype=np.int8)
         codes[:, cols:] = 0
@@ -37,7 +40,7 @@ def make_packed(enc: str, rows: int, cols: int, gs: int, rng) -> Packed:
         c = rng.integers(0, 1 << bits, (rows, cp), dtype=np.uint8)
         c[:, cols:] = 1 << (bits - 1)  # the code of zero
         codes = pack_codes(c, bits)
-    return Packed(enc, (rows, cols), codes, scales, gs)
+    return Packed(enc, (rows, cols), codes, scales, gs, supers.astype(np.uint16))
 
 
 def quantize_acts_twin(x: np.ndarray, cols_pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +153,7 @@ def test_quantized_matches_dequantized_twin(enc, gs, rows, cols, T):
     cp = padded_cols(cols, gs)
     xq, xs = quantize_acts_twin(x, cp)
     out = np.full((T, rows), np.nan, np.float32)
-    qmatmul.matmul_quant(p.codes, p.scales.view(np.uint16), gs, xq, xs, out, QUANT_BITS[enc])
+    qmatmul.matmul_quant(p.codes, p.scales, p.supers, gs, xq, xs, out, QUANT_BITS[enc])
     w = dequantize(p).astype(np.float64)  # [rows, cols]
     xd = (xq[:, :cols] * xs.repeat(CHUNK, axis=1)[:, :cols]).astype(np.float64)
     _close(out, xd @ w.T, np.abs(xd) @ np.abs(w).T, 1e-5)
@@ -177,7 +180,7 @@ def test_linear_dispatch_and_scratch_reuse(enc):
     scratch = qmatmul.Scratch(max_tokens=4, max_cols=96)
     for rows, cols, T in [(9, 96, 1), (5, 40, 4), (7, 300, 2), (9, 96, 1)]:
         p = make_packed(enc, rows, cols, 32, rng)
-        for a in (p.codes, p.scales):  # as memory-mapped tensors are
+        for a in (p.codes, p.scales, p.supers):  # as memory-mapped tensors are
             if a is not None:
                 a.setflags(write=False)
         x = acts(T, cols + 5, rng)[:, 2 : cols + 2]  # a strided view, as a slice of a wider buffer is
@@ -199,7 +202,7 @@ def test_linear_each_equals_linear_per_weight(enc, rows, cols, gs):
     scratch = qmatmul.Scratch()
     weights = [make_packed(enc, rows, cols, gs, rng) for _ in range(4)]
     for w in weights:  # read-only, as the memory-mapped experts are
-        for a in (w.codes, w.scales):
+        for a in (w.codes, w.scales, w.supers):
             if a is not None:
                 a.setflags(write=False)
     x = acts(4, cols, rng)
@@ -218,7 +221,7 @@ def test_disagreeing_shapes_raise_instead_of_reading_out_of_bounds():
     with pytest.raises(ValueError):  # out of the wrong shape
         qmatmul.linear(p, acts(2, 64, rng), np.empty((2, 9), np.float32), scratch)
     with pytest.raises(ValueError):  # scales of another group size
-        qmatmul.linear(Packed("q4", p.shape, p.codes, p.scales[:, :1].copy(), 32), acts(1, 64, rng),
+        qmatmul.linear(Packed("q4", p.shape, p.codes, p.scales[:, :1].copy(), 32, p.supers), acts(1, 64, rng),
                        np.empty((1, 8), np.float32), scratch)
 
 

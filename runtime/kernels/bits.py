@@ -38,6 +38,14 @@ def u32_as_f32(typingctx, bits):
     return types.float32(bits), codegen
 
 
+@intrinsic
+def f32_bits(typingctx, x):
+    """The IEEE bits of a float32, as a uint32."""
+    if x != types.float32:
+        return None
+    return types.uint32(x), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(32))
+
+
 @njit(cache=True, inline="always")
 def bf16_to_f32(h):
     return u32_as_f32(np.uint32(h) << np.uint32(16))

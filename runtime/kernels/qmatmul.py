@@ -20,9 +20,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..layout import CHUNK, QUANT_BITS, Packed
+from ..layout import CHUNK, QUANT_BITS, SUPER, Packed
 from . import FLAGS, PARALLEL, simd
-from .bits import f16_to_f32, u32_as_f32, widen
+from .bits import bf16_to_f32, u32_as_f32, widen
 
 _QMAX = np.float32(127.0)
 # Whatever quantizes activations compiles without fast-math (inlined code takes its caller's
@@ -89,8 +89,14 @@ def _sum_block(xq, xs, xsum, t, b):
     xsum[t, b] = np.float32(s) * xs[t, b]
 
 
+@njit(inline="always", **FLAGS)
+def group_scale(srow, urow, g):
+    """Group g's scale from one row's int8 scales and bfloat16 super-scales: k * (D / 127), as simd computes it."""
+    return np.float32(srow[g]) * (bf16_to_f32(urow[g // SUPER]) * np.float32(simd.STEP))
+
+
 @njit(**FLAGS)
-def _packed_blocks(crow, srow, per_group, qrow, xsrow, b0, b1, bits):
+def _packed_blocks(crow, srow, urow, per_group, qrow, xsrow, b0, b1, bits):
     """sum over blocks [b0, b1) of one q4 / q5 / q6 row (layout's order) with one token's 8-bit activations (all
     1-D). Byte i of a block's nibbles holds columns i and i + 16; q5's high bits are one uint32 per block, q6's
     byte i % 8 of 8 holds columns i and i + 16 at bits 2 * (i // 8) and 4 + 2 * (i // 8)."""
@@ -117,19 +123,19 @@ def _packed_blocks(crow, srow, per_group, qrow, xsrow, b0, b1, bits):
                 hi |= ((h >> 4) & 3) << 4
             isum += (lo - offset) * np.int32(qrow[b * CHUNK + i])
             isum += (hi - offset) * np.int32(qrow[b * CHUNK + half + i])
-        acc += np.float32(isum) * (xsrow[b] * f16_to_f32(srow[b // per_group]))
+        acc += np.float32(isum) * (xsrow[b] * group_scale(srow, urow, b // per_group))
     return acc
 
 
 @njit(**FLAGS)
-def _q8_blocks(crow, srow, per_group, qrow, xsrow, b0, b1):
+def _q8_blocks(crow, srow, urow, per_group, qrow, xsrow, b0, b1):
     """sum over blocks [b0, b1) of one q8 row with one token's 8-bit activations (all 1-D)."""
     acc = np.float32(0.0)
     for b in range(b0, b1):
         isum = np.int32(0)
         for i in range(b * CHUNK, (b + 1) * CHUNK):
             isum += np.int32(crow[i]) * np.int32(qrow[i])
-        acc += np.float32(isum) * (xsrow[b] * f16_to_f32(srow[b // per_group]))
+        acc += np.float32(isum) * (xsrow[b] * group_scale(srow, urow, b // per_group))
     return acc
 
 
@@ -146,26 +152,26 @@ def _vector_span(nblocks, per_group):
 
 
 @njit(**FLAGS)
-def _tail(codes, scales, r, per_group, xq, xs, t, nb, bits):
+def _tail(codes, scales, supers, r, per_group, xq, xs, t, nb, bits):
     """Row r times token t over the blocks the vector step leaves, [nb, nblocks), through the scalar loop."""
     if bits == 8:
-        return _q8_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, xs.shape[1])
-    return _packed_blocks(codes[r], scales[r], per_group, xq[t], xs[t], nb, xs.shape[1], bits)
+        return _q8_blocks(codes[r], scales[r], supers[r], per_group, xq[t], xs[t], nb, xs.shape[1])
+    return _packed_blocks(codes[r], scales[r], supers[r], per_group, xq[t], xs[t], nb, xs.shape[1], bits)
 
 
 @njit(inline="always", **FLAGS)  # inlined in numba's IR: a call per row costs a quarter of the decode speed
-def _row_dot(codes, scales, r, xq, xqa, xs, xsum, t, nb, shift, per_group, bits):
+def _row_dot(codes, scales, supers, r, xq, xqa, xs, xsum, t, nb, shift, per_group, bits):
     """Row r times token t: the vector step over blocks [0, nb), then the scalar tail."""
     if bits == 4:
-        a = simd.q4_dot1x1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
+        a = simd.q4_dot1x1(codes, scales, supers, r, xqa, xs, xsum, t, nb, shift)[0]
     elif bits == 5:
-        a = simd.q5_dot1x1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
+        a = simd.q5_dot1x1(codes, scales, supers, r, xqa, xs, xsum, t, nb, shift)[0]
     elif bits == 6:
-        a = simd.q6_dot1x1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
+        a = simd.q6_dot1x1(codes, scales, supers, r, xqa, xs, xsum, t, nb, shift)[0]
     else:
-        a = simd.q8_dot1x1(codes, scales, r, xqa, xs, xsum, t, nb, shift)[0]
+        a = simd.q8_dot1x1(codes, scales, supers, r, xqa, xs, xsum, t, nb, shift)[0]
     if nb < xs.shape[1]:
-        a += _tail(codes, scales, r, per_group, xq, xs, t, nb, bits)
+        a += _tail(codes, scales, supers, r, per_group, xq, xs, t, nb, bits)
     return a
 
 
@@ -173,7 +179,7 @@ ROW_TILE = 8  # rows whose codes stay in L1 while a tile of 4 tokens runs over t
 
 
 @njit(**PARALLEL)
-def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
+def _matmul_quant(codes, scales, supers, gs, xq, xqa, xs, xsum, out, bits):
     """q4, q5, q6 or q8 weights (`bits`) times prepared activations.
 
     Tiles of ROW_TILE rows in parallel; within one, tiles of 4 tokens run over its rows through the
@@ -188,8 +194,11 @@ def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
     # the vector step reads raw pointers: shapes that disagree must stop here, not read out of bounds
     if codes.shape[1] * 8 != cols_pad * bits or xqa.shape != xq.shape or xs.shape != (T, cols_pad // CHUNK):
         raise ValueError("matmul: codes, activations and their scales disagree in shape")
-    if gs <= 0 or gs % CHUNK or scales.shape != (rows, cols_pad // gs) or xsum.shape != xs.shape:
+    groups = cols_pad // gs if gs > 0 else 0
+    if gs <= 0 or gs % CHUNK or scales.shape != (rows, groups) or xsum.shape != xs.shape:
         raise ValueError("matmul: scales disagree with codes and group size")
+    if supers.shape != (rows, -(-groups // SUPER)):
+        raise ValueError("matmul: super-scales disagree with scales")
     if out.shape != (T, rows):
         raise ValueError("matmul: out must be [tokens, rows]")
     per_group = gs // CHUNK
@@ -200,24 +209,24 @@ def _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
         for t in range(0, T - T % 4, 4):
             for r in range(r0, r1):
                 if bits == 4:
-                    a = simd.q4_dot1x4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
+                    a = simd.q4_dot1x4(codes, scales, supers, r, xqa, xs, xsum, t, nb, shift)
                 elif bits == 5:
-                    a = simd.q5_dot1x4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
+                    a = simd.q5_dot1x4(codes, scales, supers, r, xqa, xs, xsum, t, nb, shift)
                 elif bits == 6:
-                    a = simd.q6_dot1x4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
+                    a = simd.q6_dot1x4(codes, scales, supers, r, xqa, xs, xsum, t, nb, shift)
                 else:
-                    a = simd.q8_dot1x4(codes, scales, r, xqa, xs, xsum, t, nb, shift)
+                    a = simd.q8_dot1x4(codes, scales, supers, r, xqa, xs, xsum, t, nb, shift)
                 for j in range(4):
                     out[t + j, r] = a[j]
                     if nb < nblocks:
-                        out[t + j, r] += _tail(codes, scales, r, per_group, xq, xs, t + j, nb, bits)
+                        out[t + j, r] += _tail(codes, scales, supers, r, per_group, xq, xs, t + j, nb, bits)
         for t in range(T - T % 4, T):
             for r in range(r0, r1):
-                out[t, r] = _row_dot(codes, scales, r, xq, xqa, xs, xsum, t, nb, shift, per_group, bits)
+                out[t, r] = _row_dot(codes, scales, supers, r, xq, xqa, xs, xsum, t, nb, shift, per_group, bits)
 
 
 @njit(**PARALLEL)
-def _matmul_quant_each(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
+def _matmul_quant_each(codes, scales, supers, gs, xq, xqa, xs, xsum, out, bits):
     """out[j] = W_j x_j for the k weights of the tuples codes and scales (one shape and group size) and the
     k rows of the prepared activations: one parallel region over every (weight, row tile), so the threads
     stream through all k weights without a barrier between them. Each row is summed as _matmul_quant sums
@@ -233,6 +242,8 @@ def _matmul_quant_each(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
     for j in range(k):
         if codes[j].shape != (rows, cols_pad * bits // 8) or scales[j].shape != (rows, cols_pad // gs):
             raise ValueError("matmul: the weights disagree in shape")
+        if supers[j].shape != (rows, -(-(cols_pad // gs) // SUPER)):
+            raise ValueError("matmul: super-scales disagree with scales")
     per_group = gs // CHUNK
     nb, shift = _vector_span(nblocks, per_group)
     tiles = (rows + ROW_TILE - 1) // ROW_TILE
@@ -240,14 +251,14 @@ def _matmul_quant_each(codes, scales, gs, xq, xqa, xs, xsum, out, bits):
         j = item // tiles
         r0 = (item - j * tiles) * ROW_TILE
         for r in range(r0, min(r0 + ROW_TILE, rows)):
-            out[j, r] = _row_dot(codes[j], scales[j], r, xq, xqa, xs, xsum, j, nb, shift, per_group, bits)
+            out[j, r] = _row_dot(codes[j], scales[j], supers[j], r, xq, xqa, xs, xsum, j, nb, shift, per_group, bits)
 
 
 @njit(**EXACT)
-def _linear_each(codes, scales, gs, x, xq, xqa, xs, xsum, out, bits):
+def _linear_each(codes, scales, supers, gs, x, xq, xqa, xs, xsum, out, bits):
     """One compiled call: out[j] = W_j x[j] for tuples of k quantized weights (`bits`) and x f32 [k, cols]."""
     prepare_acts(x, xq, xqa, xs, xsum)
-    _matmul_quant_each(codes, scales, gs, xq, xqa, xs, xsum, out, bits)
+    _matmul_quant_each(codes, scales, supers, gs, xq, xqa, xs, xsum, out, bits)
 
 
 @njit(**FLAGS)
@@ -282,20 +293,20 @@ def prepare_acts(x, xq, xqa, xs, xsum):
 
 
 @njit(**EXACT)
-def matmul_quant(codes, scales, gs, xq, xs, out, bits):
-    """codes [rows, cols_pad * bits / 8] (layout's q4 / q5 / q6 / q8), scales u16 [rows, cols_pad / gs] (f16
-    bits), xq and xs from quantize_acts. Allocates the vector kernel's small buffers; linear() reuses a Scratch."""
+def matmul_quant(codes, scales, supers, gs, xq, xs, out, bits):
+    """codes [rows, cols_pad * bits / 8] (layout's q4 / q5 / q6 / q8), scales i8 [rows, groups] and supers u16
+    [rows, ceil(groups / SUPER)] (layout's two-level scales), xq and xs from quantize_acts. Allocates the vector kernel's small buffers; linear() reuses a Scratch."""
     xqa = np.empty_like(xq)
     xsum = np.empty_like(xs)
     _prepare(xq, xs, xqa, xsum)
-    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits)
+    _matmul_quant(codes, scales, supers, gs, xq, xqa, xs, xsum, out, bits)
 
 
 @njit(**EXACT)
-def linear_quant(codes, scales, gs, x, xq, xqa, xs, xsum, out, bits):
+def linear_quant(codes, scales, supers, gs, x, xq, xqa, xs, xsum, out, bits):
     """One compiled call: prepare_acts(x) into the given buffers, then the quantized product."""
     prepare_acts(x, xq, xqa, xs, xsum)
-    _matmul_quant(codes, scales, gs, xq, xqa, xs, xsum, out, bits)
+    _matmul_quant(codes, scales, supers, gs, xq, xqa, xs, xsum, out, bits)
 
 
 @njit(**PARALLEL)
@@ -383,7 +394,7 @@ def linear(p: Packed, x: np.ndarray, out: np.ndarray, scratch: Scratch) -> np.nd
         x = np.ascontiguousarray(x, dtype=np.float32)  # the vector quantizer reads whole rows; a no-op as a rule
         bits = QUANT_BITS[enc]
         cols_pad = p.codes.shape[1] * 8 // bits
-        linear_quant(p.codes, p.scales.view(np.uint16), p.group_size, x, *scratch.acts(x.shape[0], cols_pad), out, bits)
+        linear_quant(p.codes, p.scales, p.supers, p.group_size, x, *scratch.acts(x.shape[0], cols_pad), out, bits)
     elif enc == "f32":
         matmul_f32(p.codes, x, out)
     elif enc == "bf16":
@@ -406,6 +417,6 @@ def linear_each(weights: list[Packed], x: np.ndarray, out: np.ndarray, scratch: 
     x = np.ascontiguousarray(x, dtype=np.float32)
     bits = QUANT_BITS[enc]
     cols_pad = weights[0].codes.shape[1] * 8 // bits
-    _linear_each(tuple(w.codes for w in weights), tuple(w.scales.view(np.uint16) for w in weights),
+    _linear_each(tuple(w.codes for w in weights), tuple(w.scales for w in weights), tuple(w.supers for w in weights),
                  weights[0].group_size, x, *scratch.acts(x.shape[0], cols_pad), out, bits)
     return out

@@ -37,13 +37,14 @@ from numba import types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
-from .bits import hardware_half
+from ..layout import SUPER
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-F32, HALF = ir.FloatType(), ir.HalfType()
+F32 = ir.FloatType()
 V32I8, V16I16, V8I32 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8)
-V8I16, V8HALF, V8F32 = ir.VectorType(I16, 8), ir.VectorType(HALF, 8), ir.VectorType(F32, 8)
+V8F32 = ir.VectorType(F32, 8)
 BLOCKS = 8  # blocks of 32 columns per loop step
+STEP = 1.0 / 127.0  # a group's scale is its int8 times super-scale * STEP (as float32: layout.group_scales)
 BITS = {"q4": 4, "q5": 5, "q6": 6, "q8": 8}
 OFFSETS = {"q4": 8, "q5": 16, "q6": 32}  # q4-q6 store q + 2**(bits - 1)
 PREFETCH_BYTES = 2048  # how far ahead of the row position the loop prefetches codes (the next rows' when near the end)
@@ -106,46 +107,35 @@ def _fma(builder, a, b, c):
     return _call(builder, "llvm.fmuladd.v8f32", V8F32, a, b, c)
 
 
-def _row_scales(builder, srow, b, shift):
-    """<8 x float> weight scales of blocks b .. b+7: scale index (b + k) >> shift.
+def _row_scales(builder, srow, urow, b, shift):
+    """<8 x float> weight scales of blocks b .. b+7: group g = (b + k) >> shift has scale k_g * (D / 127), k_g
+    the int8 at srow[g] and D the bfloat16 at urow[g // SUPER], the same for the whole step (layout.SUPER
+    groups span at least one step of BLOCKS blocks).
 
     Group size 32 (shift 0) loads 8 scales at once; larger groups gather them one by one (the branch
     is loop-invariant: LLVM unswitches the loop).
     """
+    v8i8 = ir.VectorType(I8, 8)
     with builder.if_else(builder.icmp_unsigned("==", shift, ir.Constant(I64, 0))) as (uniform, grouped):
         with uniform:
-            whole = _load(builder, srow, builder.mul(b, ir.Constant(I64, 2)), V8I16)
+            whole = _load(builder, srow, b, v8i8)
             whole_block = builder.block
         with grouped:
-            gathered = ir.Constant(V8I16, None)
+            gathered = ir.Constant(v8i8, None)
             for k in range(BLOCKS):
                 g = builder.lshr(builder.add(b, ir.Constant(I64, k)), shift)
-                h = _load(builder, srow, builder.mul(g, ir.Constant(I64, 2)), I16)
-                gathered = builder.insert_element(gathered, h, ir.Constant(I32, k))
+                gathered = builder.insert_element(gathered, _load(builder, srow, g, I8), ir.Constant(I32, k))
             gathered_block = builder.block
-    h = builder.phi(V8I16)
-    h.add_incoming(whole, whole_block)
-    h.add_incoming(gathered, gathered_block)
-    return _half_to_float(builder, h)
-
-
-def _half_to_float(builder, h):
-    """<8 x i16> half bits -> <8 x float>: fpext where the CPU converts halves (no libcall), else the
-    integer method of bits.f16_to_f32_exact, lane-wise."""
-    if hardware_half():
-        return builder.fpext(builder.bitcast(h, V8HALF), V8F32)
-    u = builder.zext(h, V8I32)
-    m = builder.shl(builder.and_(u, _splat(V8I32, 0x7FFF)), _splat(V8I32, 13))
-    e = builder.and_(m, _splat(V8I32, 0x7C00 << 13))
-    rebias = _splat(V8I32, (127 - 15) << 23)
-    o = builder.add(m, rebias)
-    o = builder.select(builder.icmp_unsigned("==", e, _splat(V8I32, 0x7C00 << 13)), builder.add(o, rebias), o)
-    sub = builder.icmp_unsigned("==", e, _splat(V8I32, 0))
-    o = builder.select(sub, builder.add(o, _splat(V8I32, 1 << 23)), o)
-    f = builder.bitcast(o, V8F32)
-    f = builder.select(sub, builder.fsub(f, _splat(V8F32, 2.0**-14)), f)
-    sign = builder.shl(builder.and_(u, _splat(V8I32, 0x8000)), _splat(V8I32, 16))
-    return builder.bitcast(builder.or_(builder.bitcast(f, V8I32), sign), V8F32)
+    ks = builder.phi(v8i8)
+    ks.add_incoming(whole, whole_block)
+    ks.add_incoming(gathered, gathered_block)
+    sup = builder.lshr(builder.lshr(b, shift), ir.Constant(I64, SUPER.bit_length() - 1))
+    d = _load(builder, urow, builder.mul(sup, ir.Constant(I64, 2)), I16)
+    d = builder.bitcast(builder.shl(builder.zext(d, I32), ir.Constant(I32, 16)), F32)
+    step = builder.fmul(d, ir.Constant(F32, STEP))
+    steps = builder.shuffle_vector(builder.insert_element(ir.Constant(V8F32, None), step, ir.Constant(I32, 0)),
+                                   ir.Constant(V8F32, None), ir.Constant(V8I32, [0] * 8))
+    return builder.fmul(builder.sitofp(builder.sext(ks, V8I32), V8F32), steps)
 
 
 def _dot_u8s8(builder, vnni: bool, pairs, wide: bool):
@@ -230,13 +220,13 @@ def _high_bits(builder, kind: str, crow, at):
 
 
 def _make_dot(kind: str, nr: int, nt: int):
-    """An intrinsic (codes, scales, r, xqa, xs, xsum, t0, nb, shift) -> nr * nt float32 dot products:
+    """An intrinsic (codes, scales, supers, r, xqa, xs, xsum, t0, nb, shift) -> nr * nt float32 dot products:
     rows r .. r+nr-1 (outer) with tokens t0 .. t0+nt-1 (inner).
 
     codes: u8 [rows, cols_pad * bits / 8] (q4, q5, q6: layout's nibbles, then high bits) or i8 [rows, cols_pad]
-    (q8), scales u16 [rows, groups];
+    (q8), scales i8 [rows, groups], supers u16 (bfloat16) [rows, ceil(groups / SUPER)];
     xqa int8 [T, cols_pad] arranged by pairs of blocks, xs and xsum f32 [T, cols_pad / 32]; blocks
-    [0, nb), nb a multiple of 8; block b's scale is scales[r, b >> shift].
+    [0, nb), nb a multiple of 8; block b's scale is scales[r, g] * supers[r, g // SUPER] / 127, g = b >> shift.
     Each pair of blocks becomes two <32 x i8> weight vectors matching xqa's halves: for q4 one load
     of nibbles, masked (low) and shifted (high), q5 and q6 or-ing in their high bits (_high_bits);
     for q8 the blocks' first halves, then their second.
@@ -247,19 +237,21 @@ def _make_dot(kind: str, nr: int, nt: int):
 
     def codegen(context, builder, sig, args):
         x86 = target_has_x86_simd()
-        codes_t, scales_t, _, xq_t, xs_t, xsum_t = sig.args[:6]
+        codes_t, scales_t, supers_t, _, xq_t, xs_t, xsum_t = sig.args[:7]
         codes, codes_stride = _bytes(context, builder, codes_t, args[0])
         scales, scales_stride = _bytes(context, builder, scales_t, args[1])
-        xq, xq_stride = _bytes(context, builder, xq_t, args[3])
-        xs, xs_stride = _bytes(context, builder, xs_t, args[4])
-        xsum, xsum_stride = _bytes(context, builder, xsum_t, args[5])
-        r0, t0, nb, shift = args[2], args[6], args[7], args[8]
+        supers, supers_stride = _bytes(context, builder, supers_t, args[2])
+        xq, xq_stride = _bytes(context, builder, xq_t, args[4])
+        xs, xs_stride = _bytes(context, builder, xs_t, args[5])
+        xsum, xsum_stride = _bytes(context, builder, xsum_t, args[6])
+        r0, t0, nb, shift = args[3], args[7], args[8], args[9]
 
         def rows_of(base, stride, first, n):
             return [builder.gep(base, [builder.mul(builder.add(first, ir.Constant(I64, i)), stride)], inbounds=True)
                     for i in range(n)]
 
         crows, srows = rows_of(codes, codes_stride, r0, nr), rows_of(scales, scales_stride, r0, nr)
+        urows = rows_of(supers, supers_stride, r0, nr)
         xq_rows, xs_rows = rows_of(xq, xq_stride, t0, nt), rows_of(xs, xs_stride, t0, nt)
         xsum_rows = rows_of(xsum, xsum_stride, t0, nt)
         tiles = [(i, j) for i in range(nr) for j in range(nt)]
@@ -323,8 +315,8 @@ def _make_dot(kind: str, nr: int, nt: int):
             xs_off = builder.mul(b, ir.Constant(I64, 4))
             xs8 = [_load(builder, row, xs_off, V8F32) for row in xs_rows]
             xsum8 = [_load(builder, row, xs_off, V8F32) for row in xsum_rows]
-            for i, srow in enumerate(srows):
-                ws = _row_scales(builder, srow, b, shift)
+            for i, (srow, urow) in enumerate(zip(srows, urows, strict=True)):
+                ws = _row_scales(builder, srow, urow, b, shift)
                 for j in range(nt):
                     if offset:
                         builder.store(_fma(builder, ws, xsum8[j], builder.load(offs[i, j])), offs[i, j])
@@ -344,12 +336,13 @@ def _make_dot(kind: str, nr: int, nt: int):
             sums.append(_hsum(builder, total))
         return context.make_tuple(builder, sig.return_type, sums)
 
-    def typer(typingctx, codes, scales, r, xqa, xs, xsum, t0, nb, shift):
-        arrays = (codes, scales, xqa, xs, xsum)
+    def typer(typingctx, codes, scales, supers, r, xqa, xs, xsum, t0, nb, shift):
+        arrays = (codes, scales, supers, xqa, xs, xsum)
         if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
             return None
         i64 = types.int64
-        return types.UniTuple(types.float32, nr * nt)(codes, scales, i64, xqa, xs, xsum, i64, i64, i64), codegen
+        sig = types.UniTuple(types.float32, nr * nt)(codes, scales, supers, i64, xqa, xs, xsum, i64, i64, i64)
+        return sig, codegen
 
     typer.__name__ = f"{kind}_dot{nr}x{nt}"
     return intrinsic(typer)

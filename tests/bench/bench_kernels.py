@@ -18,7 +18,7 @@ from moe.runtime.kernels import qmatmul, simd  # before numba: it points numba's
 import numba
 import numpy as np
 # isort: on
-from moe.runtime.layout import QUANT_BITS, Packed, pack_codes
+from moe.runtime.speed import random_packed
 
 CASES = ["q4:2048:1024:1", "q4:1024:2048:1", "q5:2048:2048:1", "q6:2048:2048:1", "q6:50304:2048:1",
          "q8:50304:2048:1", "q8:2048:2048:1",
@@ -26,26 +26,13 @@ CASES = ["q4:2048:1024:1", "q4:1024:2048:1", "q5:2048:2048:1", "q6:2048:2048:1",
 LAST_LEVEL_CACHE = 96 << 20  # bytes cycled through for decode: above any laptop's L3
 
 
-def packed(enc: str, rows: int, cols: int, rng) -> Packed:
-    scales = (rng.random((rows, cols // 32)) * 0.01 + 1e-3).astype(np.float16)
-    if enc in ("q4", "q5", "q6"):
-        codes = rng.integers(0, 1 << QUANT_BITS[enc], (rows, cols), dtype=np.uint8)
-        return Packed(enc, (rows, cols), pack_codes(codes, QUANT_BITS[enc]), scales, 32)
-    if enc == "q8":
-        return Packed("q8", (rows, cols), rng.integers(-128, 128, (rows, cols), dtype=np.int8), scales, 32)
-    w = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
-    if enc == "bf16":
-        return Packed("bf16", (rows, cols), (w.view(np.uint32) >> 16).astype(np.uint16))
-    return Packed(enc, (rows, cols), w.astype(np.float16) if enc == "f16" else w)
-
-
 def run(case: str, repeat: int, threads: int) -> str:
     enc, rows, cols, T = case.split(":")
     rows, cols, T = int(rows), int(cols), int(T)
     rng = np.random.default_rng(0)
-    first = packed(enc, rows, cols, rng)
+    first = random_packed(enc, (rows, cols), 32, rng)
     copies = max(1, LAST_LEVEL_CACHE // first.nbytes) if T == 1 else 1
-    weights = [first] + [packed(enc, rows, cols, rng) for _ in range(copies - 1)]
+    weights = [first] + [random_packed(enc, (rows, cols), 32, rng) for _ in range(copies - 1)]
     x = rng.standard_normal((T, cols)).astype(np.float32)
     out = np.empty((T, rows), np.float32)
     scratch = qmatmul.Scratch(T, cols)
