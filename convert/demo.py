@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from ..runtime.errors import MoeError
 from ..runtime.home import models_dir
-from ..runtime.layout import MANIFEST
+from ..runtime.layout import FORMAT_VERSION, MANIFEST
 
 DEMO_SOURCE = Path(__file__).parent / "demo" / "tinymix"
 DEMO_NAME = "demo-tinymix"
@@ -18,12 +19,21 @@ def demo_model() -> Path:
     from .converter import convert
 
     out = models_dir() / DEMO_NAME
-    if (out / MANIFEST).is_file():
+    if _current(out / MANIFEST):
         return out
-    print(f"converting the bundled demo model into {out} (first use only)…", file=sys.stderr, flush=True)
+    again = " (its layout is from an older moe)" if (out / MANIFEST).is_file() else " (first use only)"
+    print(f"converting the bundled demo model into {out}{again}…", file=sys.stderr, flush=True)
     try:
         return convert(DEMO_SOURCE, out, bits=4, force=out.exists())
     except MoeError:
-        if (out / MANIFEST).is_file():  # another process converted it meanwhile
+        if _current(out / MANIFEST):  # another process converted it meanwhile
             return out
         raise
+
+
+def _current(manifest: Path) -> bool:
+    """Whether a converted demo exists in this moe's layout format (an older one is converted again)."""
+    try:
+        return json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False

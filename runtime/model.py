@@ -50,7 +50,7 @@ class _Layer:
     q_norm: np.ndarray | None = None  # (hd,) per head or (nh*hd,) full width
     k_norm: np.ndarray | None = None
     sinks: np.ndarray | None = None  # (nh,)
-    router: Packed | None = None  # [E, H] f32
+    router: Packed | None = None  # [E, H] in the source's encoding (exact)
     router_bias: np.ndarray | None = None  # (E,)
     shared: tuple[Packed, Packed] | None = None  # (gate_up [2F, H], down [H, F])
     mlp: tuple[Packed, Packed] | None = None  # dense layer

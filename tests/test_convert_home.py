@@ -60,8 +60,8 @@ def test_model_info_counts_parameters_sizes_and_budget(tmp_path):
     assert (info["layers"], info["moe_layers"], info["experts"], info["top_k"]) == (4, 2, 4, 1)
     assert info["shared_expert"] is True
     assert sum(info["size_by_part"].values()) <= info["size_bytes"]
-    assert info["quantization_by_part"] == {"embeddings": ["q8"], "attention": ["q8"], "routers": ["f32"],
-                                            "experts": ["q4"], "other": ["f32", "q8"]}
+    assert info["quantization_by_part"] == {"embeddings": ["q5"], "attention": ["q5"], "routers": ["bf16"],
+                                            "experts": ["q4"], "other": ["f32", "q5"]}
     runs = m["experts"]
     slot = max(-(-r["nbytes"] // EXPERT_ALIGN) * EXPERT_ALIGN for records in runs.values() for r in records)
     assert info["min_budget_bytes"] == k * slot  # top-k slots of the largest expert: what paging enforces
@@ -85,3 +85,14 @@ def test_demo_model_converts_once(capsys):
     assert m["architecture"] == "mixtral" and m["quantization"]["experts"] == "q4"
     assert demo_model() == path
     assert capsys.readouterr().err == ""
+
+
+def test_demo_model_from_an_older_layout_is_converted_again(capsys):
+    path = demo_model()
+    manifest = path / "manifest.json"
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "format_version": m["format_version"] - 1}))
+    capsys.readouterr()
+    assert demo_model() == path
+    assert "older moe" in capsys.readouterr().err
+    assert json.loads(manifest.read_text())["format_version"] == m["format_version"]
