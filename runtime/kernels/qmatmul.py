@@ -250,8 +250,9 @@ def _matmul_quant_each(codes, scales, supers, gs, xq, xqa, xs, xsum, out, bits):
     for item in prange(k * tiles):
         j = item // tiles
         r0 = (item - j * tiles) * ROW_TILE
+        cj, sj, uj = codes[j], scales[j], supers[j]
         for r in range(r0, min(r0 + ROW_TILE, rows)):
-            out[j, r] = _row_dot(codes[j], scales[j], supers[j], r, xq, xqa, xs, xsum, j, nb, shift, per_group, bits)
+            out[j, r] = _row_dot(cj, sj, uj, r, xq, xqa, xs, xsum, j, nb, shift, per_group, bits)
 
 
 @njit(**EXACT)
