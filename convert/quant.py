@@ -178,11 +178,11 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
     high = cp // 2  # then the high bits, 4 (q5) or 8 (q6) bytes per chunk
     for c0 in range(0, cp, 32):
         if bits == 5:
+            word = 0
+            for j in range(32):
+                word |= (q[c0 + j] >> 4) << (8 * (j % 4) + (j % 16) // 4 + (4 if j < 16 else 0))  # layout.q5_bit
             for k in range(4):
-                v = 0
-                for i in range(8):
-                    v |= (q[c0 + 8 * k + i] >> 4) << i
-                codes[high + c0 // 8 + k] = np.uint8(v)
+                codes[high + c0 // 8 + k] = np.uint8((word >> (8 * k)) & 0xFF)
         elif bits == 6:
             for k in range(8):
                 v = 0

@@ -35,10 +35,11 @@ Encodings of a 2-D tensor [rows, cols] (1-D tensors are always f32):
       value = (nibble - 8) * scale.
   q5, q6: uint8 [rows, cols_pad * 5 / 8] or [rows, cols_pad * 3 / 4]: codes c = q + 16 (0..31) or
       q + 32 (0..63), value = q * scale. Each row holds the low four bits of its codes as q4 does
-      (cols_pad / 2 bytes), then their high bits, per chunk of 32 columns: q5 4 bytes, bit i of their
-      little-endian uint32 the high bit of column i; q6 8 bytes, byte k holding the high two bits of
-      columns k, k + 8, k + 16, k + 24 in bits 0-1, 2-3, 4-5, 6-7 (the orders the vector kernels
-      unpack with one shuffle or one shift per 32 columns).
+      (cols_pad / 2 bytes), then their high bits, per chunk of 32 columns: q5 4 bytes, whose
+      little-endian uint32 holds the high bit of column j at bit q5_bit(j) (columns 4a + b and
+      16 + 4a + b, a and b in 0..3, at bits 8b + 4 + a and 8b + a); q6 8 bytes, byte k holding the
+      high two bits of columns k, k + 8, k + 16, k + 24 in bits 0-1, 2-3, 4-5, 6-7 (the orders the
+      vector kernels unpack with one variable shift per 32 columns).
   Quantized encodings keep one scale per group of `group_size` columns (a multiple of 32), in two
   levels: every SUPER groups of a row share a bfloat16 super-scale D, and each group has an int8 k
   (-127..127), its scale being k * (D / 127) (float32: k times float32(D) * float32(1 / 127)).
@@ -125,6 +126,14 @@ def unpack_q4(nibbles: np.ndarray) -> np.ndarray:
     return np.concatenate([n & 0x0F, n >> 4], axis=2).reshape(rows, half * 2)
 
 
+def q5_bit(j: int) -> int:
+    """The bit of a q5 chunk's uint32 that holds the high bit of its column j (see the module's docstring)."""
+    return 8 * (j % 4) + (j % 16) // 4 + (4 if j < 16 else 0)
+
+
+_Q5_BITS = np.array([q5_bit(j) for j in range(CHUNK)], np.uint32)
+
+
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """uint8 codes 0 .. 2**bits - 1 [rows, cols_pad] -> the q4 / q5 / q6 rows described above."""
     rows, cols = codes.shape
@@ -134,7 +143,8 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
         return nibbles
     high = (codes >> 4).reshape(rows, cols // CHUNK, 4, 8)
     if bits == 5:
-        planes = np.packbits(high.reshape(rows, cols // CHUNK, CHUNK), axis=2, bitorder="little")
+        words = (high.reshape(rows, cols // CHUNK, CHUNK).astype(np.uint32) << _Q5_BITS).sum(axis=2, dtype=np.uint32)
+        planes = words.astype("<u4").view(np.uint8)
     else:
         planes = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
     return np.concatenate([nibbles, planes.reshape(rows, -1)], axis=1)
@@ -149,7 +159,8 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
         return low
     planes = packed[:, cols // 2:].reshape(rows, cols // CHUNK, -1)
     if bits == 5:
-        high = np.unpackbits(planes, axis=2, bitorder="little")
+        words = np.ascontiguousarray(planes).view("<u4")  # [rows, chunks, 1]
+        high = (words >> _Q5_BITS) & 1
     else:
         high = np.stack([(planes >> s) & 3 for s in (0, 2, 4, 6)], axis=2)
     return low | (high.reshape(rows, cols) << 4).astype(np.uint8)

@@ -225,13 +225,13 @@ def test_paging_a_damaged_expert_names_layer_and_expert(damaged_copy, capsys):
 
 
 @pytest.mark.parametrize("edit, said", [
-    (lambda m: m["config"].update(hidden_size=512), "tensor embed is q8 [4096, 256], the config implies [4096, 512]"),
+    (lambda m: m["config"].update(hidden_size=512), "tensor embed is q5 [4096, 256], the config implies [4096, 512]"),
     (lambda m: m["config"].update(vocab_size=8192), "the config implies [8192, 256]"),
     (lambda m: m["config"].update(num_experts=16), "expert runs do not match the config's 16 experts"),
     (lambda m: m["config"].update(num_experts=2**40, top_k=2), "expert runs do not match"),  # before 2**40 names
     (lambda m: m["tensors"].pop("layers.3.experts.7.down"), "tensor layers.3.experts.7.down is missing"),
-    (lambda m: m["config"].update(head_dim=64), "tensor layers.0.attn.qkv is q8 [384, 256], the config implies"),
-    (lambda m: m["tensors"]["layers.2.attn.o"].update(shape=[256, 128]), "tensor layers.2.attn.o is q8 [256, 128]"),
+    (lambda m: m["config"].update(head_dim=64), "tensor layers.0.attn.qkv is q5 [384, 256], the config implies"),
+    (lambda m: m["tensors"]["layers.2.attn.o"].update(shape=[256, 128]), "tensor layers.2.attn.o is q5 [256, 128]"),
     (lambda m: m["tensors"]["norm"].update(encoding="bf16"), "the config implies [256] f32"),
     (lambda m: m["tensors"]["layers.0.experts.1.down"].update(scales_offset=m["experts"]["0"][1]["offset"] - 64),
      "tensor layers.0.experts.1.down lies outside its expert's run"),  # scales before the run: paging read past it
@@ -277,10 +277,11 @@ def test_nan_weights_in_model_bin_never_crash_and_verify_names_them(damaged_copy
     m = json.loads((damaged_copy / MANIFEST).read_text())
     router = m["tensors"]["layers.0.router"]
     E, H = router["shape"]
+    nan = {"f32": np.float32(np.nan).tobytes(), "bf16": np.uint16(0x7FC0).tobytes()}[router["encoding"]]
     with open(damaged_copy / MODEL_FILE, "r+b") as f:
         for row in range(E):
-            f.seek(router["offset"] + row * H * 4)
-            f.write(np.float32(np.nan).tobytes())
+            f.seek(router["offset"] + row * H * len(nan))
+            f.write(nan)
     done = subprocess.run([sys.executable, "-m", "moe", "run", str(damaged_copy), "def add(a, b):", "--max-tokens", "8"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 1 and done.stdout == "", done.stderr

@@ -50,8 +50,9 @@ def rows_quant(codes, scales, supers, gs, ids, out, bits):
                 chunk, j = i // CHUNK, i % CHUNK
                 byte = np.int32(codes[row, chunk * half + j % half])
                 c = byte & 15 if j < half else byte >> 4
-                if bits == 5:
-                    c |= ((np.int32(codes[row, high_at + i // 8]) >> (i % 8)) & 1) << 4
+                if bits == 5:  # the bit layout.q5_bit(j) of the chunk's uint32
+                    at = 8 * (j % 4) + (j % half) // 4 + (4 if j < half else 0)
+                    c |= ((np.int32(codes[row, high_at + chunk * 4 + at // 8]) >> (at % 8)) & 1) << 4
                 elif bits == 6:
                     c |= ((np.int32(codes[row, high_at + chunk * 8 + j % 8]) >> (2 * (j // 8))) & 3) << 4
             out[t, i] = np.float32(c - offset) * group_scale(scales[row], supers[row], i // gs)

@@ -202,21 +202,16 @@ def _high_bits(builder, kind: str, crow, at):
         v4i64 = ir.VectorType(I64, 4)
         words = _load(builder, crow, at, ir.VectorType(I64, 2))
         words = builder.shuffle_vector(words, words, ir.Constant(ir.VectorType(I32, 4), [0, 0, 1, 1]))
-        out = []
-        for shifts in ((0, 2, 0, 2), (4, 6, 4, 6)):  # one variable shift per 64 bits (vpsrlvq)
-            v = builder.lshr(words, ir.Constant(v4i64, [ir.Constant(I64, k) for k in shifts]))
-            out.append(builder.shl(builder.and_(builder.bitcast(v, V32I8), _splat(V32I8, 3)), _splat(V32I8, 4)))
-        return out
-    # q5: 4 bytes per block, bit i the high bit of column i: each lane picks its byte and tests its bit
-    v8i8 = ir.VectorType(I8, 8)
-    raw = _load(builder, crow, at, v8i8)
-    bit = ir.Constant(V32I8, [ir.Constant(I8, 1 << (i % 8)) for i in range(32)])
-    out = []
-    for src in ((0, 1, 4, 5), (2, 3, 6, 7)):
-        picked = builder.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(I32, 32), [src[i // 8] for i in range(32)]))
-        on = builder.icmp_unsigned("!=", builder.and_(picked, bit), _splat(V32I8, 0))
-        out.append(builder.select(on, _splat(V32I8, 16), _splat(V32I8, 0)))
-    return out
+        # one variable shift per 64 bits (vpsllvq, vpsrlvq) moves each lane's two bits to bits 4-5
+        low = builder.shl(words, ir.Constant(v4i64, [ir.Constant(I64, k) for k in (4, 2, 4, 2)]))
+        high = builder.lshr(words, ir.Constant(v4i64, [ir.Constant(I64, k) for k in (0, 2, 0, 2)]))
+        return [builder.and_(builder.bitcast(v, V32I8), _splat(V32I8, 0x30)) for v in (low, high)]
+    # q5: 4 bytes per block (layout.q5_bit): one variable shift per 32 bits brings each lane's bit to bit 4
+    words = _load(builder, crow, at, ir.VectorType(I32, 2))
+    words = builder.shuffle_vector(words, words, ir.Constant(V8I32, [0, 0, 0, 0, 1, 1, 1, 1]))
+    low = builder.lshr(words, ir.Constant(V8I32, [0, 1, 2, 3] * 2))  # columns 0..15: bits 8b + 4 + a
+    high = builder.shl(words, ir.Constant(V8I32, [4, 3, 2, 1] * 2))  # columns 16..31: bits 8b + a
+    return [builder.and_(builder.bitcast(v, V32I8), _splat(V32I8, 0x10)) for v in (low, high)]
 
 
 def _make_dot(kind: str, nr: int, nt: int):
