@@ -201,12 +201,13 @@ def check_plan(plan: Plan, ckpt: Checkpoint, folder: Path) -> None:
                        "with this config.json; the weights and config do not match")
 
 
-# With --bits 4 every matrix besides the experts (attention, the head, embeddings, shared and dense MLPs) is q5:
-# the trade that kept 4-bit/16-bit perplexity at or below llama.cpp's Q4_K_M on three of the four trained
-# models of ../shared/models and the folders at most its file's size, with attention and the head at Q4_0's
-# bytes per token on OLMoE (README: the 4-bit scheme). With --bits 8 they are q8. Routers keep their source
-# encoding (exact), 1-D tensors are f32.
-AT_4_BITS = {"attention": "q5", "lm_head": "q5", "embeddings": "q5", "shared_expert": "q5", "dense_mlp": "q5"}
+# With --bits 4 every matrix besides the experts (attention, the head, embeddings, shared and dense MLPs) is q5,
+# but attention's output projection, which costs the most per byte, q6: the trade that kept 4-bit/16-bit
+# perplexity at or below llama.cpp's Q4_K_M on three of the four trained models of ../shared/models, their
+# folders within its files on three, and attention and the head near Q4_0's bytes per token on OLMoE (README:
+# the 4-bit scheme). With --bits 8 they are q8. Routers keep their source encoding (exact), 1-D tensors f32.
+AT_4_BITS = {"attention": "q5", "attention_output": "q6", "lm_head": "q5", "embeddings": "q5",
+             "shared_expert": "q5", "dense_mlp": "q5"}
 
 
 def encoding_for(o: Out, ckpt: Checkpoint, bits: int) -> str:
@@ -218,7 +219,9 @@ def encoding_for(o: Out, ckpt: Checkpoint, bits: int) -> str:
         return found.pop() if len(found) == 1 else "f32"
     if kind == "experts":
         return f"q{bits}"
-    return AT_4_BITS.get(kind, "q8") if bits == 4 else "q8"
+    if bits == 8:
+        return "q8"
+    return AT_4_BITS.get("attention_output" if o.name.endswith(".attn.o") else kind, "q8")
 
 
 def quantization_info(bits: int, group_size: int, encodings: dict[str, str]) -> dict:

@@ -129,7 +129,7 @@ def test_quantized_values_are_the_nearest_their_scales_give(source, name, bits, 
     exact = layout_values(convert(src, tmp_path / "exact", bits=16))
     out = convert(src, tmp_path / "q", bits=bits, group_size=32)
     layout = open_layout(out)
-    quantized = {"q4": 0, "q5": 0, "q8": 0}
+    quantized = {"q4": 0, "q5": 0, "q6": 0, "q8": 0}
     for tensor, e in layout.manifest["tensors"].items():
         p = layout.packed(tensor)
         got = dequantize(p)
@@ -139,7 +139,8 @@ def test_quantized_values_are_the_nearest_their_scales_give(source, name, bits, 
         quantized[e["encoding"]] += 1
         assert_nearest_values(p, exact[tensor])
         is_expert = ".experts." in tensor
-        assert e["encoding"] == (f"q{bits}" if is_expert else "q5" if bits == 4 else "q8"), tensor
+        at_4_bits = "q6" if tensor.endswith(".attn.o") else "q5"
+        assert e["encoding"] == (f"q{bits}" if is_expert else at_4_bits if bits == 4 else "q8"), tensor
     layout.close()
     assert quantized[f"q{bits}"] > 0
     routers = [t for t in layout.manifest["tensors"] if t.endswith(".router")]
@@ -242,7 +243,7 @@ def test_manifest_records_tokenizer_quantization_source_and_stats(source, tmp_pa
     copied = (out / "tokenizer.json").read_bytes()  # the same JSON, without indentation
     assert json.loads(copied) == json.loads((src / "tokenizer.json").read_bytes()) and b"\n" not in copied
     assert m["tokenizer"] | {} == m["tokenizer"] | {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False}
-    assert m["quantization"]["experts"] == "q4" and m["quantization"]["attention"] == "q5"
+    assert m["quantization"]["experts"] == "q4" and m["quantization"]["attention"] == "q5, q6"
     assert m["quantization"]["router"] == "bf16" and m["quantization"]["norms"] == "f32"
     assert m["source"] == {"id": str(src.resolve()), "revision": None, "hf_architecture": "MixtralForCausalLM"}
     stats = m["stats"]

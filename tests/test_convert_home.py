@@ -60,7 +60,7 @@ def test_model_info_counts_parameters_sizes_and_budget(tmp_path):
     assert (info["layers"], info["moe_layers"], info["experts"], info["top_k"]) == (4, 2, 4, 1)
     assert info["shared_expert"] is True
     assert sum(info["size_by_part"].values()) <= info["size_bytes"]
-    assert info["quantization_by_part"] == {"embeddings": ["q5"], "attention": ["q5"], "routers": ["bf16"],
+    assert info["quantization_by_part"] == {"embeddings": ["q5"], "attention": ["q5", "q6"], "routers": ["bf16"],
                                             "experts": ["q4"], "other": ["f32", "q5"]}
     runs = m["experts"]
     slot = max(-(-r["nbytes"] // EXPERT_ALIGN) * EXPERT_ALIGN for records in runs.values() for r in records)

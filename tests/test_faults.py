@@ -231,7 +231,7 @@ def test_paging_a_damaged_expert_names_layer_and_expert(damaged_copy, capsys):
     (lambda m: m["config"].update(num_experts=2**40, top_k=2), "expert runs do not match"),  # before 2**40 names
     (lambda m: m["tensors"].pop("layers.3.experts.7.down"), "tensor layers.3.experts.7.down is missing"),
     (lambda m: m["config"].update(head_dim=64), "tensor layers.0.attn.qkv is q5 [384, 256], the config implies"),
-    (lambda m: m["tensors"]["layers.2.attn.o"].update(shape=[256, 128]), "tensor layers.2.attn.o is q5 [256, 128]"),
+    (lambda m: m["tensors"]["layers.2.attn.o"].update(shape=[256, 128]), "tensor layers.2.attn.o is q6 [256, 128]"),
     (lambda m: m["tensors"]["norm"].update(encoding="bf16"), "the config implies [256] f32"),
     (lambda m: m["tensors"]["layers.0.experts.1.down"].update(scales_offset=m["experts"]["0"][1]["offset"] - 64),
      "tensor layers.0.experts.1.down lies outside its expert's run"),  # scales before the run: paging read past it
