@@ -52,7 +52,10 @@ def layout_bytes(folder: Path) -> int:
 def llama_perplexity(bins: Path, gguf: Path, text: Path, threads: int) -> float:
     out = subprocess.run([str(bins / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", "256",
                           "--chunks", "64", "-t", str(threads)], capture_output=True, text=True, check=True)
-    return float(re.search(r"Final estimate: PPL = ([\d.]+)", out.stdout + out.stderr).group(1))
+    found = re.search(r"Final estimate: PPL = ([\d.]+)", out.stdout + out.stderr)
+    if found is None:  # seen once under load; the same command succeeded again
+        sys.exit(f"llama-perplexity printed no final estimate for {gguf}:\n{(out.stdout + out.stderr)[-2000:]}")
+    return float(found.group(1))
 
 
 def llama_cpp(root: Path, model: Path, work: Path, text: Path, threads: int) -> dict:
