@@ -27,7 +27,7 @@ from numba import njit, prange
 
 from ..runtime.kernels import FLAGS, PARALLEL
 from ..runtime.kernels.bits import bf16_to_f32, f32_bits, widen
-from ..runtime.layout import CHUNK, SUPER, Packed, padded_cols, supers_of
+from ..runtime.layout import CHUNK, SUPER, Packed, pack_codes, padded_cols, supers_of
 
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
 _Q4_GRID = np.array([-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0, 6.0, 6.5, 7.0, 7.5])
@@ -118,8 +118,8 @@ def _bf16_round(x):
 
 @njit(**FLAGS)
 def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
-    """x f32 [cols_pad] -> codes uint8 [cols_pad * bits / 8] (layout.pack_codes' order; q8: two's complement),
-    int8 scales [groups] and bfloat16 super-scales [supers].
+    """x f32 [cols_pad] -> one uint8 code per column (q8: two's complement; else q + 2**(bits-1)), int8 scales
+    [groups] and bfloat16 super-scales [supers].
 
     Two passes: each group's best scale, searched freely, sets its super-block's D (the largest
     magnitude among them); then each group searches again among the multiples k * D / 127 it can store."""
@@ -166,29 +166,8 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
     stats[0] = emax
     stats[1] = e2
     stats[2] = x2
-    if bits == 8:
-        for c in range(cp):
-            codes[c] = np.uint8(q[c] & 0xFF)
-        return
-    for c in range(cp):
-        q[c] -= qmin  # the stored code, 0 .. 2**bits - 1
-    for c0 in range(0, cp, 32):  # chunk of 32 columns: byte b = column b (low nibble), b + 16 (high)
-        for b in range(16):
-            codes[c0 // 2 + b] = np.uint8((q[c0 + b] & 15) | ((q[c0 + b + 16] & 15) << 4))
-    high = cp // 2  # then the high bits, 4 (q5) or 8 (q6) bytes per chunk
-    for c0 in range(0, cp, 32):
-        if bits == 5:
-            word = 0
-            for j in range(32):
-                word |= (q[c0 + j] >> 4) << (8 * (j % 4) + (j % 16) // 4 + (4 if j < 16 else 0))  # layout.q5_bit
-            for k in range(4):
-                codes[high + c0 // 8 + k] = np.uint8((word >> (8 * k)) & 0xFF)
-        elif bits == 6:
-            for k in range(8):
-                v = 0
-                for j in range(4):
-                    v |= (q[c0 + k + 8 * j] >> 4) << (2 * j)
-                codes[high + c0 // 4 + k] = np.uint8(v)
+    for c in range(cp):  # q8: two's complement; q4-q6: q + 2**(bits-1), packed by layout.pack_codes
+        codes[c] = np.uint8((q[c] & 0xFF) if bits == 8 else q[c] - qmin)
 
 
 @njit(**PARALLEL)
@@ -209,7 +188,7 @@ def quantize(w: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[Pac
         raise ValueError(f"bits {bits} / group size {group_size}")
     rows, cols = w.shape
     cp = padded_cols(cols, group_size)
-    codes = np.empty((rows, cp * bits // 8), np.uint8)
+    codes = np.empty((rows, cp), np.uint8)
     scales = np.empty((rows, cp // group_size), np.int8)
     supers = np.empty((rows, supers_of(cp // group_size)), np.uint16)
     stats = np.zeros((rows, 3), np.float64)
@@ -218,6 +197,7 @@ def quantize(w: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[Pac
     else:
         w32 = np.ascontiguousarray(w, dtype=np.float32)
         _quantize(w32, 0, group_size, bits, _CANDIDATES[bits], codes, scales, supers, stats)
-    packed = Packed(f"q{bits}", (rows, cols), codes.view(np.int8) if bits == 8 else codes, scales, group_size, supers)
+    packed = Packed(f"q{bits}", (rows, cols), codes.view(np.int8) if bits == 8 else pack_codes(codes, bits), scales,
+                    group_size, supers)
     err = QuantError(float(stats[:, 0].max(initial=0.0)), float(stats[:, 1].sum()), float(stats[:, 2].sum()))
     return packed, err

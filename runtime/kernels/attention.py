@@ -31,10 +31,6 @@ def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, ou
     nkv = k_cache.shape[0]
     group = nh // nkv
     scale = np.float32(scale)
-    # every work item's scratch, allocated once per call (allocating inside the loop cost a third of decode's time here)
-    qts = np.empty((T * nkv, group, hd), np.float32)
-    ps = np.empty((T * nkv, group, BLOCK), np.float32)
-    stats = np.empty((T * nkv, 2, group), np.float32)
     for item in prange(T * nkv):
         # Alternate early and late tokens, so each thread's contiguous share of a causal prefill is even.
         r = item // nkv
@@ -47,15 +43,13 @@ def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, ou
             start = max(0, i - window + 1)
         if chunk > 0:
             start = max(start, (i // chunk) * chunk)
-        qt = qts[item]  # this token's query heads, contiguous (q may be a strided view)
+        qt = np.empty((group, hd), np.float32)  # this token's query heads, contiguous (q may be a strided view)
         for g in range(group):
             for d in range(hd):
                 qt[g, d] = q[t, h0 + g, d]
-        p = ps[item]  # scores, then their exponentials
-        m = stats[item, 0]  # running max per head
-        m[:] = -np.inf
-        total = stats[item, 1]  # running sum of exponentials per head
-        total[:] = 0.0
+        p = np.empty((group, BLOCK), np.float32)  # scores, then their exponentials
+        m = np.full(group, -np.inf, np.float32)  # running max per head
+        total = np.zeros(group, np.float32)  # running sum of exponentials per head
         acc = out[t, h0: h0 + group]  # (group, hd)
         acc[:] = 0.0
         for j0 in range(start, i + 1, BLOCK):

@@ -297,7 +297,8 @@ def prepare_acts(x, xq, xqa, xs, xsum):
 @njit(**EXACT)
 def matmul_quant(codes, scales, supers, gs, xq, xs, out, bits):
     """codes [rows, cols_pad * bits / 8] (layout's q4 / q5 / q6 / q8), scales i8 [rows, groups] and supers u16
-    [rows, ceil(groups / SUPER)] (layout's two-level scales), xq and xs from quantize_acts. Allocates the vector kernel's small buffers; linear() reuses a Scratch."""
+    [rows, ceil(groups / SUPER)] (layout's two-level scales), xq and xs from quantize_acts. Allocates the vector
+    kernel's small buffers; linear() reuses a Scratch."""
     xqa = np.empty_like(xq)
     xsum = np.empty_like(xs)
     _prepare(xq, xs, xqa, xsum)
