@@ -8,7 +8,7 @@ from numba import njit
 from ..layout import CHUNK, QUANT_BITS, Packed
 from . import FLAGS
 from .bits import bf16_to_f32, f16_to_f32
-from .qmatmul import group_scale
+from .qmatmul import group_scale, q5_bit
 
 
 @njit(**FLAGS)
@@ -50,8 +50,8 @@ def rows_quant(codes, scales, supers, gs, ids, out, bits):
                 chunk, j = i // CHUNK, i % CHUNK
                 byte = np.int32(codes[row, chunk * half + j % half])
                 c = byte & 15 if j < half else byte >> 4
-                if bits == 5:  # the bit layout.q5_bit(j) of the chunk's uint32
-                    at = 8 * (j % 4) + (j % half) // 4 + (4 if j < half else 0)
+                if bits == 5:
+                    at = q5_bit(j)
                     c |= ((np.int32(codes[row, high_at + chunk * 4 + at // 8]) >> (at % 8)) & 1) << 4
                 elif bits == 6:
                     c |= ((np.int32(codes[row, high_at + chunk * 8 + j % 8]) >> (2 * (j // 8))) & 3) << 4

@@ -95,12 +95,17 @@ def group_scale(srow, urow, g):
     return np.float32(srow[g]) * (bf16_to_f32(urow[g // SUPER]) * np.float32(simd.STEP))
 
 
+@njit(inline="always", **FLAGS)
+def q5_bit(j):
+    """layout.q5_bit: the bit of a q5 chunk's uint32 holding the high bit of its column j."""
+    return 8 * (j % 4) + (j % 16) // 4 + (4 if j < 16 else 0)
+
+
 @njit(**FLAGS)
 def _packed_blocks(crow, srow, urow, per_group, qrow, xsrow, b0, b1, bits):
     """sum over blocks [b0, b1) of one q4 / q5 / q6 row (layout's order) with one token's 8-bit activations (all
-    1-D). Byte i of a block's nibbles holds columns i and i + 16; q5's high bits are one uint32 per block (columns
-    i and i + 16 at bits 8 (i % 4) + i // 4 + 4 and 8 (i % 4) + i // 4), q6's byte i % 8 of 8 holds columns i and
-    i + 16 at bits 2 (i // 8) and 4 + 2 (i // 8)."""
+    1-D). Byte i of a block's nibbles holds columns i and i + 16; q5's high bits are one uint32 per block (column j
+    at bit q5_bit(j)), q6's byte i % 8 of 8 holds columns i and i + 16 at bits 2 (i // 8) and 4 + 2 (i // 8)."""
     half = CHUNK // 2
     offset = np.int32(1 << (bits - 1))
     high_at = crow.shape[0] * 4 // bits  # the high bits follow cols_pad / 2 bytes of nibbles
@@ -115,9 +120,9 @@ def _packed_blocks(crow, srow, urow, per_group, qrow, xsrow, b0, b1, bits):
             v = np.int32(crow[b * half + i])
             lo = v & 15
             hi = v >> 4
-            if bits == 5:  # layout.q5_bit
-                lo |= ((word >> (8 * (i % 4) + i // 4 + 4)) & 1) << 4
-                hi |= ((word >> (8 * (i % 4) + i // 4)) & 1) << 4
+            if bits == 5:
+                lo |= ((word >> q5_bit(i)) & 1) << 4
+                hi |= ((word >> q5_bit(i + half)) & 1) << 4
             elif bits == 6:
                 h = np.int32(crow[high_at + 8 * b + i % 8]) >> (2 * (i // 8))
                 lo |= (h & 3) << 4
