@@ -15,8 +15,9 @@ Per 32-column block b of a row (float16 scale w_b) and a token (int8 xq, scale x
 Blocks are taken in pairs, whose int32 partial sums share one vector (block 2k in the low half).
 The u8 x s8 products are vpmaddubsw + vpmaddwd (AVX2) or vpdpbusd (AVX-512 VNNI / AVX-VNNI, used
 when the target has it). Horizontal adds fold the int32 partial sums of eight blocks into one vector
-holding a whole block per lane, converted once to float and multiplied by w_b * x_b into a vector
-accumulator; the accumulator is reduced once per row.
+holding a whole block per lane (two pairs folded at a time, to keep few vectors live), converted
+once to float, x_b times it less the offset term, times w_b into one vector accumulator per
+(row, token); the accumulator is reduced once per row.
 
 Activations come arranged (see qmatmul._arrange_block): for each pair of blocks (c0, c1), 64 bytes
 [c0[0:16], c1[0:16], c0[16:32], c1[16:32]], so one 32-byte load of q4 nibbles (c0's 16 bytes, then
@@ -179,11 +180,11 @@ def _phadd(builder, a, b):
     return _call(builder, "llvm.x86.avx2.phadd.d", V8I32, a, b)
 
 
-def _per_block(builder, vs: list):
-    """4 partial-sum vectors, one per pair of blocks (2k in the low 4 lanes, 2k+1 in the high 4) ->
-    <8 x i32>, lane k the whole sum of block k. Horizontal adds fold them ([0 2 4 6 | 1 3 5 7]), one
-    permute restores the order: in place of 4 conversions, FMAs and scale shuffles."""
-    folded = _phadd(builder, _phadd(builder, vs[0], vs[1]), _phadd(builder, vs[2], vs[3]))
+def _per_block(builder, halves: list):
+    """The two folded halves of 4 pairs' partial sums -> <8 x i32>, lane k the whole sum of block k. One more
+    horizontal add ([0 2 4 6 | 1 3 5 7]) and a permute restore the order: in place of 4 conversions, FMAs and
+    scale shuffles."""
+    folded = _phadd(builder, halves[0], halves[1])
     return builder.shuffle_vector(folded, folded, ir.Constant(V8I32, [0, 4, 1, 5, 2, 6, 3, 7]))
 
 
@@ -250,9 +251,9 @@ def _make_dot(kind: str, nr: int, nt: int):
         xq_rows, xs_rows = rows_of(xq, xq_stride, t0, nt), rows_of(xs, xs_stride, t0, nt)
         xsum_rows = rows_of(xsum, xsum_stride, t0, nt)
         tiles = [(i, j) for i in range(nr) for j in range(nt)]
-        # per (row, token): block sums times scales, and scales times xsum (the offset term, scaled at the end)
+        # per (row, token): one accumulator of scaled block sums, the offset term taken out block by block (a
+        # second accumulator per tile would leave the 1 x 4 loop too few of AVX2's 16 vector registers)
         accs = {tile: cgutils.alloca_once_value(builder, _splat(V8F32, 0.0)) for tile in tiles}
-        offs = {tile: cgutils.alloca_once_value(builder, _splat(V8F32, 0.0)) for tile in tiles}
         vnni = x86 and has_vnni(target_features())
         # the weights' offset, times sum(xq) per block: q4-q6 store q + 2**(bits-1); q8 with VNNI uses c + 128 as u8
         packed = kind != "q8"
@@ -307,28 +308,25 @@ def _make_dot(kind: str, nr: int, nt: int):
                         else:
                             pairs = [(lo, xlo), (hi, xhi)]
                         ints[i, j].append(_dot_u8s8(builder, vnni, pairs, wide=kind == "q8"))
+                        if k % 2:  # fold two pairs' sums at once: a tile holds at most two live vectors, not four
+                            ints[i, j][-2:] = [_phadd(builder, *ints[i, j][-2:])]
             xs_off = builder.mul(b, ir.Constant(I64, 4))
             xs8 = [_load(builder, row, xs_off, V8F32) for row in xs_rows]
-            xsum8 = [_load(builder, row, xs_off, V8F32) for row in xsum_rows]
+            # -offset * xsum per block: what the weights' stored offset added to each block's sum, times x_b
+            xoff8 = [builder.fmul(_load(builder, row, xs_off, V8F32), _splat(V8F32, -offset)) for row in xsum_rows]
             for i, (srow, urow) in enumerate(zip(srows, urows, strict=True)):
                 ws = _row_scales(builder, srow, urow, b, shift)
                 for j in range(nt):
-                    if offset:
-                        builder.store(_fma(builder, ws, xsum8[j], builder.load(offs[i, j])), offs[i, j])
                     if x86:
                         isum = _per_block(builder, ints[i, j])
                     else:
                         isum = ir.Constant(V8I32, None)
                         for k, v in enumerate(ints[i, j]):
                             isum = builder.insert_element(isum, v, ir.Constant(I32, k))
-                    d = builder.fmul(ws, xs8[j])
-                    builder.store(_fma(builder, builder.sitofp(isum, V8F32), d, builder.load(accs[i, j])), accs[i, j])
-        sums = []
-        for tile in tiles:
-            total = builder.load(accs[tile])
-            if offset:
-                total = _fma(builder, builder.load(offs[tile]), _splat(V8F32, -offset), total)
-            sums.append(_hsum(builder, total))
+                    blocks = builder.sitofp(isum, V8F32)
+                    blocks = _fma(builder, blocks, xs8[j], xoff8[j]) if offset else builder.fmul(blocks, xs8[j])
+                    builder.store(_fma(builder, ws, blocks, builder.load(accs[i, j])), accs[i, j])
+        sums = [_hsum(builder, builder.load(accs[tile])) for tile in tiles]
         return context.make_tuple(builder, sig.return_type, sums)
 
     def typer(typingctx, codes, scales, supers, r, xqa, xs, xsum, t0, nb, shift):
