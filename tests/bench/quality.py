@@ -45,8 +45,9 @@ def divergence(ref, test, ids: np.ndarray, ctx: int) -> tuple[float, float]:
     return kl / n, agree / n
 
 
-def layout_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".bin")
+def folder_bytes(folder: Path) -> int:
+    """Every file of a converted model, manifest and tokenizer included (a GGUF file holds its tokenizer too)."""
+    return sum(f.stat().st_size for f in folder.iterdir())
 
 
 def llama_perplexity(bins: Path, gguf: Path, text: Path, threads: int) -> float:
@@ -92,13 +93,13 @@ def main() -> None:
         models, row = {}, {}
         for bits in (16, 8, 4):
             dst = args.work / f"{name}-b{bits}-g{args.group_size}"
-            if not (dst / "manifest.json").exists():
-                convert(str(src), dst, bits=bits, group_size=args.group_size, force=True)
+            # converted every run (seconds each): a folder left by earlier code would report its scheme, not ours
+            convert(str(src), dst, bits=bits, group_size=args.group_size, force=True)
             models[bits] = load_model(dst, threads=args.threads)
             ids = np.array(models[bits].tokenizer.encode(text.read_text()), np.int64)[: args.tokens]
             ppl, scored = perplexity(models[bits], ids, args.ctx)
             row[f"ppl_{bits}"] = round(ppl, 4)
-            row[f"bytes_{bits}"] = layout_bytes(dst)
+            row[f"bytes_{bits}"] = folder_bytes(dst)
         for bits in (8, 4):
             row[f"ratio_{bits}"] = round(row[f"ppl_{bits}"] / row["ppl_16"], 4)
         row["kl_4"], row["top1_agree_4"] = (round(v, 5) for v in divergence(models[16], models[4], ids, args.ctx))
