@@ -29,6 +29,13 @@ from ..runtime.kernels import FLAGS, PARALLEL
 from ..runtime.kernels.bits import bf16_to_f32, f32_bits, widen
 from ..runtime.layout import CHUNK, SUPER, Packed, pack_codes, padded_cols, supers_of
 
+# Exact IEEE arithmetic: with fast-math, LLVM reassociated the error sums differently when it compiled the
+# quantizer afresh than in the copy numba cached, and a near-tie between two candidate scales then went the
+# other way (tinyllama4: 3 rows of 8,192 expert rows). The same source must give the same bytes; it costs
+# 93 -> 122 ms per 2048 x 2048 tensor at q4.
+FLAGS = dict(FLAGS, fastmath=False)
+PARALLEL = dict(PARALLEL, fastmath=False)
+
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
 _Q4_GRID = np.array([-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0, 6.0, 6.5, 7.0, 7.5])
 _CANDIDATES = {4: 1.0 / _Q4_GRID, 5: 1.0 / (2 * _Q4_GRID), 6: 1.0 / (4 * _Q4_GRID), 8: 1.0 / np.array([-128.0, 127.0])}
