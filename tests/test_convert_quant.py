@@ -138,3 +138,24 @@ def test_mxfp4_decoding():
     assert values.shape == (1, 32)
     np.testing.assert_array_equal(values[0, :4], [1.0, 2.0, -0.0, -12.0])  # low nibble first
     assert not values[0, 4:].any()
+
+
+def test_conversion_bytes_do_not_depend_on_the_kernel_cache(tmp_path):
+    """The demo converted by a process that compiles the quantizer and by one that loads it from numba's
+    cache: the same bytes. With fast-math the two summed errors in different orders and flipped near-ties
+    (measured: 3 rows of tinyllama4's experts, and some of the demo's)."""
+    import os
+    import subprocess
+    import sys
+
+    from moe.convert.demo import DEMO_SOURCE
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"), MOE_HOME=str(tmp_path / "home"))
+    outs = []
+    for run in ("compiles", "cached"):
+        out = tmp_path / run
+        subprocess.run([sys.executable, "-m", "moe", "convert", str(DEMO_SOURCE), "--bits", "4", "-o", str(out)],
+                       env=env, check=True, capture_output=True)
+        outs.append(out)
+    for name in ("model.bin", "experts.bin"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
