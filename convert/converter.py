@@ -221,7 +221,7 @@ def encoding_for(o: Out, ckpt: Checkpoint, bits: int) -> str:
         return f"q{bits}"
     if bits == 8:
         return "q8"
-    return AT_4_BITS.get("attention_output" if o.name.endswith(".attn.o") else kind, "q8")
+    return AT_4_BITS.get(kind, "q8")
 
 
 def quantization_info(bits: int, group_size: int, encodings: dict[str, str]) -> dict:

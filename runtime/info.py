@@ -12,8 +12,9 @@ PARTS = ("embeddings", "attention", "routers", "experts", "other")
 
 
 def kind_of(name: str) -> str:
-    """The role of a layout tensor: embeddings, lm_head, norms, biases (and sinks), experts, router, attention,
-    shared_expert, dense_mlp (the categories the manifest's `quantization` is stated in)."""
+    """The role of a layout tensor: embeddings, lm_head, norms, biases (and sinks), experts, router, attention
+    (q, k, v), attention_output, shared_expert, dense_mlp (the categories the manifest's `quantization` is
+    stated in)."""
     if name in ("embed", "lm_head"):
         return "embeddings" if name == "embed" else "lm_head"
     if name == "norm" or name.endswith(("_norm", ".attn_norm", ".ffn_norm")):
@@ -22,6 +23,8 @@ def kind_of(name: str) -> str:
         return "biases"
     if expert_key(name) is not None:
         return "experts"
+    if name.endswith(".attn.o"):
+        return "attention_output"
     section = name.split(".")[2] if name.startswith("layers.") else ""
     return {"router": "router", "attn": "attention", "shared": "shared_expert", "mlp": "dense_mlp"}.get(section, "other")
 

@@ -243,7 +243,8 @@ def test_manifest_records_tokenizer_quantization_source_and_stats(source, tmp_pa
     copied = (out / "tokenizer.json").read_bytes()  # the same JSON, without indentation
     assert json.loads(copied) == json.loads((src / "tokenizer.json").read_bytes()) and b"\n" not in copied
     assert m["tokenizer"] | {} == m["tokenizer"] | {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False}
-    assert m["quantization"]["experts"] == "q4" and m["quantization"]["attention"] == "q5, q6"
+    assert m["quantization"]["experts"] == "q4" and m["quantization"]["attention"] == "q5"
+    assert m["quantization"]["attention_output"] == "q6"
     assert m["quantization"]["router"] == "bf16" and m["quantization"]["norms"] == "f32"
     assert m["source"] == {"id": str(src.resolve()), "revision": None, "hf_architecture": "MixtralForCausalLM"}
     stats = m["stats"]
