@@ -11,6 +11,11 @@ the scale of least squared error wins. Measured on the trained models (4-bit/16-
 1.0116 -> 1.0079, gpt-oss 1.0008 -> 0.9989); a coarser clipping grid of 8 was worse than either,
 and weighting the error by |x| gained nothing.
 
+The quantizer compiles without fast-math (kernels.EXACT): with it, LLVM summed the errors in another order when
+it compiled the quantizer afresh than in the copy numba cached, and a near-tie between two candidate scales went
+the other way (tinyllama4: 3 rows of 8,192 expert rows). The same source must give the same bytes; it costs 93 ->
+122 ms per 2048 x 2048 tensor at q4.
+
 Scales are stored in two levels (see layout): d = k * D / 127 with an int8 k per group and a
 bfloat16 D per layout.SUPER groups. A first pass finds each group's best scale freely; D is the
 largest of its groups' (rounded to bfloat16), and a second pass searches each group's scale again
@@ -25,16 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from ..runtime.kernels import FLAGS, PARALLEL
+from ..runtime.kernels import EXACT
 from ..runtime.kernels.bits import bf16_to_f32, f32_bits, widen
 from ..runtime.layout import CHUNK, SUPER, Packed, pack_codes, padded_cols, supers_of
-
-# Exact IEEE arithmetic: with fast-math, LLVM reassociated the error sums differently when it compiled the
-# quantizer afresh than in the copy numba cached, and a near-tie between two candidate scales then went the
-# other way (tinyllama4: 3 rows of 8,192 expert rows). The same source must give the same bytes; it costs
-# 93 -> 122 ms per 2048 x 2048 tensor at q4.
-FLAGS = dict(FLAGS, fastmath=False)
-PARALLEL = dict(PARALLEL, fastmath=False)
 
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
 _Q4_GRID = np.array([-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0, 6.0, 6.5, 7.0, 7.5])
@@ -59,7 +57,7 @@ class QuantError:
         self.sum_x2 += other.sum_x2
 
 
-@njit(**FLAGS)
+@njit(**EXACT)
 def _group_err(x, g0, gs, d, inv, qmin, qmax):
     """Squared error of the group at scale d = 1 / inv (branch-free, so it vectorizes)."""
     inv = np.float32(inv)
@@ -73,7 +71,7 @@ def _group_err(x, g0, gs, d, inv, qmin, qmax):
     return err
 
 
-@njit(**FLAGS)
+@njit(**EXACT)
 def _on_grid(d, step):
     """d as a multiple k * step of its super-scale's step, |k| <= 127 (step 0, the first pass: d as it is)."""
     if step == 0.0:
@@ -81,7 +79,7 @@ def _on_grid(d, step):
     return min(max(np.rint(d / step), -127.0), 127.0) * step
 
 
-@njit(**FLAGS)
+@njit(**EXACT)
 def _best_scale(x, g0, gs, qmin, qmax, inv_cands, step):
     """The scale of least squared error among the candidates and a least-squares refit, each on the grid."""
     lo = x[g0]
@@ -116,14 +114,14 @@ def _best_scale(x, g0, gs, qmin, qmax, inv_cands, step):
     return best_d
 
 
-@njit(**FLAGS)
+@njit(**EXACT)
 def _bf16_round(x):
     """The bfloat16 nearest to x (finite, >= 0; ties to even), as its 16-bit pattern."""
     b = np.uint32(f32_bits(np.float32(x)))
     return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
-@njit(**FLAGS)
+@njit(**EXACT)
 def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
     """x f32 [cols_pad] -> one uint8 code per column (q8: two's complement; else q + 2**(bits-1)), int8 scales
     [groups] and bfloat16 super-scales [supers].
@@ -177,7 +175,7 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
         codes[c] = np.uint8((q[c] & 0xFF) if bits == 8 else q[c] - qmin)
 
 
-@njit(**PARALLEL)
+@njit(parallel=True, **EXACT)
 def _quantize(w, kind, gs, bits, inv_cands, codes, scales, supers, stats):
     """Each row of w (floats, or 16-bit patterns of `kind`: see bits.widen) widened, padded and quantized."""
     rows, cols = w.shape

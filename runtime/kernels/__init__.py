@@ -46,6 +46,9 @@ if _ROOT.name != SOURCES_HASH:  # a child process inherits the folder already na
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 FLAGS = dict(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")  # serial kernels
 PARALLEL = dict(FLAGS, parallel=True)  # kernels with a prange worth spreading over threads
+# Without fast-math, for code whose results must not depend on how LLVM compiled it: fast-math lets the
+# same source round differently once inlined into another caller, or compiled afresh rather than cached.
+EXACT = dict(FLAGS, fastmath=False)
 
 _announced = False
 

@@ -21,13 +21,12 @@ import numpy as np
 from numba import njit, prange
 
 from ..layout import CHUNK, QUANT_BITS, SUPER, Packed
-from . import FLAGS, PARALLEL, simd
+from . import EXACT, FLAGS, PARALLEL, simd
 from .bits import bf16_to_f32, u32_as_f32, widen
 
 _QMAX = np.float32(127.0)
-# Whatever quantizes activations compiles without fast-math (inlined code takes its caller's
+# Whatever quantizes activations compiles without fast-math (EXACT; inlined code takes its caller's
 # floating-point attributes): x / scale must be the exact division the twin computes.
-EXACT = dict(cache=True, nogil=True, error_model="numpy")
 
 
 @njit(**EXACT)
