@@ -196,17 +196,16 @@ def _concat16(builder, base, first, second):
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
 
 
-def _high_bits(builder, kind: str, crow, at, step_words, k: int):
-    """q5 / q6: the high bits of pair k of a step (q6: its bytes at `at` of the row; q5: words 2k, 2k+1 of the
-    step's <8 x i32>, loaded once per step), as two <32 x i8> already shifted to bit 4, in the lanes of the
-    pair's low and high nibbles (c0[0:16] c1[0:16], c0[16:32] c1[16:32])."""
+def _high_bits(builder, kind: str, step_words, k: int):
+    """q5 / q6: the high bits of pair k of a step, out of the step's (8 blocks') high bits loaded at once
+    (once per step and row), as two <32 x i8> already shifted to bit 4, in the lanes of the pair's low and high
+    nibbles (c0[0:16] c1[0:16], c0[16:32] c1[16:32])."""
     if kind == "q6":  # 8 bytes per block; byte k: columns k, k+8, k+16, k+24, two bits each
         v4i64 = ir.VectorType(I64, 4)
-        words = _load(builder, crow, at, ir.VectorType(I64, 2))
-        words = builder.shuffle_vector(words, words, ir.Constant(ir.VectorType(I32, 4), [0, 0, 1, 1]))
+        words = builder.shuffle_vector(step_words, step_words, ir.Constant(ir.VectorType(I32, 4), [2 * k, 2 * k, 2 * k + 1, 2 * k + 1]))
         # one variable shift per 64 bits (vpsllvq, vpsrlvq) moves each lane's two bits to bits 4-5
-        low = builder.shl(words, ir.Constant(v4i64, [ir.Constant(I64, k) for k in (4, 2, 4, 2)]))
-        high = builder.lshr(words, ir.Constant(v4i64, [ir.Constant(I64, k) for k in (0, 2, 0, 2)]))
+        low = builder.shl(words, ir.Constant(v4i64, [ir.Constant(I64, n) for n in (4, 2, 4, 2)]))
+        high = builder.lshr(words, ir.Constant(v4i64, [ir.Constant(I64, n) for n in (0, 2, 0, 2)]))
         return [builder.and_(builder.bitcast(v, V32I8), _splat(V32I8, 0x30)) for v in (low, high)]
     # q5: 4 bytes per block (layout.q5_bit): one variable shift per 32 bits brings each lane's bit to bit 4
     words = builder.shuffle_vector(step_words, step_words, ir.Constant(V8I32, [2 * k] * 4 + [2 * k + 1] * 4))
@@ -277,9 +276,10 @@ def _make_dot(kind: str, nr: int, nt: int):
                 for at in lines:
                     _call(builder, "llvm.prefetch.p0", ir.VoidType(), at,
                           ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1))
-            # q5: the step's high bits, 4 bytes per block, in one load per row
-            step_words = [_load(builder, crow, builder.add(high_at, builder.mul(b, ir.Constant(I64, 4))), V8I32)
-                          if kind == "q5" else None for crow in crows]
+            # q5 / q6: the step's high bits (4 or 8 bytes per block), in one load per row
+            step_words = [_load(builder, crow, builder.add(high_at, builder.mul(b, ir.Constant(I64, high_block))),
+                                ir.VectorType(I32 if kind == "q5" else I64, 8))
+                          if high_block else None for crow in crows]
             for k in range(BLOCKS // 2):
                 pair = builder.add(b, ir.Constant(I64, 2 * k))
                 xoff = builder.mul(pair, ir.Constant(I64, 32))  # 64 bytes of arranged activations per pair
@@ -291,8 +291,7 @@ def _make_dot(kind: str, nr: int, nt: int):
                         lo = builder.and_(nib, _splat(V32I8, 0x0F))
                         hi = builder.and_(builder.lshr(nib, _splat(V32I8, 4)), _splat(V32I8, 0x0F))
                         if high_block:
-                            at = builder.add(high_at, builder.mul(pair, ir.Constant(I64, high_block)))
-                            hlo, hhi = _high_bits(builder, kind, crow, at, step_words[i], k)
+                            hlo, hhi = _high_bits(builder, kind, step_words[i], k)
                             lo, hi = builder.or_(lo, hlo), builder.or_(hi, hhi)
                     else:
                         lo = _concat16(builder, crow, xoff, builder.add(xoff, ir.Constant(I64, 32)))
@@ -316,7 +315,8 @@ def _make_dot(kind: str, nr: int, nt: int):
             xs_off = builder.mul(b, ir.Constant(I64, 4))
             xs8 = [_load(builder, row, xs_off, V8F32) for row in xs_rows]
             # -offset * xsum per block: what the weights' stored offset added to each block's sum, times x_b
-            xoff8 = [builder.fmul(_load(builder, row, xs_off, V8F32), _splat(V8F32, -offset)) for row in xsum_rows]
+            xoff8 = [builder.fmul(_load(builder, row, xs_off, V8F32), _splat(V8F32, -offset)) for row in xsum_rows
+                     ] if offset else None
             for i, (srow, urow) in enumerate(zip(srows, urows, strict=True)):
                 ws = _row_scales(builder, srow, urow, b, shift)
                 for j in range(nt):
