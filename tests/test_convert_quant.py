@@ -1,7 +1,12 @@
 """The quantizer against its slow numpy twin, its error report and bound, and the point of its scale search."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+from moe.convert.demo import DEMO_SOURCE
 from moe.convert.mxfp4 import decode
 from moe.convert.quant import quantize
 from moe.runtime.layout import QUANT_BITS, SUPER, dequantize, group_scales, pack_codes
@@ -144,12 +149,6 @@ def test_conversion_bytes_do_not_depend_on_the_kernel_cache(tmp_path):
     """The demo converted by a process that compiles the quantizer and by one that loads it from numba's
     cache: the same bytes. With fast-math the two summed errors in different orders and flipped near-ties
     (measured: 3 rows of tinyllama4's experts, and some of the demo's)."""
-    import os
-    import subprocess
-    import sys
-
-    from moe.convert.demo import DEMO_SOURCE
-
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"), MOE_HOME=str(tmp_path / "home"))
     outs = []
     for run in ("compiles", "cached"):
