@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .. import layout
 from ..layout import CHUNK, QUANT_BITS, SUPER, Packed
 from . import EXACT, FLAGS, PARALLEL, simd
 from .bits import bf16_to_f32, u32_as_f32, widen
@@ -94,10 +95,7 @@ def group_scale(srow, urow, g):
     return np.float32(srow[g]) * (bf16_to_f32(urow[g // SUPER]) * np.float32(simd.STEP))
 
 
-@njit(inline="always", **FLAGS)
-def q5_bit(j):
-    """layout.q5_bit: the bit of a q5 chunk's uint32 holding the high bit of its column j."""
-    return 8 * (j % 4) + (j % 16) // 4 + (4 if j < 16 else 0)
+q5_bit = njit(inline="always", **FLAGS)(layout.q5_bit)  # the layout's one formula, compiled for the kernels
 
 
 @njit(**FLAGS)
