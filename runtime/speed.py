@@ -147,12 +147,8 @@ def matvec_rate(encoding: str, total: int = MATVEC_BYTES, matrix: int = MATRIX_B
     from .kernels.qmatmul import Scratch, linear
 
     cols = 4096
-    if encoding in QUANT_BITS:
-        bytes_per_row = cols * QUANT_BITS[encoding] // 8 + 2 * cols // CHUNK
-    else:
-        bytes_per_row = {"bf16": 2 * cols, "f16": 2 * cols, "f32": 4 * cols}[encoding]
-    rows = max(1, matrix // bytes_per_row)
     rng = np.random.default_rng(0)
+    rows = max(1, matrix // random_packed(encoding, (1, cols), CHUNK, rng).nbytes)  # a row's bytes, scales included
     weights = [random_packed(encoding, (rows, cols), CHUNK, rng) for _ in range(max(1, total // matrix))]
     x = rng.standard_normal((1, cols)).astype(np.float32)
     out = np.zeros((1, rows), np.float32)
