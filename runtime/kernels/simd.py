@@ -7,9 +7,10 @@ Each intrinsic takes one row of codes and scales and a tile of NT tokens, walks 
 eight at a time (256 columns), and returns the NT dot products over those blocks; the caller adds
 the blocks left over.
 
-Per 32-column block b of a row (float16 scale w_b) and a token (int8 xq, scale x_b):
+Per 32-column block b of a row (scale w_b = k * D / 127, _row_scales) and a token (int8 xq, scale x_b):
   q4: sum (n - 8) * xq = sum n * xq - 8 * sum xq: nibbles as u8 times xq as s8, and the second
       term from `xsum` = x_b * sum xq (once per call), added as w_b * (-8 * xsum_b).
+  q5, q6: the same with the high bits or-ed into the nibbles, less 16 or 32 * sum xq.
   q8: sum c * xq = u8 x s8 of |c| and sign(xq, c) (AVX2); with VNNI, (c + 128) as u8 times xq,
       less 128 * sum xq like q4.
 Blocks are taken in pairs, whose int32 partial sums share one vector (block 2k in the low half).
