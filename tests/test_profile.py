@@ -13,7 +13,7 @@ from moe.runtime.paging import min_budget
 from moe.runtime.routing_stats import profile, read_pins, usage
 from tiny import make_checkpoint
 
-TEXT = Path("/work/shared/models/eval-python-stdlib.txt").read_text()[:6000]
+TEXT = (Path(__file__).parent / "data" / "eval-excerpt.py.txt").read_text()[:6000]  # Python source, shipped
 
 
 @pytest.fixture(scope="module")

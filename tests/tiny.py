@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from moe.convert.demo import DEMO_SOURCE
 
-TINYMIX = Path("/work/shared/models/tinymix")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss")
 
@@ -163,7 +163,7 @@ def make_checkpoint(arch: str, folder, *, dtype: str = "bf16", shards: int = 1, 
     torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
     model.to(torch_dtype).save_pretrained(folder, safe_serialization=True)
     for name in TOKENIZER_FILES:
-        shutil.copy(TINYMIX / name, folder / name)
+        shutil.copy(DEMO_SOURCE / name, folder / name)  # the bundled demo's tokenizer
     tensors = _read_all(folder)
     config = json.loads((folder / "config.json").read_text())
     if mxfp4:
