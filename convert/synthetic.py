@@ -4,6 +4,11 @@ The default geometry is OLMoE-1B-7B's (16 layers, hidden 2048, 64 experts of wid
 vocabulary 50304, 16 heads): about 14 GB of bf16 in ~5 GB shards. Tensors are written straight
 into the shard files a few MB at a time, so memory stays small whatever the size. The
 tokenizer is tinymix's (vocabulary 4096): enough to run and time the model, not to make sense.
+
+Random weights route sticky: the residual stream soon forgets which token came in, so consecutive tokens
+pick much the same experts. `embed_scale` (a power of two) makes the embeddings dominate the residual
+stream instead, so each token routes by its own id: little reuse between random tokens. Real text lies
+between the two.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ GEOMETRIES = {
 SHARD_BYTES = 5 * 10**9
 _WRITE_ELEMENTS = 16 << 20  # generated and written this many values at a time
 _TOKENIZER = Path(__file__).parent / "demo" / "tinymix"
+EMBEDDINGS = "model.embed_tokens.weight"
 
 
 def _tensors(g: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -30,7 +36,7 @@ def _tensors(g: dict) -> list[tuple[str, tuple[int, ...]]]:
     H, F, V, E = g["hidden_size"], g["intermediate_size"], g["vocab_size"], g["num_experts"]
     hd = H // g["num_attention_heads"]
     q, kv = g["num_attention_heads"] * hd, g["num_key_value_heads"] * hd
-    out = [("model.embed_tokens.weight", (V, H))]
+    out = [(EMBEDDINGS, (V, H))]
     for i in range(g["num_hidden_layers"]):
         p = f"model.layers.{i}."
         out += [(p + "input_layernorm.weight", (H,)), (p + "post_attention_layernorm.weight", (H,)),
@@ -44,15 +50,16 @@ def _tensors(g: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out + [("model.norm.weight", (H,)), ("lm_head.weight", (V, H))]
 
 
-def _random_bf16(rng: np.random.Generator, n: int, fan_in: int) -> np.ndarray:
-    """n bf16 words of random sign and mantissa, magnitudes within 1/8..2 of 1/sqrt(fan_in)."""
+def _random_bf16(rng: np.random.Generator, n: int, fan_in: int, scale: int = 1) -> np.ndarray:
+    """n bf16 words of random sign and mantissa, magnitudes within 1/8..2 of scale/sqrt(fan_in)."""
     bits = np.frombuffer(rng.bytes(2 * n), np.uint16)
-    top = 127 + round(math.log2(1 / math.sqrt(fan_in)))
+    top = 127 + round(math.log2(scale / math.sqrt(fan_in)))
     exponent = (top - ((bits >> 7) & 3)).astype(np.uint16) << 7
     return (bits & 0x807F) | exponent
 
 
-def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng: np.random.Generator) -> None:
+def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng: np.random.Generator,
+                 embed_scale: int) -> None:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in tensors:
         n = 2 * math.prod(shape)
@@ -62,17 +69,18 @@ def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng: np
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
-        for _, shape in tensors:
+        for name, shape in tensors:
             n = math.prod(shape)
+            scale = embed_scale if name == EMBEDDINGS else 1
             if len(shape) == 1:  # norm weights: 1.0
                 f.write(np.full(n, 0x3F80, np.uint16).tobytes())
                 continue
             for start in range(0, n, _WRITE_ELEMENTS):
-                f.write(_random_bf16(rng, min(_WRITE_ELEMENTS, n - start), shape[1]).tobytes())
+                f.write(_random_bf16(rng, min(_WRITE_ELEMENTS, n - start), shape[1], scale).tobytes())
 
 
 def write_synthetic_checkpoint(folder, geometry: str | dict = "olmoe-1b-7b", seed: int = 0,
-                               shard_bytes: int = SHARD_BYTES) -> Path:
+                               shard_bytes: int = SHARD_BYTES, embed_scale: int = 1) -> Path:
     """Write a random bf16 OlmoeForCausalLM checkpoint (config, shards, index, tokenizer) into `folder`."""
     g = dict(GEOMETRIES[geometry] if isinstance(geometry, str) else geometry)
     folder = Path(folder)
@@ -89,7 +97,7 @@ def write_synthetic_checkpoint(folder, geometry: str | dict = "olmoe-1b-7b", see
     weight_map = {}
     for k, tensors in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_shard(folder / fname, tensors, rng)
+        _write_shard(folder / fname, tensors, rng, embed_scale)
         weight_map.update(dict.fromkeys((name for name, _ in tensors), fname))
     total = sum(2 * math.prod(shape) for tensors in shards for _, shape in tensors)
     (folder / "model.safetensors.index.json").write_text(
@@ -111,8 +119,10 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--geometry", default="olmoe-1b-7b", choices=sorted(GEOMETRIES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--embed-scale", type=int, default=1,
+                    help="embeddings this many times larger (a power of two): each token then routes by its own id")
     args = ap.parse_args()
-    write_synthetic_checkpoint(args.out, args.geometry, args.seed)
+    write_synthetic_checkpoint(args.out, args.geometry, args.seed, embed_scale=args.embed_scale)
     print(args.out)
 
 

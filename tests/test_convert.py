@@ -287,3 +287,24 @@ def test_tokenizer_facts_from_the_various_hub_styles(source, tmp_path):
     info = tokenizer_info(folder)
     assert info["chat_template"] == "J" and info["add_bos_token"] is False
     assert "chat_template.jinja" in info["files"]
+
+
+def test_synthetic_embed_scale_makes_each_token_route_by_its_own_id(tmp_path):
+    """The token-following regime of the paging benchmark: with embeddings 64x larger, a token's experts in
+    every layer hardly depend on what came before it; with plain random weights they do."""
+    from moe.runtime.model import load_model
+    from moe.runtime.routing_stats import routed
+
+    geometry = dict(num_hidden_layers=3, hidden_size=64, num_experts=16, intermediate_size=32, num_experts_per_tok=2,
+                    vocab_size=300, num_attention_heads=4, num_key_value_heads=4)
+    rng = np.random.default_rng(0)
+    contexts = rng.integers(0, 300, size=(12, 6))
+    agreement = {}
+    for scale in (1, 64):
+        src = write_synthetic_checkpoint(tmp_path / f"src{scale}", geometry, seed=1, embed_scale=scale)
+        model = load_model(convert(src, tmp_path / f"out{scale}", bits=16))
+        # the same last token (7) after different contexts: which experts does it choose, layer by layer?
+        chosen = [{layer: frozenset(idx[-1]) for layer, (idx, _) in routed(model, [*ctx, 7]).items()} for ctx in contexts]
+        agreement[scale] = np.mean([a[layer] == b[layer] for a, b in zip(chosen, chosen[1:], strict=False) for layer in a])
+        model.close()
+    assert agreement[64] >= 0.9 and agreement[1] <= 0.6, agreement
