@@ -9,7 +9,10 @@ import importlib.resources
 import sys
 from pathlib import Path
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the test extra installs tomli there, tomllib's origin
+    import tomli as tomllib
 
 source = Path(sys.argv[1])
 package_dir = tomllib.loads((source / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
