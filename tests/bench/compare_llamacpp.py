@@ -6,8 +6,8 @@ Steps, each a child process timed with its own peak RSS (os.wait4):
   3. `moe bench --json` against `llama-bench -o json`, same prompt, generation length and threads,
      alternately for --rounds rounds (a shared machine's noise then falls on both); medians reported.
 
-llama.cpp is found through LLAMA_CPP (a folder with build/bin/llama-bench and the wrapper
-convert_gpt2pre.py that takes an unknown pre-tokenizer as gpt-2); it is never part of this repository.
+llama.cpp is found through LLAMA_CPP (see peers/llamacpp.py and README.md here); it is never part of
+this repository.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "peers"))
+import llamacpp  # noqa: E402  (a folder of this script's, not a package)
 
 
 def run(cmd: list[str], capture: bool = False) -> tuple[float, int, str]:
@@ -46,7 +49,6 @@ def read_through(path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("MOE_BENCH_DIR", Path.home() / ".cache/moe/bench")))
-    ap.add_argument("--llama-cpp", type=Path, default=Path(os.environ.get("LLAMA_CPP", "/work/llamacpp")))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=32)
@@ -54,9 +56,9 @@ def main() -> None:
     ap.add_argument("--skip-convert", action="store_true", help="reuse converted models from an earlier run")
     args = ap.parse_args()
 
-    bins = args.llama_cpp / "build" / "bin"
-    if not (bins / "llama-bench").exists():
-        sys.exit(f"llama.cpp not found under {args.llama_cpp}; build it (see tests/bench/README.md) or set LLAMA_CPP")
+    if not (llamacpp.ROOT / "build" / "bin" / "llama-bench").exists():
+        print(f"compare_llamacpp.py: skipped (no llama.cpp build under {llamacpp.ROOT}; set LLAMA_CPP)")
+        return
     args.dir.mkdir(parents=True, exist_ok=True)
     src = args.dir / "olmoe-synthetic"
     ours = args.dir / "olmoe-synthetic-moe"
@@ -71,9 +73,8 @@ def main() -> None:
         s, rss, _ = run(["moe", "convert", str(src), "-o", str(ours), "--bits", "4"])
         report["moe_convert"] = {"seconds": round(s, 1), "peak_rss_bytes": rss}
     if not args.skip_convert or not gguf4.exists():
-        s1, rss1, _ = run([sys.executable, str(args.llama_cpp / "convert_gpt2pre.py"), str(src),
-                           "--outfile", str(gguf16), "--outtype", "bf16"])
-        s2, rss2, _ = run([str(bins / "llama-quantize"), str(gguf16), str(gguf4), "Q4_0"])
+        s1, rss1, _ = run(llamacpp.to_gguf_command(src, gguf16))
+        s2, rss2, _ = run([str(llamacpp.tool("llama-quantize")), str(gguf16), str(gguf4), "Q4_0"])
         report["llamacpp_convert"] = {"seconds": round(s1 + s2, 1), "steps_seconds": [round(s1, 1), round(s2, 1)],
                                       "peak_rss_bytes": max(rss1, rss2)}
         gguf16.unlink(missing_ok=True)
@@ -85,7 +86,7 @@ def main() -> None:
         _, _, out = run(["moe", "bench", str(ours), "--json", "--threads", str(args.threads),
                          "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)], capture=True)
         ours_run = json.loads(out)
-        _, _, out = run([str(bins / "llama-bench"), "-m", str(gguf4), "-t", str(args.threads), "-p",
+        _, _, out = run([str(llamacpp.tool("llama-bench")), "-m", str(gguf4), "-t", str(args.threads), "-p",
                          str(args.prompt_tokens), "-n", str(args.gen_tokens), "-o", "json"], capture=True)
         llama = {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in json.loads(out)}
         rounds.append((ours_run, {"prefill_tok_s": llama.get("prefill"), "decode_tok_s": llama.get("decode")}))

@@ -23,6 +23,9 @@ from moe.convert import convert
 from moe.runtime.model import load_model
 from moe.runtime.perplexity import perplexity
 
+sys.path.insert(0, str(Path(__file__).parent / "peers"))
+import llamacpp  # noqa: E402  (a folder of this script's, not a package)
+
 MODELS = Path(os.environ.get("MOE_SHARED_MODELS", Path(__file__).resolve().parents[3] / "shared" / "models"))
 NAMES = ("tinymix", "tinyqwen3moe", "tinyllama4", "tinygptoss")
 
@@ -63,8 +66,7 @@ def llama_cpp(root: Path, model: Path, work: Path, text: Path, threads: int) -> 
     bins = root / "build" / "bin"
     bf16 = work / f"{model.name}-bf16.gguf"
     if not bf16.exists():
-        subprocess.run([sys.executable, str(root / "convert_gpt2pre.py"), str(model), "--outfile", str(bf16),
-                        "--outtype", "bf16"], check=True, capture_output=True)
+        subprocess.run(llamacpp.to_gguf_command(model, bf16, root=root), check=True, capture_output=True)
     result = {"bf16": llama_perplexity(bins, bf16, text, threads)}
     for q in ("Q4_0", "Q4_K_M"):
         gguf = work / f"{model.name}-{q}.gguf"
@@ -82,7 +84,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--group-size", type=int, default=32)
-    ap.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp folder (build/bin, convert_gpt2pre.py)")
+    ap.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp source tree with its tools built (see peers/llamacpp.py)")
     ap.add_argument("--models", nargs="*", default=list(NAMES))
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
