@@ -15,6 +15,7 @@ import typer
 from moe.runtime.errors import MoeError
 
 DEBUG_HINT = "set MOE_DEBUG=1 or --debug for the traceback"
+SIGPIPE = getattr(signal, "SIGPIPE", 13)  # Windows has no SIGPIPE; the exit code stays the shells' 141
 
 
 class Terminated(KeyboardInterrupt):
@@ -49,7 +50,7 @@ def execute(app: typer.Typer, argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # the reader of stdout went away (`moe run ... | head`); say nothing more to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
+        return 128 + SIGPIPE
     except SystemExit:
         raise
     except BaseException as exc:  # any Exception, or a Rust panic (pyo3's PanicException is a BaseException)

@@ -24,7 +24,7 @@ MemoryBudget = Annotated[int | None, typer.Option(
     "--memory-budget", metavar="SIZE", parser=_budget, show_default=False,
     help="Most RAM the expert cache may hold, e.g. 2GB, 512MiB, 1.5G; default: no limit (experts mapped).")]
 Threads = Annotated[int | None, typer.Option(
-    "--threads", "-t", min=1, show_default=False, help="Worker threads for the kernels; default: all cores.")]
+    "--threads", "-t", min=1, show_default=False, help="Worker threads for the kernels; default: all cores (the performance cores on Apple silicon).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
 Pin = Annotated[Path | None, typer.Option(
     "--pin", metavar="PROFILE", show_default=False,

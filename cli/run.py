@@ -10,7 +10,7 @@ import typer
 from moe.runtime.bench import expert_counters
 from moe.runtime.errors import MoeError
 from moe.runtime.generate import DEFAULT_MAX_TOKENS, generate
-from moe.runtime.paging import peak_rss
+from moe.runtime.machine import peak_rss
 from moe.runtime.units import format_size
 
 from .common import err, open_model, print_json

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import kernels
 from .errors import MoeError
-from .paging import peak_rss
+from .machine import peak_rss
 
 
 def expert_counters(stats: dict) -> tuple[int, int, int]:

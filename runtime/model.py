@@ -29,7 +29,8 @@ from .kernels.norms import rmsnorm
 from .kernels.qmatmul import Scratch, linear, linear_each
 from .kernels.routing import group_by_expert, sigmoid_topk, softmax_topk, topk_softmax
 from .layout import EXPERTS_FILE, MANIFEST, MODEL_FILE, Layout, Packed, open_layout
-from .paging import PagedExperts, auto_budget, misses_from_disk, peak_rss
+from .machine import peak_rss, use_threads
+from .paging import PagedExperts, auto_budget, misses_from_disk
 from .units import parse_size
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -404,7 +405,7 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
     `pin`: (layer, expert) pairs, hottest first, kept resident while room is left for
     one layer's top-k). Without one, experts come straight from the memory map when the model fits in
     available RAM, else a budget is chosen (and said on stderr). threads sets numba's thread
-    count; max_context sizes the KV cache (default: the model's, at most 4096).
+    count (default: machine.default_threads()); max_context sizes the KV cache (default: the model's, at most 4096).
     """
     folder = Path(path)
     if not (folder / MANIFEST).is_file():
@@ -413,8 +414,7 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
         folder = resolve_model(str(path))
     if memory_budget is not None:
         memory_budget = parse_size(memory_budget, "memory budget")
-    if threads is not None:
-        _set_threads(threads)
+    use_threads(threads)
     layout = open_layout(folder)
     cfg = ModelConfig.from_dict(layout.config)
     if max_context is None:
@@ -436,15 +436,6 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
         _warm_up(model)
         kernels.mark_cache_warm()
     return model
-
-
-def _set_threads(threads: int) -> None:
-    import numba
-
-    limit = numba.config.NUMBA_NUM_THREADS
-    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= limit:
-        raise MoeError(f"threads {threads!r}: give a whole number from 1 to {limit} (the cores numba sees)")
-    numba.set_num_threads(threads)
 
 
 def _warm_up(model: Model) -> None:

@@ -13,7 +13,6 @@ read completed and checked, and a failed read leaves the slot empty.
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +22,7 @@ import numpy as np
 from .errors import MoeError
 from .experts import ExpertStore, ExpertWeights, weights_in
 from .layout import EXPERT_ALIGN, EXPERTS_FILE, MODEL_FILE, Layout, align, crc32
+from .machine import available_ram, open_read, preadv
 from .units import format_size
 
 POLICIES = ("freq", "lru")
@@ -41,18 +41,6 @@ def min_budget(layout: Layout) -> int:
     return layout.config["top_k"] * slot_bytes(layout)
 
 
-def available_ram() -> int:
-    """Bytes the OS could give us now: MemAvailable on Linux, else physical memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def misses_from_disk(experts_bytes: int, resident_bytes: int, budget: int, available: int | None = None) -> bool:
     """Whether experts.bin (experts_bytes) is larger than the page cache can keep beside the pool (budget) and
     the rest of the model in RAM (resident_bytes), out of `available` (default: available_ram()): then a miss
@@ -61,12 +49,6 @@ def misses_from_disk(experts_bytes: int, resident_bytes: int, budget: int, avail
     25 % budget and on synthetic OLMoE at 1 GiB (22.8 -> 17.9 tok/s, misses from the page cache)."""
     available = available_ram() if available is None else available
     return experts_bytes > available - budget - resident_bytes
-
-
-def peak_rss() -> int:
-    """This process's peak resident set, in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def auto_budget(layout: Layout) -> int | None:
@@ -120,13 +102,13 @@ class PagedExperts(ExpertStore):
         self._clock = 0
         self._lock = threading.Lock()
         self._loads: dict[int, Future] = {}
-        self._fd = os.open(layout.folder / EXPERTS_FILE, os.O_RDONLY)
+        self._fd = open_read(layout.folder / EXPERTS_FILE)
         self._runs = {int(k): v for k, v in layout.manifest["experts"].items()}
         self._entries = {(i, j): layout.expert_tensors(i, j) for i, runs in self._runs.items() for j in range(len(runs))}
         # Prefetch needs room beyond the layer being computed: more than two layers' top-k.
         self.wants_prediction = prefetch and self.n_slots > 2 * layout.config["top_k"]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="moe-prefetch") if self.wants_prediction else None
-        self.read = os.preadv  # the one read call; tests replace it to read slowly or fail
+        self.read = preadv  # the one read call; tests replace it to read slowly or fail
         self._resident: set[int] = set()  # slots of pinned experts: read once, never evicted
         for layer, expert in list(pin)[: max(0, self.n_slots - layout.config["top_k"])]:
             slot = self._claim(layer, expert)

@@ -233,8 +233,9 @@ def assess(src: str, memory: int | None = None, bits: int = 4, revision: str | N
     non-expert weights, the KV cache and the runtime is the expert budget it allows.
     """
     from . import speed
-    from .paging import available_ram
+    from .machine import available_ram, use_threads
 
+    use_threads()  # measured at the thread count a run uses by default
     hf, headers = read_source(src, revision)
     fig = figures(hf, headers, bits)
     rates = speed.machine(remeasure, say)

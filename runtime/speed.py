@@ -12,8 +12,9 @@ Decode time per token = fixed cost + weight bytes / kernel rate + expert misses 
   bandwidth (numpy sum) is measured beside it for reference;
 - under a budget, every expert lookup costs the paging path's bookkeeping, and a miss reads one expert
   run: from the page cache (a copy) when experts.bin fits in the RAM left over, else from disk
-  (measured with O_DIRECT, or after dropping the file's pages). Both costs are measured on the
-  miniature: with a budget holding all its experts (lookups hit) and at its minimum (lookups miss).
+  (measured with O_DIRECT on Linux, F_NOCACHE on macOS, else after dropping the file's pages).
+  Both costs are measured on the miniature: with a budget holding all its experts (lookups hit) and
+  at its minimum (lookups miss).
   Prefetch (on when misses come from disk, as load_model decides) applies each next layer's router
   ahead of time, measured on the miniature too, and reads what it predicts: it turns misses into
   hits but, wrong predictions included, reads PREFETCH_READS times as many experts as the misses it
@@ -47,6 +48,7 @@ from .errors import MoeError
 from .home import moe_home
 from .kernels import SOURCES_HASH
 from .layout import CHUNK, QUANT_BITS, LayoutWriter, Packed, padded_cols, supers_of
+from .machine import drop_cached, open_read, open_uncached, preadv, uncache
 from .paging import misses_from_disk
 from .units import format_size
 
@@ -163,17 +165,24 @@ def matvec_rate(encoding: str, total: int = MATVEC_BYTES, matrix: int = MATRIX_B
 
 
 def read_rates(folder: Path, nbytes: int = DISK_BYTES) -> tuple[float, float]:
-    """(page-cache, disk) read rates in bytes/s, reading a temporary file in `folder` READ_CHUNK at a time."""
+    """(page-cache, disk) read rates in bytes/s, reading a temporary file in `folder` READ_CHUNK at a time.
+    The disk first: on macOS the file is written around the page cache (F_NOCACHE), and only reads that
+    find nothing cached go to the disk."""
     fd, name = tempfile.mkstemp(prefix=".moe-read-", dir=folder)
     try:
+        uncache(fd)
         block = np.random.default_rng(0).integers(0, 256, READ_CHUNK, dtype=np.uint8).tobytes()
         for _ in range(max(1, nbytes // READ_CHUNK)):
             os.write(fd, block)
         os.fsync(fd)
         size = os.fstat(fd).st_size
         buf = mmap.mmap(-1, READ_CHUNK)  # page-aligned, as O_DIRECT wants
-        cached = size / _best(lambda: _read_all(fd, buf, size), 2)
         disk = _disk_rate(name, fd, buf, size)
+        reader = open_read(name)  # through the page cache, whatever fd's flags
+        try:
+            cached = size / _best(lambda: _read_all(reader, buf, size), 2)
+        finally:
+            os.close(reader)
         buf.close()
         return cached, disk
     finally:
@@ -184,28 +193,23 @@ def read_rates(folder: Path, nbytes: int = DISK_BYTES) -> tuple[float, float]:
 def _read_all(fd: int, buf, size: int) -> None:
     view = memoryview(buf)
     for offset in range(0, size, READ_CHUNK):
-        os.preadv(fd, [view], offset)
+        preadv(fd, [view], offset)
 
 
 def _disk_rate(name: str, fd: int, buf, size: int) -> float:
-    """Bytes/s from the device: O_DIRECT where the file system allows it, else after dropping the file's pages."""
-    direct = getattr(os, "O_DIRECT", 0)
-    if direct:
+    """Bytes/s from the device: an uncached descriptor (machine.open_uncached) where the OS and file system
+    allow one, else after dropping the file's pages."""
+    uncached = open_uncached(name)
+    if uncached is not None:
         try:
-            dfd = os.open(name, os.O_RDONLY | direct)
+            start = time.perf_counter()
+            _read_all(uncached, buf, size)
+            return size / (time.perf_counter() - start)
         except OSError:
-            dfd = -1
-        if dfd >= 0:
-            try:
-                start = time.perf_counter()
-                _read_all(dfd, buf, size)
-                return size / (time.perf_counter() - start)
-            except OSError:
-                pass
-            finally:
-                os.close(dfd)
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            pass  # O_DIRECT refused by the file system only when read
+        finally:
+            os.close(uncached)
+    drop_cached(fd)
     start = time.perf_counter()
     _read_all(fd, buf, size)
     return size / (time.perf_counter() - start)
@@ -303,10 +307,14 @@ def write_miniature(mini: dict, bits: int, group_size: int, folder: Path) -> dic
 def _time_decode(folder: Path, budget: int | None, passes: int = 1,
                  prefetch: bool = False) -> tuple[float, float, float]:
     """(median seconds per decoded token, expert misses and lookups per token) of the miniature at `folder`,
-    over the last of `passes` runs of the same tokens (earlier ones fill the cache)."""
+    over the last of `passes` runs of the same tokens (earlier ones fill the cache), at the thread count the
+    measurements are cached for."""
+    import numba
+
     from .model import load_model
 
-    model = load_model(folder, memory_budget=budget, max_context=MINI_TOKENS + 8, prefetch=prefetch)
+    model = load_model(folder, memory_budget=budget, threads=numba.get_num_threads(), max_context=MINI_TOKENS + 8,
+                       prefetch=prefetch)
     try:
         ids = np.random.default_rng(0).integers(0, model.config.vocab_size, MINI_TOKENS, dtype=np.int64)
         for _ in range(passes):

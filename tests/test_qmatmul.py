@@ -250,10 +250,11 @@ def _emulates_another_cpu(target: str) -> bool:
     return simd.target_has_x86_simd() and (target == "portable" or "avx512f" in host or simd.has_vnni(host))
 
 
-@pytest.mark.parametrize("target", [pytest.param(t, marks=pytest.mark.skipif(
-    not _emulates_another_cpu(t), reason="this CPU is that target, or cannot emulate it")) for t in TARGETS])
+@pytest.mark.parametrize("target", TARGETS)
 def test_other_cpus_in_a_subprocess(target):
     """The kernels compiled for another CPU give the same answers (numba caches per target)."""
+    if not _emulates_another_cpu(target):  # asked when run, not at collection: host detection may raise
+        pytest.skip("this CPU is that target, or cannot emulate it")
     cpu, features, expect_simd = TARGETS[target]
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features(get_host_cpu_features()),
                MOE_EXPECT_SIMD=expect_simd)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import platform
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import config
 from numba.extending import intrinsic, overload
+
+from .simd import target_features
 
 _F16_EXP = np.uint32(0x7C00 << 13)  # float16 exponent field, moved to float32's mantissa-aligned position
 _REBIAS = np.uint32((127 - 15) << 23)
@@ -76,11 +76,7 @@ def f16_to_f32_exact(h):
 
 def hardware_half() -> bool:
     """Whether the CPU numba compiles for converts half to single in one instruction (x86 F16C, any arm64)."""
-    if platform.machine().lower() in ("arm64", "aarch64"):
-        return True
-    if config.CPU_FEATURES is not None:
-        return "+f16c" in config.CPU_FEATURES.split(",")
-    return bool(llvm.get_host_cpu_features().get("f16c", False))
+    return platform.machine().lower() in ("arm64", "aarch64") or "f16c" in target_features()
 
 
 @intrinsic
