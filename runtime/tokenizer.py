@@ -1,17 +1,13 @@
-"""Text in and out: `tokenizer.json` through `tokenizers`, streaming decode, chat templates in a sandbox."""
+"""Text in and out: `tokenizer.json` through `tokenizers`, streaming decode, chat templates (see chat_template.py)."""
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
 from pathlib import Path
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
+from .chat_template import render_chat_template
 from .errors import MoeError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -115,53 +111,3 @@ def _facts(manifest: dict, folder: Path) -> tuple[dict, list[int]]:
 
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-class _ChatSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
-    """The sandbox, but reaching for an unsafe attribute is an error rather than a silent undefined."""
-
-    def unsafe_undefined(self, obj, attribute):
-        raise jinja2.sandbox.SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
-
-
-class _TemplateRaised(Exception):
-    """raise_exception() called by the template itself."""
-
-
-def _raise_exception(message):
-    raise _TemplateRaised(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # Hub templates expect plain json.dumps, not jinja's HTML-escaping tojson
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _environment() -> jinja2.Environment:
-    env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
-
-
-def render_chat_template(template: str, messages: list[dict], **variables) -> str:
-    """Render a Hub chat template; any failure, including an escape attempt, is a MoeError."""
-    try:
-        return _environment().from_string(template).render(messages=messages, **variables)
-    except jinja2.sandbox.SecurityError as exc:
-        raise MoeError(f"chat template refused by the sandbox: {exc}; the template is unsafe, do not use it") from None
-    except _TemplateRaised as exc:
-        raise MoeError(f"chat template: {exc}") from None
-    except jinja2.TemplateSyntaxError as exc:
-        raise MoeError(f"chat template: syntax error on line {exc.lineno}: {exc.message}") from None
-    except SyntaxError as exc:  # jinja2 parsed it but Python refused what it compiled to (a stray {% break %})
-        raise MoeError(f"chat template: syntax error: {exc.msg}") from None
-    except jinja2.TemplateError as exc:
-        raise MoeError(f"chat template: {exc}") from None
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ArithmeticError, MemoryError, RecursionError) as exc:
-        raise MoeError(f"chat template failed: {type(exc).__name__}: {exc}") from None

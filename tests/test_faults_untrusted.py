@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,81 @@ def test_template_escapes_are_errors_not_access(template, tmp_path):
     assert messages == [{"role": "user", "content": "hi"}] and not marker.exists()
     for secret in ("<function", "<module", "<class", "__builtins__", "root:"):  # nothing it reached is echoed
         assert secret not in message
+
+
+# Every construct that loops or grows, past its bound: (template, what the one line names).
+UNBOUNDED = [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "work exceeds 1,000,000 steps"),
+    ("{% for i in range(100000) %}{% for j in range(100000) if false %}{% endfor %}{% endfor %}", "work exceeds"),
+    ("{% for x in [1] recursive %}{{ loop(range(100000)) }}{% endfor %}", "recursion exceeds"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recursion exceeds"),
+    ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}", "exceeds 2 s"),
+    ("{% set s = 'x' * 900000 %}{% for i in range(100000) %}{% if 'xy' in s %}{% endif %}{% endfor %}", "exceeds 2 s"),
+    ("{% for i in range(10**9) %}{% endfor %}", "range() of 1,000,000,000 items exceeds"),
+    ("{{ lipsum(10**6) }}", "lipsum() makes"),
+    ("{{ lipsum(1, min=10**8, max=10**8) }}", "lipsum() makes"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "the ~ operator"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "the + operator"),
+    ("{{ 'x' * 10**15 }}", "the * operator makes 1,000,000,000,000,000 characters"),
+    ("{{ ['x'] * 10**9 }}", "the * operator"),
+    ("{{ 9 ** 1000000000 }}", "the ** operator"),
+    ("{% set ns = namespace(n=3) %}{% for i in range(64) %}{% set ns.n = ns.n * ns.n %}{% endfor %}", "the * operator"),
+    ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% else %}xxxxxxxxxxxxxxxxxxxxxxxx{% endif %}{% endmacro %}"
+     "{{ f(30) }}", "in all"),
+    ("{% macro m() %}{% for i in range(100000) %}" + "y" * 1000 + "{% endfor %}{% endmacro %}{{ m() }}", "its output"),
+    ("{% for i in range(100000) %}" + "y" * 1000 + "{% endfor %}", "its output"),
+    ("{% set s = 'x' * 900000 %}{% set b %}{% for i in range(1000) %}{{ s }}{% endfor %}{% endset %}", "in all"),
+    ("{% set s = 'x' * 900000 %}{{ [s, s, s, s] | string }}", "a value makes"),
+    ("{% set s = 'x' * 900000 %}{% for i in range(100000) %}{% set l = [s, s] %}{% endfor %}", "a value makes"),
+    ("{{ range(100000) | map('string') | join('x' * 900000) }}", "filter join"),
+    ("{{ ('x' * 900000).join(range(100000) | map('string')) }}", "str.join()"),
+    ("{{ 'x' | center(10**9) }}", "filter center"),
+    ("{{ 'x'.center(10**9) }}", "str.center()"),
+    ("{{ 'x'.ljust(10**9) }}", "str.ljust()"),
+    ("{{ 'x'.zfill(10**9) }}", "str.zfill()"),
+    ("{{ ('x\n' * 100000) | indent(10**5) }}", "filter indent"),
+    ("{{ ('x ' * 100000) | wordwrap(1, wrapstring='y' * 1000) }}", "filter wordwrap"),
+    ("{{ '%*s' | format(10**9, 'x') }}", "filter format"),
+    ("{{ '%0999999999d' | format(1) }}", "filter format"),
+    ("{{ '%*s' % (10**9, 'x') }}", "the % operator"),
+    ("{{ '{:>999999999}'.format('x') }}", "str.format()"),
+    ("{{ '{0:{1}}'.format('x', 10**9) }}", "str.format()"),
+    ("{{ ('x' * 100000).replace('x', 'y' * 100000) }}", "str.replace()"),
+    ("{{ ('x' * 100000) | replace('x', 'y' * 100000) }}", "filter replace"),
+    ("{{ ('\t' * 100000).expandtabs(100000) }}", "str.expandtabs()"),
+    ("{{ ('x' * 100000).translate({120: 'y' * 1000}) }}", "str.translate()"),
+    ("{{ (1).to_bytes(10**9, 'big') }}", "int.to_bytes()"),
+    ("{{ [1] | batch(10**9, 'x') | list }}", "filter batch"),
+    ("{{ [1] | slice(10**9) | list }}", "filter slice"),
+    ("{{ range(1000) | map('string') | map('list') | sum(start=[]) }}", "filter sum"),
+    ("{{ messages | tojson(indent=10**9) }}", "filter tojson"),
+    ("x" * 300_000, "300,000 characters exceed the limit of 256,000"),
+]
+
+
+@pytest.mark.parametrize("template, names", UNBOUNDED)
+def test_templates_that_loop_or_grow_without_bound_are_refused_promptly(template, names):
+    start = time.perf_counter()
+    with pytest.raises(MoeError) as info:
+        render_chat_template(template, [{"role": "user", "content": "hi"}])
+    assert time.perf_counter() - start < 5
+    message = str(info.value)
+    assert message.startswith("chat template: ") and names in message and "\n" not in message, message
+    assert message.endswith("the template is unsafe or broken; do not use it") and info.value.exit_code == 2
+
+
+def test_the_bounds_grow_with_the_conversation():
+    """A prompt longer than LIMIT_FLOOR, copied a few times by the template, still renders."""
+    content = "x" * 3_000_000
+    out = render_chat_template("{% for m in messages %}{{ m.content | trim + '\n' }}{% endfor %}{{ messages | tojson }}",
+                               [{"role": "user", "content": content}])
+    assert len(out) == 2 * len(content) + len('\n[{"role": "user", "content": ""}]')
+
+
+def test_a_template_raising_a_long_message_is_one_line():
+    with pytest.raises(MoeError) as info:
+        render_chat_template("{{ raise_exception('no\nsystem\n' + 'x' * 5000) }}", [])
+    assert str(info.value).startswith("chat template: no system xxx") and len(str(info.value)) < 400
 
 
 def test_hostile_template_in_a_model_is_one_line_from_run(tmp_path, capsys):
