@@ -7,14 +7,21 @@ every kernel uses, so compiled kernels are cached on disk and only the first run
 numba checks a cached function against its own file only, not against the flags or inlined
 helpers it takes from other files; so that folder is named after a hash of numba's version
 and every kernel source (and the layout's constants): any change compiles afresh.
+
+When that folder cannot be created or written (MOE_HOME a file, a read-only NUMBA_CACHE_DIR),
+numba would cache into the installed sources (kernels/__pycache__), keyed without that hash;
+the kernels are cached instead in a private temporary folder removed at exit, so they compile
+on every run, and the notice while compiling says so and why.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -34,11 +41,27 @@ def _sources_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def _unwritable(folder: Path) -> str | None:
+    """Why numba could not cache in folder (its own test: create it, write a file there), or None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
 SOURCES_HASH = _sources_hash()
 _chosen = os.environ.get("NUMBA_CACHE_DIR")  # the user's (or a parent moe process's) folder, else ours
 _ROOT = Path(_chosen) if _chosen else _default_root()
-if _ROOT.name != SOURCES_HASH:  # a child process inherits the folder already named
-    os.environ["NUMBA_CACHE_DIR"] = str(_ROOT / SOURCES_HASH)
+CACHE_DIR = _ROOT if _ROOT.name == SOURCES_HASH else _ROOT / SOURCES_HASH  # a child inherits the folder named
+UNCACHED = _unwritable(CACHE_DIR)  # the folder kernels cannot be cached in and why, or None
+if UNCACHED:
+    _private = tempfile.mkdtemp(prefix="moe-kernels-")
+    atexit.register(shutil.rmtree, _private, True)
+    UNCACHED = f"{CACHE_DIR} ({UNCACHED})"
+    CACHE_DIR = Path(_private) / SOURCES_HASH
+os.environ["NUMBA_CACHE_DIR"] = str(CACHE_DIR)
 
 # Safe fast-math: reassociation and contraction let LLVM vectorize reductions; no
 # nnan/ninf, so infinities and NaNs keep their meaning. error_model "numpy": x / 0 gives
@@ -66,7 +89,9 @@ def announce_compiling() -> None:
     """Say on stderr, once per process, that kernels are being compiled."""
     global _announced
     if not _announced:
-        print("compiling kernels (first run only)…", file=sys.stderr, flush=True)
+        when = (f"every run: cannot cache them in {UNCACHED}; set MOE_HOME or NUMBA_CACHE_DIR to a writable folder"
+                if UNCACHED else "first run only")
+        print(f"compiling kernels ({when})…", file=sys.stderr, flush=True)
         _announced = True
 
 
@@ -81,7 +106,7 @@ def mark_cache_warm() -> None:
         marker.touch()
     except OSError:
         return
-    if not _chosen:  # in our own folder, caches of other versions are dead weight
+    if not _chosen and not UNCACHED:  # in our own folder, caches of other versions are dead weight
         for old in _ROOT.iterdir():
             if old.is_dir() and old.name != SOURCES_HASH:
                 shutil.rmtree(old, ignore_errors=True)
