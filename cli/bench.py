@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated
 
 import typer
+from moe.runtime.bench import STREAMS
 from moe.runtime.bench import bench as measure
 from moe.runtime.units import format_size
 from rich.table import Table
@@ -12,12 +14,15 @@ from rich.table import Table
 from .common import model_path, out, pinned, print_json, status
 from .options import Json, MemoryBudget, Pin, Threads
 
+Stream = Enum("Stream", {name: name for name in STREAMS}, type=str)
+
 EXAMPLE = """Examples:
 
 \b
   moe bench                                   (the bundled demo model)
   moe bench MODEL --prompt-tokens 512 --gen-tokens 128 --threads 4 --repeat 5 --json
   moe bench MODEL --memory-budget 2GB
+  moe bench MODEL --stream greedy                (decode fed its own output instead of random ids)
 """
 
 
@@ -28,6 +33,9 @@ def bench(
     prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length for the prefill measurement.")] = 128,
     gen_tokens: Annotated[int, typer.Option(min=1, help="Tokens decoded one at a time for the decode measurement.")] = 64,
     repeat: Annotated[int, typer.Option(min=1, help="Runs to take the median of.")] = 3,
+    stream: Annotated[Stream, typer.Option(
+        help="What decode is fed: seeded random ids (as llama-bench; honest for the expert cache) or the model's "
+             "own greedy output (a random-weight model then repeats one token).")] = Stream.random,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
     pin: Pin = None,
@@ -39,7 +47,8 @@ def bench(
     """
     path = model_path(model)
     with status("benchmarking..."):
-        figures = measure(path, prompt_tokens, gen_tokens, memory_budget, threads, repeat, pinned(pin, path, memory_budget))
+        figures = measure(path, prompt_tokens, gen_tokens, memory_budget, threads, repeat, pinned(pin, path, memory_budget),
+                          stream.value)
     figures = {"model": str(path), **figures}
     if json:
         print_json(figures)
@@ -57,9 +66,11 @@ def _rows(f: dict) -> list[tuple[str, str]]:
         ("warm-up", f"{f['warmup_s']:.3f} s"),
         ("time to first token", f"{f['ttft_s'] * 1000:.1f} ms for {f['prompt_tokens']} prompt tokens"),
         ("prefill", f"{f['prefill_tok_s']:.1f} tok/s"),
-        ("decode", f"{f['decode_tok_s']:.2f} tok/s over {f['gen_tokens']} tokens"),
+        ("decode", f"{f['decode_tok_s']:.2f} tok/s over {f['gen_tokens']} tokens ({f['stream']} stream)"),
         ("peak RSS", format_size(f["peak_rss_bytes"])),
         ("expert cache hit rate", f"{f['expert_cache_hit_rate']:.1%}"),
         ("expert bytes read per token", format_size(f["expert_bytes_read_per_token"])),
+        ("disk bytes read per token", "-" if f["disk_bytes_read_per_token"] is None
+         else format_size(f["disk_bytes_read_per_token"])),
         ("threads, repeats", f"{f['threads']}, median of {f['repeat']}"),
     ]

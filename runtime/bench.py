@@ -3,7 +3,11 @@
 Compilation is kept out of the figures: when Numba's disk cache is cold, a first load compiles the
 kernels (`compile_s`); the timed load follows, then one short prefill and decode step bring the
 kernels and the pages they touch in (`warmup_s`). Each repeat then runs one prefill of
-`prompt_tokens` seeded random ids and `gen_tokens` greedy decode steps. Figures are medians over repeats.
+`prompt_tokens` seeded random ids and `gen_tokens` decode steps. Figures are medians over repeats.
+
+What decode is fed (`stream`): `random`, seeded random ids as llama-bench's tg test feeds, so routing
+sees fresh tokens each step; or `greedy`, the model's own argmax, which on a random-weight model repeats
+one token and makes routing look far stickier (and the expert cache far better) than real text does.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 
 from . import kernels
 from .errors import MoeError
-from .machine import peak_rss
+from .machine import peak_rss, storage_bytes_read
 
 
 def expert_counters(stats: dict) -> tuple[int, int, int]:
@@ -23,14 +27,19 @@ def expert_counters(stats: dict) -> tuple[int, int, int]:
     return int(stats.get("hits", 0)), int(stats.get("misses", 0)), int(stats.get("bytes_read", 0))
 
 
+STREAMS = ("random", "greedy")
+
+
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=None, threads: int | None = None,
-          repeat: int = 3, pin=()) -> dict:
+          repeat: int = 3, pin=(), stream: str = "random") -> dict:
     """Measure the model at `path` (a folder or converted name); figures as the module says.
     `pin`: (layer, expert) pairs, hottest first, kept resident under a budget (see load_model)."""
     from .model import load_model
 
     if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
         raise MoeError("--prompt-tokens, --gen-tokens and --repeat must each be at least 1")
+    if stream not in STREAMS:
+        raise MoeError(f"--stream {stream!r} is unknown; choose one of {', '.join(STREAMS)}")
     compile_s = 0.0
     if kernels.cache_is_cold():
         start = time.perf_counter()
@@ -43,7 +52,9 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
         raise MoeError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} exceeds the model's "
                        f"context of {model.max_context}; ask for fewer")
     vocab = model.config.vocab_size
-    ids = np.random.default_rng(0).integers(0, vocab, size=prompt_tokens, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, size=prompt_tokens, dtype=np.int64)
+    fed = rng.integers(0, vocab, size=gen_tokens, dtype=np.int64) if stream == "random" else None
 
     start = time.perf_counter()
     model.reset()
@@ -51,9 +62,10 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
     model.forward(ids[:1], last_only=True)  # ... and the decode ones (T = 1)
     warmup_s = time.perf_counter() - start
 
-    runs = [_one_run(model, ids, gen_tokens) for _ in range(repeat)]
+    runs = [_one_run(model, ids, gen_tokens, fed) for _ in range(repeat)]
     model.close()
-    figures = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    figures = {key: None if any(run[key] is None for run in runs) else statistics.median(run[key] for run in runs)
+               for key in runs[0]}
     return {
         "load_s": round(load_s, 4),
         "compile_s": round(compile_s, 4),
@@ -64,24 +76,30 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
         "peak_rss_bytes": peak_rss(),
         "expert_cache_hit_rate": round(figures["hit_rate"], 5),
         "expert_bytes_read_per_token": round(figures["bytes_per_token"], 1),
+        "disk_bytes_read_per_token": None if figures["disk_per_token"] is None else round(figures["disk_per_token"], 1),
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
+        "stream": stream,
         "repeat": repeat,
         "threads": _threads(),
         "memory_budget_bytes": memory_budget,
     }
 
 
-def _one_run(model, ids: np.ndarray, gen_tokens: int) -> dict:
+def _one_run(model, ids: np.ndarray, gen_tokens: int, fed: np.ndarray | None) -> dict:
+    """One prefill of `ids`, then `gen_tokens` decode steps fed `fed` (random ids) or, when None, the argmax."""
     hits0, misses0, read0 = expert_counters(model.stats)
     model.reset()
     start = time.perf_counter()
     token = int(np.argmax(model.forward(ids, last_only=True)[-1]))
     prefilled = time.perf_counter()
     _, _, read_prefill = expert_counters(model.stats)
-    for _ in range(gen_tokens):
-        token = int(np.argmax(model.forward(np.array([token], dtype=np.int64), last_only=True)[-1]))
+    disk_prefill = storage_bytes_read()
+    for step in range(gen_tokens):
+        logits = model.forward(np.array([token if fed is None else fed[step]], dtype=np.int64), last_only=True)
+        token = int(np.argmax(logits[-1]))
     decoded = time.perf_counter()
+    disk = storage_bytes_read()
     hits, misses, read = expert_counters(model.stats)
     lookups = (hits - hits0) + (misses - misses0)
     return {
@@ -89,6 +107,8 @@ def _one_run(model, ids: np.ndarray, gen_tokens: int) -> dict:
         "decode_s": decoded - prefilled,
         "hit_rate": (hits - hits0) / lookups if lookups else 1.0,  # no lookups: every expert mapped, none read
         "bytes_per_token": (read - read_prefill) / gen_tokens,  # during decode: what paging costs per new token
+        # during decode, every read from storage: expert misses, and page-cache misses of the mapped files
+        "disk_per_token": None if disk is None or disk_prefill is None else (disk - disk_prefill) / gen_tokens,
     }
 
 

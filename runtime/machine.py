@@ -99,6 +99,15 @@ def peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def storage_bytes_read() -> int | None:
+    """Bytes this process has had fetched from storage so far, page-cache misses of its memory maps included
+    (Linux /proc/self/io read_bytes, through psutil); None where the OS does not count them (macOS)."""
+    try:
+        return psutil.Process().io_counters().read_bytes
+    except (AttributeError, psutil.Error, OSError):
+        return None
+
+
 # ---- CPU
 
 

@@ -8,6 +8,7 @@ import moe.cli.bench
 import moe.cli.run
 import moe.runtime.kernels
 import moe.runtime.model
+import numpy as np
 import pytest
 from fakes import ScriptedModel
 from moe.cli import main
@@ -192,12 +193,41 @@ def test_bench_json(capsys, monkeypatch):
     assert code == 0 and err == ""
     assert loaded == [("demo", 10**6, None)]
     for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "expert_cache_hit_rate",
-                "expert_bytes_read_per_token", "compile_s", "warmup_s"):
+                "expert_bytes_read_per_token", "disk_bytes_read_per_token", "compile_s", "warmup_s"):
         assert key in result
     assert result["expert_cache_hit_rate"] == 0.75 and result["expert_bytes_read_per_token"] == 1000
     assert result["peak_rss_bytes"] > 10**6 and result["decode_tok_s"] > 0
     code, out, _ = moe_cli(capsys, "bench", "--prompt-tokens", "600", "--gen-tokens", "8")
     assert code == 2 and out == ""
+
+
+@pytest.mark.parametrize("stream", ["random", "greedy"])
+def test_bench_stream_feeds_decode_random_ids_or_its_own_argmax(capsys, monkeypatch, stream):
+    class Recording(ScriptedModel):
+        def __init__(self):
+            super().__init__("word " * 200, eos=False)
+            self.fed, self.argmax = [], []
+
+        def forward(self, ids, last_only=False):
+            if np.size(ids) == 1:
+                self.fed.append(int(np.asarray(ids)[0]))
+            logits = super().forward(ids, last_only)
+            self.argmax.append(int(np.argmax(logits[-1])))
+            return logits
+
+    model = Recording()
+    monkeypatch.setattr(moe.runtime.model, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
+    monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
+    code, out, _ = moe_cli(capsys, "bench", "--json", "--prompt-tokens", "8", "--gen-tokens", "6", "--repeat", "1",
+                           "--stream", stream)
+    assert code == 0 and json.loads(out)["stream"] == stream
+    decoded = model.fed[-6:]  # the timed run's decode steps (the warm-up fed one token before them)
+    previous = model.argmax[-7:-1]  # each step's input follows the logits of the call before it
+    if stream == "greedy":
+        assert decoded == previous
+    else:
+        assert sum(a != b for a, b in zip(decoded, previous, strict=True)) >= 5 and len(set(decoded)) == 6
 
 
 def test_bench_table(capsys, monkeypatch):
