@@ -13,6 +13,7 @@ import json
 import math
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,9 @@ DTYPES = {
 }
 READABLE = ("BF16", "F16", "F32", "U8")
 _PAGE = mmap.PAGESIZE
+# madvise(MADV_DONTNEED) drops a file mapping's pages from the process on Linux; macOS only deactivates them
+# (they stay resident, and in peak RSS, until memory runs short), and Windows has no madvise.
+DONTNEED_DROPS = hasattr(mmap, "MADV_DONTNEED") and sys.platform != "darwin"
 
 
 @dataclass(frozen=True)
@@ -66,12 +70,18 @@ class SafetensorsFile:
         try:
             self.size = os.fstat(self._file.fileno()).st_size
             self.tensors = self._read_header()
-            self._map = mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_READ) if self.size else None
+            self._map = self._mapped()
         except BaseException:
             self._file.close()
             raise
-        if self._map is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
-            self._map.madvise(mmap.MADV_SEQUENTIAL)
+
+    def _mapped(self) -> mmap.mmap | None:
+        if not self.size:
+            return None
+        m = mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_READ)
+        if hasattr(mmap, "MADV_SEQUENTIAL"):
+            m.madvise(mmap.MADV_SEQUENTIAL)
+        return m
 
     def _bad(self, what: str) -> MoeError:
         return MoeError(f"{self.path}: not a valid safetensors file ({what}); re-download or re-export it")
@@ -128,8 +138,13 @@ class SafetensorsFile:
         return np.frombuffer(self._map, dtype=np_dtype, count=math.prod(t.shape), offset=t.begin).reshape(t.shape)
 
     def release(self, begin: int, end: int) -> None:
-        """Drop the pages of bytes begin..end from this process (they stay in the page cache)."""
-        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+        """Drop the pages of bytes begin..end from this process (they stay in the page cache). Where madvise
+        cannot (DONTNEED_DROPS), the file is mapped anew: the old map is unmapped, with every page it holds,
+        when its last view goes."""
+        if self._map is None:
+            return
+        if not DONTNEED_DROPS:
+            self._map = self._mapped()
             return
         start = begin // _PAGE * _PAGE
         stop = min(-(-end // _PAGE) * _PAGE, self.size)

@@ -62,6 +62,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import MoeError
+from .machine import open_read, pread
 
 FORMAT = "moe-layout"
 FORMAT_VERSION = 2  # 2: two-level scales (bfloat16 per SUPER groups, int8 per group); q5, q6
@@ -528,17 +529,17 @@ def verify(folder) -> list[str]:
     folder = Path(folder)
     m = read_manifest(folder)
     problems = []
-    fds = {fname: os.open(folder / fname, os.O_RDONLY) for fname in (MODEL_FILE, EXPERTS_FILE)}
+    fds = {fname: open_read(folder / fname) for fname in (MODEL_FILE, EXPERTS_FILE)}
     try:
         for name, e in m["tensors"].items():
             nbytes, snbytes = expected_nbytes(e)
             spans = ((e["offset"], nbytes, "crc32", ""), (e.get("scales_offset"), snbytes, "scales_crc32", " scales"))
             for off, n, key, what in spans:
-                if n and crc32(os.pread(fds[e["file"]], n, off)) != e[key]:
+                if n and crc32(pread(fds[e["file"]], n, off)) != e[key]:
                     problems.append(f"{_where(name)}: checksum mismatch in tensor {name}{what}")
         for layer, runs in m["experts"].items():
             for j, r in enumerate(runs):
-                if crc32(os.pread(fds[EXPERTS_FILE], r["nbytes"], r["offset"])) != r["crc32"]:
+                if crc32(pread(fds[EXPERTS_FILE], r["nbytes"], r["offset"])) != r["crc32"]:
                     if not any(p.startswith(f"layer {layer} expert {j}:") for p in problems):
                         problems.append(f"layer {layer} expert {j}: checksum mismatch in the run's padding")
     finally:

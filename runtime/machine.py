@@ -39,13 +39,6 @@ def available_ram() -> int:
     return available if limit is None else min(available, limit[1])
 
 
-def total_ram() -> int:
-    """Physical memory, or the cgroup limit when that is lower."""
-    total = psutil.virtual_memory().total
-    limit = cgroup_memory()
-    return total if limit is None else min(total, limit[0])
-
-
 def cgroup_memory(root: Path = CGROUP_ROOT, membership: Path = SELF_CGROUP) -> tuple[int, int] | None:
     """(limit, bytes still available under it) of the tightest memory limit on this process's cgroups (v2 and
     v1, the process's own and every ancestor's), or None where none is set or there are no cgroups.
