@@ -1,9 +1,9 @@
 """Experts paged into a fixed pool of slots under a memory budget.
 
-The pool is allocated once: `budget // slot_bytes` slots, each big enough for the largest
-expert run. A miss reads the expert's run from experts.bin into a slot with one positioned
-read (no mmap residency, so the budget holds whatever the OS does with its page cache), and
-checks its CRC-32 the first time that expert is read. Eviction picks, among slots no one is
+The pool is allocated once: `budget // slot_bytes` slots (never more than there are experts, and
+refused beyond the RAM available), each big enough for the largest expert run. A miss reads the
+expert's run from experts.bin into a slot with one positioned read (no mmap residency, so the
+budget holds whatever the OS does with its page cache), and checks its CRC-32 the first time that expert is read. Eviction picks, among slots no one is
 using, the one whose expert has the lowest decayed use count (`freq`), or the least recently
 used one (`lru`). With prefetch, a background thread reads the experts the next layer is
 predicted to need while this layer computes; a slot being read is never handed out until its
@@ -23,7 +23,7 @@ from .errors import MoeError
 from .experts import ExpertStore, ExpertWeights, weights_in
 from .layout import EXPERT_ALIGN, EXPERTS_FILE, MODEL_FILE, Layout, align, crc32
 from .machine import available_ram, open_read, preadv
-from .units import format_size
+from .units import format_size, format_sizes
 
 POLICIES = ("freq", "lru")
 DECAY = 0.98  # per token: an expert's use count halves over ~35 tokens of not being chosen
@@ -48,7 +48,8 @@ def misses_from_disk(experts_bytes: int, resident_bytes: int, budget: int, avail
     is a copy cheaper than predicting it: prefetch cost 20-35 % of decode speed on the trained models at a
     25 % budget and on synthetic OLMoE at 1 GiB (22.8 -> 17.9 tok/s, misses from the page cache)."""
     available = available_ram() if available is None else available
-    return experts_bytes > available - budget - resident_bytes
+    pool = min(budget, experts_bytes)  # a larger budget still makes a pool of every expert, no more
+    return experts_bytes > available - pool - resident_bytes
 
 
 def auto_budget(layout: Layout) -> int | None:
@@ -68,6 +69,20 @@ def auto_budget(layout: Layout) -> int | None:
     return budget
 
 
+def _pool(n_slots: int, slot_bytes: int, budget: int) -> np.ndarray:
+    """The slots' memory, refused when it could not all be resident: filling it would swap, or be killed."""
+    available = available_ram()
+    if n_slots * slot_bytes <= available:
+        try:
+            return np.empty((n_slots, slot_bytes), np.uint8)
+        except MemoryError:
+            pass
+    raise MoeError(
+        f"memory budget {format_size(budget)} does not fit in the {format_size(available)} of RAM available "
+        f"(this model's expert cache would take {format_size(n_slots * slot_bytes)}); give a smaller --memory-budget"
+    )
+
+
 class PagedExperts(ExpertStore):
     """An expert cache of a fixed number of slots, filled from experts.bin on demand and by prefetch."""
 
@@ -78,15 +93,16 @@ class PagedExperts(ExpertStore):
         self.slot_bytes = slot_bytes(layout)
         minimum = min_budget(layout)
         if budget < minimum:
-            k = layout.config["top_k"]
+            k, (given, least) = layout.config["top_k"], format_sizes(budget, minimum)
             raise MoeError(
-                f"memory budget {format_size(budget)} is below this model's minimum of {format_size(minimum)} "
+                f"memory budget {given} is below this model's minimum of {least} "
                 f"({k} experts of {format_size(self.slot_bytes)} for one layer's top-{k}); give at least that"
             )
         self.budget = budget
-        self.n_slots = budget // self.slot_bytes
+        # A budget is a ceiling: no more slots than experts, however large it is.
+        self.n_slots = min(budget // self.slot_bytes, sum(len(runs) for runs in layout.manifest["experts"].values()))
         self.policy = policy
-        self.pool = np.empty((self.n_slots, self.slot_bytes), np.uint8)  # pages committed as slots fill
+        self.pool = _pool(self.n_slots, self.slot_bytes, budget)  # pages committed as slots fill
         n_layers = len(layout.config["layers"])
         n_experts = layout.config["num_experts"]
         self.slot_of = np.full((n_layers, n_experts), -1, np.int64)  # (L, E) -> slot or -1
