@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from moe.runtime.errors import MoeError
+from moe.runtime.files import decode_text, read_bounded
+from moe.runtime.units import format_size
 from rich.console import Console
 
 # stdout: the product (tables of `info`, `list`, `bench`); wide when piped, so no path is cut short
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # stderr: everything else, one line per message
+
+
+MAX_TEXT = 64 * 10**6  # bytes of a prompt or a text file: many times any model's context
+TOO_LONG = "give a shorter text (its start: head -c 64MB FILE > part.txt)"
 
 
 def status(message: str):
@@ -56,17 +63,33 @@ def pinned(pin: Path | None, model, memory_budget: int | None) -> list[tuple[int
 
 
 def read_text(file: Path) -> str:
-    """A UTF-8 text file given on the command line; anything else is a one-line error."""
-    try:
-        return file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MoeError(f"{file}: no such file") from None
-    except IsADirectoryError:
-        raise MoeError(f"{file}: is a folder; give a text file") from None
-    except UnicodeDecodeError as exc:
-        raise MoeError(f"{file}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
-    except OSError as exc:
-        raise MoeError(f"{file}: cannot read it ({exc.strerror})") from None
+    """A UTF-8 text file given on the command line (or a pipe, /dev/stdin), of at most MAX_TEXT bytes."""
+    return decode_text(read_bounded(file, MAX_TEXT, TOO_LONG), str(file))
+
+
+def read_stdin() -> str:
+    """All of stdin as UTF-8 text, at most MAX_TEXT bytes (a prompt from /dev/zero is refused, not read forever)."""
+    if sys.stdin is None or sys.stdin.closed:
+        raise MoeError("PROMPT is - but there is no stdin to read")
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream stands in for stdin (an embedding host, a test)
+        data = sys.stdin.read(MAX_TEXT + 1).encode("utf-8", "surrogateescape")
+    else:
+        data = stream.read(MAX_TEXT + 1)
+    if len(data) > MAX_TEXT:
+        raise MoeError(f"stdin: larger than {format_size(MAX_TEXT)}; {TOO_LONG}")
+    return decode_text(data, "stdin")
+
+
+def text_argument(value: str | None, name: str) -> str | None:
+    """A command-line argument as text: Python keeps bytes that are not UTF-8 as surrogates, which the tokenizer
+    refuses; here they are one line naming the first such byte."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            decode_text(os.fsencode(value), name)  # raises, at the byte
+    return value
 
 
 def print_json(obj) -> None:

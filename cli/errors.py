@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -14,6 +15,7 @@ import traceback
 import typer
 from moe.runtime.errors import MoeError
 
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 DEBUG_HINT = "set MOE_DEBUG=1 or --debug for the traceback"
 SIGPIPE = getattr(signal, "SIGPIPE", 13)  # Windows has no SIGPIPE; the exit code stays the shells' 141
 
@@ -28,11 +30,14 @@ def execute(app: typer.Typer, argv: list[str] | None = None) -> int:
     previous = _on_sigterm()
     try:
         command = typer.main.get_command(app)
-        with command.make_context("moe", args) as ctx:
-            command.invoke(ctx)
-        return 0
-    except typer.Exit as exc:
-        return exc.exit_code
+        try:
+            with command.make_context("moe", args) as ctx:
+                command.invoke(ctx)
+            code = 0
+        except typer.Exit as exc:
+            code = exc.exit_code
+        sys.stdout.flush()  # output still buffered fails here, where it is reported, rather than at exit
+        return code
     except typer.TyperException as exc:  # usage errors and bad option values: exit 2
         _say(_usage_line(exc))
         return exc.exit_code
@@ -49,13 +54,18 @@ def execute(app: typer.Typer, argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # the reader of stdout went away (`moe run ... | head`); say nothing more to it
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_stdout()
         return 128 + SIGPIPE
     except SystemExit:
         raise
     except BaseException as exc:  # any Exception, or a Rust panic (pyo3's PanicException is a BaseException)
         if debug:
             traceback.print_exc()
+        if isinstance(exc, OSError) and exc.errno in WRITE_FAILURES and exc.filename is None:
+            # a write to no file by name: stdout on a full device (`moe run ... > /dev/full`) or a failing disk
+            _discard_stdout()
+            _say(f"error: cannot write the output ({exc.strerror}); free space on its device, or send stdout elsewhere")
+            return 1
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _say(f"error: unexpected {type(exc).__name__}{': ' + message if message else ''} ({DEBUG_HINT})")
         return 1
@@ -90,6 +100,18 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass  # stderr itself is gone; the exit code still tells
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so what is still buffered for it does not fail again at exit."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is no real file (a test's capture): nothing flushes it at exit
 
 
 def _raise_terminated(signum, frame):

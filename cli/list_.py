@@ -29,6 +29,11 @@ def list_models(json: Json = False) -> None:
         return
     table = Table("name", "architecture", "bits", "size", "path", box=None)
     for m in models:
-        table.add_row(str(m["name"]), str(m.get("architecture", "?")), str(m.get("bits", "?")),
-                      format_size(m["size"]) if "size" in m else "?", str(m["path"]))
+        if "error" in m:
+            table.add_row(m["name"], "unreadable", "?", "?", m["path"])
+        else:
+            table.add_row(m["name"], m["architecture"], str(m["bits"]), format_size(m["size"]), m["path"])
     out.print(table)
+    for m in models:
+        if "error" in m:
+            err.print(f"warning: {m['name']} is unreadable: {m['error']}", markup=False)

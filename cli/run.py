@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Annotated
@@ -13,7 +14,7 @@ from moe.runtime.generate import DEFAULT_MAX_TOKENS, generate
 from moe.runtime.machine import peak_rss
 from moe.runtime.units import format_size
 
-from .common import err, open_model, print_json
+from .common import err, open_model, print_json, read_stdin, text_argument
 from .options import Json, MemoryBudget, Pin, Threads
 
 EXAMPLE = """Examples:
@@ -48,17 +49,23 @@ def run(
     json: Json = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print speed and expert-cache figures on stderr.")] = False,
 ) -> None:
-    """Generate text from a prompt and stream it to stdout."""
+    """Generate text from a prompt and stream it to stdout.
+
+    With one argument, it is the prompt for the bundled demo model; one that names a folder or a converted model
+    is refused (the prompt was forgotten): give both, or pipe the text in (echo TEXT | moe run -).
+    """
     if prompt is None:
         if model is None:
             raise typer.BadParameter("missing; give the text to continue, or - to read it from stdin", param_hint="PROMPT")
+        _check_not_a_model(model)
         model, prompt = None, model
-    if prompt == "-":
-        prompt = _read_stdin()
+    prompt = _read_stdin() if prompt == "-" else text_argument(prompt, "PROMPT")
+    system = text_argument(system, "--system")
+    stop = [text_argument(s, "--stop") for s in stop or []]
     loaded, load_s = open_model(model, memory_budget, threads, pin)
     generation = generate(
         loaded, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-        stop=[_unescape(s) for s in stop or []], chat=chat, system=system)
+        stop=[_unescape(s) for s in stop], chat=chat, system=system)
     try:
         for piece in generation:
             if not json:
@@ -103,17 +110,23 @@ def _rate(tok_s: float | None) -> str:
 
 
 def _read_stdin() -> str:
-    if sys.stdin is None or sys.stdin.closed:
-        raise MoeError("PROMPT is - but there is no stdin to read")
-    if sys.stdin.isatty():
+    if sys.stdin is not None and not sys.stdin.closed and sys.stdin.isatty():
         err.print("[dim]reading the prompt from stdin; end it with Ctrl-D[/dim]")
-    try:
-        text = sys.stdin.read()
-    except UnicodeDecodeError:
-        raise MoeError("stdin is not UTF-8 text; give the prompt as UTF-8") from None
+    text = read_stdin()
     if not text:
         raise MoeError("stdin held no prompt; pipe some text in")
     return text
+
+
+def _check_not_a_model(text: str) -> None:
+    """`moe run NAME` alone, where NAME is a folder or a converted model: the prompt is missing, not the model."""
+    from moe.runtime.home import models_dir
+
+    name = text.strip("/").replace("/", "--")  # as moe convert names a Hub id's folder
+    if text and (os.path.isdir(os.path.expanduser(text)) or name and os.path.isdir(models_dir() / name)):
+        raise MoeError(f"{text} is a folder or a converted model, and no prompt follows: give both "
+                       f"(moe run {text} \"PROMPT\"), or to run the demo on the text {text!r}, pipe it in "
+                       f"(echo {text} | moe run -)")
 
 
 _ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}

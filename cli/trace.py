@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .common import open_model, out, print_json
+from .common import open_model, out, print_json, text_argument
 from .options import Json, ModelArg, Threads
 
 EXAMPLE = """Examples:
@@ -37,6 +37,7 @@ def trace(
     """Run the prompt and show, per token and MoE layer, the experts the router chose and their weights."""
     from moe.runtime.routing_stats import trace as run_trace
 
+    prompt = text_argument(prompt, "PROMPT")
     loaded, _ = open_model(model, threads=threads)
     ids = loaded.tokenizer.encode(prompt, add_bos=False)
     if not ids:

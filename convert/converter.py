@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ import numpy as np
 from ..runtime import home
 from ..runtime.config import ModelConfig
 from ..runtime.errors import MoeError
+from ..runtime.files import load_json, not_a_file
 from ..runtime.info import kind_of
 from ..runtime.layout import (
     EXPERT_ALIGN,
@@ -34,6 +36,7 @@ from ..runtime.layout import (
     Packed,
     stored_nbytes,
 )
+from ..runtime.units import format_sizes
 from . import arch as arch_registry
 from . import hub, mxfp4
 from .arch.common import Out, Plan, Run, Src, eos_ids
@@ -73,6 +76,7 @@ def convert(src, out=None, bits: int = 4, group_size: int = 32, revision: str | 
         check_plan(plan, ckpt, source.folder)
         tokenizer = tokenizer_info(source.folder)
         encodings = {o.name: encoding_for(o, ckpt, bits) for o in plan.outs()}
+        check_group_size(group_size, plan, encodings)
         check_space(out, layout_bytes(plan, encodings, group_size))
         manifest = {
             "architecture": cfg.architecture,
@@ -93,15 +97,25 @@ def check_options(bits: int, group_size: int) -> None:
         raise MoeError(f"--group-size {group_size}: must be a positive multiple of 32 (32, 64, 128...)")
 
 
+def check_group_size(group_size: int, plan: Plan, encodings: dict[str, str]) -> None:
+    """Every quantized matrix's rows must split into whole groups: a group past a row's end is padding (4096 on
+    the demo wrote 62 MB from a 12 MB source)."""
+    widths = sorted({o.shape[-1] for o in plan.outs() if encodings[o.name] in QUANT_BITS})
+    if not widths:
+        return  # nothing quantized (--bits 16)
+    common = math.gcd(*widths)
+    allowed = [g for g in range(32, common + 1, 32) if common % g == 0] or [32]
+    if group_size not in allowed:
+        raise MoeError(f"--group-size {group_size}: does not split this model's rows ({', '.join(map(str, widths))} "
+                       f"columns) into whole groups; give one of {', '.join(map(str, allowed))}")
+
+
 def read_json(path: Path, required: bool = False) -> dict | None:
-    if not path.is_file():
+    if not_a_file(path) == "missing":
         if required:
             raise MoeError(f"{path}: missing; a Hugging Face checkpoint folder needs its config.json")
         return None
-    try:
-        data = json.loads(path.read_bytes()[: 64 << 20])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MoeError(f"{path}: not valid JSON ({exc}); re-download the model") from None
+    data = load_json(path, "re-download the model")
     if not isinstance(data, dict):
         raise MoeError(f"{path}: not a JSON object; re-download the model")
     return data
@@ -256,8 +270,9 @@ def check_space(out: Path, need: int) -> None:
     parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(parent).free
     if free < need:
-        raise MoeError(f"{parent}: {free / 1e9:.1f} GB free, the converted model needs {need / 1e9:.1f} GB; "
-                       "free some space or choose another output with -o", 1)
+        has, needs = format_sizes(free, need)
+        raise MoeError(f"{parent}: {has} free, the converted model needs {needs}; free some space or choose another "
+                       "output with -o", 1)
 
 
 # ---- reading and encoding
@@ -302,23 +317,21 @@ def _copy_tokenizer_file(src: Path, dst: Path) -> None:
     if src.name != "tokenizer.json":
         shutil.copyfile(src, dst)
         return
-    try:
-        data = json.loads(src.read_bytes())
-    except (ValueError, RecursionError):
-        raise MoeError(f"{src}: not valid JSON; use the tokenizer.json the model was published with") from None
+    data = load_json(src, "use the tokenizer.json the model was published with")
     dst.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
 
 
 def _post_processor_adds(tokenizer_json: Path, token: str) -> bool:
     """Whether tokenizer.json's post-processor puts `token` first (Llama 3 / 4 style BOS), absent add_bos_token."""
+    data = load_json(tokenizer_json, "re-download the model")
     try:
-        post = json.loads(tokenizer_json.read_bytes()).get("post_processor") or {}
+        post = data.get("post_processor") or {}
         processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
         for p in processors:
             single = p.get("single") if p.get("type") == "TemplateProcessing" else None
             if single and single[0].get("SpecialToken", {}).get("id") == token:
                 return True
-    except (ValueError, AttributeError, TypeError, KeyError, IndexError):  # ValueError: JSON, UTF-8
+    except (AttributeError, TypeError, KeyError, IndexError):
         raise MoeError(f"{tokenizer_json}: not a valid tokenizer file (JSON with a post_processor object); "
                        "re-download the model") from None
     return False
@@ -551,7 +564,7 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
 
 def summary(model: Path) -> str:
     """One line on a finished conversion: size before and after, time, worst quantization error."""
-    m = json.loads((Path(model) / MANIFEST).read_text())
+    m = load_json(Path(model) / MANIFEST, "reconvert the model")
     stats = m.get("stats", {})
     after = sum(f["size"] for f in m["files"].values())
     line = (f"{m['source']['id']} -> {model}: {_human(stats.get('source_bytes', 0))} -> {_human(after)} "

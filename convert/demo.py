@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from ..runtime.errors import MoeError
+from ..runtime.files import load_json
 from ..runtime.home import models_dir
 from ..runtime.layout import FORMAT_VERSION, MANIFEST
 
@@ -34,6 +34,6 @@ def demo_model() -> Path:
 def _current(manifest: Path) -> bool:
     """Whether a converted demo exists in this moe's layout format (an older one is converted again)."""
     try:
-        return json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
-    except (OSError, ValueError, AttributeError):
+        return load_json(manifest, "").get("format_version") == FORMAT_VERSION
+    except (MoeError, AttributeError):
         return False

@@ -9,7 +9,6 @@ Weights must be safetensors: pickle files (.bin, .pt) can run code when loaded a
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.errors import MoeError
+from ..runtime.files import load_json
 from .safetensors_io import INDEX
 
 SMALL_FILES = ["config.json", "model.safetensors.index.json", "tokenizer*", "generation_config.json",
@@ -123,7 +123,7 @@ def hub_errors(repo_id: str, revision: str | None):
 def _indexed_shards(folder: Path) -> list[str] | None:
     """The shard files model.safetensors.index.json names, None without a readable index."""
     try:
-        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        weight_map = load_json(folder / INDEX, "")["weight_map"]
         return sorted({f for f in weight_map.values() if isinstance(f, str)}) or None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (MoeError, KeyError, TypeError, AttributeError):
         return None

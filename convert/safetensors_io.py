@@ -9,7 +9,6 @@ process once it has been used, so reading a whole checkpoint never holds it in R
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.errors import MoeError
+from ..runtime.files import load_json, parse_json
 
 MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
 MAX_DIMS, MAX_DIM = 8, 1 << 48  # far beyond any checkpoint, within numpy's limits (an empty tensor may claim any)
@@ -94,8 +94,8 @@ class SafetensorsFile:
             raise self._bad(f"header length {n} exceeds {'the file' if n <= MAX_HEADER else 'the 100 MB limit'}; "
                             "the file is truncated or corrupt")
         try:
-            header = json.loads(self._file.read(n))
-        except (ValueError, UnicodeDecodeError):
+            header = parse_json(self._file.read(n), "header", "")
+        except MoeError:  # not UTF-8, not JSON, or nested past what Python parses
             raise self._bad("header is not valid JSON") from None
         if not isinstance(header, dict):
             raise self._bad("header is not a JSON object")
@@ -199,12 +199,12 @@ class Checkpoint:
             self._check_index(index)
 
     def _index_files(self, index: Path) -> list[str]:
+        data = load_json(index, "re-download the model")
         try:
-            data = json.loads(index.read_bytes()[: 64 << 20])
             weight_map = data["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        except (KeyError, TypeError):
             raise MoeError(f"{index}: not a valid index (needs a weight_map of tensor -> file); "
                            "re-download the model") from None
         self._weight_map = weight_map

@@ -6,12 +6,11 @@ local source folder's name), suffixed `-q8` or `-f16` when not 4-bit.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from .errors import MoeError
-from .layout import MANIFEST
+from .layout import MANIFEST, read_manifest
 
 _SUFFIX = {4: "", 8: "-q8", 16: "-f16"}
 
@@ -52,20 +51,27 @@ def resolve_model(spec: str) -> Path:
 
 
 def list_models() -> list[dict]:
-    """The converted models under moe_home(): name, path, architecture, bits and size in bytes, by name."""
-    out = []
+    """The converted models under moe_home(), by name: name, path, architecture, bits and size in bytes; a folder
+    whose manifest cannot be read has `error` (why) in place of architecture and bits, so one never hides the rest."""
     root = models_dir()
-    if not root.is_dir():
-        return out
-    for folder in sorted(root.iterdir()):
-        if folder.name.startswith(".") or not (folder / MANIFEST).is_file():
+    try:
+        folders = sorted(root.iterdir()) if root.is_dir() else []
+    except OSError as exc:
+        raise MoeError(f"{root}: cannot list it ({exc.strerror})", 1) from None
+    out = []
+    for folder in folders:
+        if folder.name.startswith(".") or not (folder / MANIFEST).exists():
             continue  # temporary folders of conversions in progress, stray files
+        entry = {"name": folder.name, "path": str(folder)}
         try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-            arch = manifest.get("architecture", "?")
-            bits = manifest.get("quantization", {}).get("bits")
-        except (OSError, ValueError, AttributeError):
-            arch, bits = "unreadable manifest", None
-        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-        out.append({"name": folder.name, "path": str(folder), "architecture": arch, "bits": bits, "size": size})
+            manifest = read_manifest(folder)
+            quantization = manifest.get("quantization")
+            entry.update(architecture=str(manifest.get("architecture", "?")),
+                         bits=quantization.get("bits", "?") if isinstance(quantization, dict) else "?",
+                         size=sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
+        except MoeError as exc:
+            entry["error"] = exc.message
+        except OSError as exc:
+            entry["error"] = f"{folder}: cannot read it ({exc.strerror})"
+        out.append(entry)
     return out

@@ -55,6 +55,7 @@ import math
 import mmap
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import MoeError
+from .files import load_json, not_a_file
 from .machine import open_read, pread
 
 FORMAT = "moe-layout"
@@ -187,6 +189,14 @@ def dequantize(p: Packed) -> np.ndarray:
 
 def crc32(buf) -> int:
     return zlib.crc32(buf) & 0xFFFFFFFF
+
+
+def crc32_each(buffers: list) -> list[int]:
+    """crc32 of each buffer, side by side on the cores: zlib releases the GIL over large buffers."""
+    if len(buffers) < 2:
+        return [crc32(b) for b in buffers]
+    with ThreadPoolExecutor(min(len(buffers), os.cpu_count() or 1)) as pool:
+        return list(pool.map(crc32, buffers))
 
 
 class LayoutWriter:
@@ -325,6 +335,22 @@ class Layout:
     def expert_record(self, layer: int, expert: int) -> dict:
         return self.manifest["experts"][str(layer)][expert]
 
+    def expert_run(self, layer: int, expert: int) -> memoryview:
+        """The expert's run in the memory-mapped experts.bin (no copy)."""
+        r = self.expert_record(layer, expert)
+        return memoryview(self.maps[EXPERTS_FILE])[r["offset"]: r["offset"] + r["nbytes"]]
+
+    def check_tensors(self) -> None:
+        """Every tensor outside the expert runs against its CRC-32s, through the memory map (the runs are
+        checked as their experts are first used): a mismatch is a damaged file, a runtime failure."""
+        spans = [(name, e, *span) for name, e in self.manifest["tensors"].items() if expert_key(name) is None
+                 for span in _checked_spans(e)]
+        views = [memoryview(self.maps[e["file"]])[off: off + n] for _, e, off, n, _, _ in spans]
+        for (name, e, _, _, key, what), crc in zip(spans, crc32_each(views), strict=True):
+            if crc != e[key]:
+                raise MoeError(f"{self.folder / e['file']}: tensor {name}{what} fails its checksum; the file is "
+                               "damaged, run `moe verify` and reconvert", 1)
+
     def expert_tensors(self, layer: int, expert: int) -> dict[str, dict]:
         """The entries of one expert's tensors, keyed by their short name (gate_up, down, ...)."""
         if not self._by_expert:
@@ -366,6 +392,12 @@ def _view(buf, e: dict, base: int) -> Packed:
     return Packed(enc, shape, codes.reshape(rows, width), scales.reshape(rows, groups), gs, supers.reshape(rows, nsup))
 
 
+def _checked_spans(e: dict) -> list[tuple[int, int, str, str]]:
+    """(offset, length, checksum key, what) of a tensor's codes and, when quantized, of its scales."""
+    nbytes, snbytes = expected_nbytes(e)
+    return [(e["offset"], nbytes, "crc32", "")] + ([(e["scales_offset"], snbytes, "scales_crc32", " scales")] if snbytes else [])
+
+
 def expected_nbytes(e: dict) -> tuple[int, int]:
     """(codes bytes, scales bytes) of a tensor entry; each part starts TENSOR_ALIGN-aligned in its file."""
     enc = e["encoding"]
@@ -389,13 +421,9 @@ def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not folder.is_dir():
         raise MoeError(f"{folder}: no such model folder; convert one with `moe convert SRC` or list them with `moe list`")
-    if not path.is_file():
+    if not_a_file(path) == "missing":
         raise MoeError(f"{path}: missing; this folder is not a converted model (convert it with `moe convert`)")
-    try:
-        with open(path, "rb") as f:
-            m = json.loads(f.read(64 << 20))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MoeError(f"{path}: not valid JSON ({exc}); reconvert the model") from None
+    m = load_json(path, "reconvert the model")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise MoeError(f"{path}: not a moe manifest; reconvert the model")
     version = m.get("format_version")
@@ -430,10 +458,11 @@ def _validate(folder: Path, m: dict) -> None:
     sizes = {}
     for fname in (MODEL_FILE, EXPERTS_FILE):
         declared = _check_int(m["files"][fname]["size"], f"files.{fname}.size")
-        actual = (folder / fname).stat().st_size if (folder / fname).is_file() else None
         # damage on disk is a runtime failure (exit 1), as a checksum mismatch is
-        if actual is None:
-            raise MoeError(f"{folder / fname}: missing; reconvert the model", 1)
+        problem = not_a_file(folder / fname)
+        if problem:
+            raise MoeError(f"{folder / fname}: {problem}; reconvert the model", 1)
+        actual = (folder / fname).stat().st_size
         if actual != declared:
             raise MoeError(f"{folder / fname}: {actual} bytes, the manifest says {declared}; the file is truncated or "
                            "altered, reconvert", 1)
@@ -450,9 +479,7 @@ def _validate(folder: Path, m: dict) -> None:
             gs = _check_int(e["group_size"], f"tensor {name} group_size")
             if len(shape) != 2 or gs == 0 or gs % CHUNK:
                 raise ValueError(f"tensor {name}: bad group size {gs}")
-        nbytes, snbytes = expected_nbytes(e)
-        spans = [(e["offset"], nbytes, "crc32")] + ([(e["scales_offset"], snbytes, "scales_crc32")] if snbytes else [])
-        for off, n, checksum in spans:
+        for off, n, checksum, _ in _checked_spans(e):
             _check_int(off, f"tensor {name} offset")
             _check_int(e[checksum], f"tensor {name} {checksum}")
             if off % TENSOR_ALIGN or off + n > sizes[e["file"]]:
@@ -470,8 +497,7 @@ def _validate(folder: Path, m: dict) -> None:
         key = expert_key(name)
         if key is None:
             continue
-        nbytes, snbytes = expected_nbytes(e)
-        spans = [(e["offset"], e["offset"] + nbytes)] + ([(e["scales_offset"], e["scales_offset"] + snbytes)] if snbytes else [])
+        spans = [(off, off + n) for off, n, _, _ in _checked_spans(e)]
         start, end = runs.get((str(key[0]), key[1]), (None, None))
         if start is None or e["file"] != EXPERTS_FILE or min(a for a, _ in spans) < start or max(b for _, b in spans) > end:
             raise MoeError(f"{path}: tensor {name} lies outside its expert's run; reconvert the model")
@@ -532,10 +558,8 @@ def verify(folder) -> list[str]:
     fds = {fname: open_read(folder / fname) for fname in (MODEL_FILE, EXPERTS_FILE)}
     try:
         for name, e in m["tensors"].items():
-            nbytes, snbytes = expected_nbytes(e)
-            spans = ((e["offset"], nbytes, "crc32", ""), (e.get("scales_offset"), snbytes, "scales_crc32", " scales"))
-            for off, n, key, what in spans:
-                if n and crc32(pread(fds[e["file"]], n, off)) != e[key]:
+            for off, n, key, what in _checked_spans(e):
+                if crc32(pread(fds[e["file"]], n, off)) != e[key]:
                     problems.append(f"{_where(name)}: checksum mismatch in tensor {name}{what}")
         for layer, runs in m["experts"].items():
             for j, r in enumerate(runs):

@@ -12,13 +12,13 @@ Profile definitions, per MoE layer over sequences of T tokens (k experts per tok
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MoeError
+from .files import load_json, not_a_file
 
 PROFILE_FORMAT = "moe-profile"
 # Pinned experts fill at most this share of the cache's slots: on the trained models at a 25 % budget,
@@ -121,12 +121,13 @@ def read_pins(path, model, budget: int | None = None) -> list[tuple[int, int]]:
     manifest = read_manifest(folder)
     config = manifest["config"]
     path = Path(path)
+    remedy = f"make one with `moe profile MODEL FILE -o {path.name}`"
+    if not_a_file(path) == "missing":
+        raise MoeError(f"--pin {path}: no such file; {remedy}")
+    data = load_json(path, remedy, f"--pin {path}")
     try:
-        data = json.loads(path.read_text())
         pairs = [(int(layer), int(expert)) for layer, expert in data["hottest"]]
-    except FileNotFoundError:
-        raise MoeError(f"--pin {path}: no such file; make one with `moe profile MODEL FILE -o {path.name}`") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise MoeError(f"--pin {path}: not a profile made by `moe profile` ({type(exc).__name__}: {exc})") from None
     moe_layers = {i for i, spec in enumerate(config["layers"]) if spec["moe"]}
     for layer, expert in pairs:

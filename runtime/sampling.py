@@ -24,6 +24,8 @@ class Sampler:
             raise MoeError(f"--top-p {top_p} must be in (0, 1]; 1 turns it off")
         if not 0 <= min_p <= 1:
             raise MoeError(f"--min-p {min_p} must be in [0, 1]; 0 turns it off")
+        if seed is not None and seed < 0:
+            raise MoeError(f"--seed {seed} must be 0 or more")
         self.temperature = float(temperature)
         self.top_k = int(top_k)
         self.top_p = float(top_p)

@@ -45,6 +45,7 @@ import numpy as np
 
 from ..convert.safetensors_io import TensorInfo
 from .errors import MoeError
+from .files import load_json
 from .home import moe_home
 from .kernels import SOURCES_HASH
 from .layout import CHUNK, QUANT_BITS, LayoutWriter, Packed, padded_cols, supers_of
@@ -375,8 +376,8 @@ def predict(fig: dict, rates: dict, mini: dict, budget: int | None = None, avail
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = load_json(path, "")
+    except MoeError:
         return {}
     return data if isinstance(data, dict) else {}
 

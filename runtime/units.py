@@ -40,3 +40,10 @@ def format_size(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} TB"
+
+
+def format_sizes(a: int, b: int) -> tuple[str, str]:
+    """Two sizes a message compares, as format_size, or in exact bytes where those would read the same
+    ("131.07 kB is below the minimum of 131.07 kB")."""
+    short = format_size(a), format_size(b)
+    return short if short[0] != short[1] or a == b else (f"{a:,} bytes", f"{b:,} bytes")

@@ -315,3 +315,48 @@ def test_any_other_base_exception_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(moe.cli.run, "open_model", panicking)
     assert main(["run", "x"]) == 1
     one_line_error(capsys.readouterr().err, "unexpected PanicException: index out of bounds", "MOE_DEBUG=1")
+
+
+@pytest.mark.parametrize("kind, said", [("fifo", "is a FIFO (named pipe), not a file"),
+                                        ("device", "is a character device, not a file"),
+                                        ("folder", "is a folder, not a file")])
+@pytest.mark.parametrize("fname", [EXPERTS_FILE, MODEL_FILE])
+def test_a_layout_file_that_is_not_a_file_is_named_for_what_it_is(damaged_copy, capsys, fname, kind, said):
+    path = damaged_copy / fname
+    path.unlink()
+    {"fifo": os.mkfifo, "device": lambda p: p.symlink_to("/dev/zero"), "folder": Path.mkdir}[kind](path)
+    assert main(["run", str(damaged_copy), "x"]) == 1
+    one_line_error(capsys.readouterr().err, f"{path}: {said}; reconvert the model")
+
+
+def test_stdout_on_a_full_device_is_one_line(demo_q4, env):
+    for args in (["run", str(demo_q4), "hello", "--max-tokens", "3"], ["info", str(demo_q4), "--json"], ["--version"]):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([sys.executable, "-m", "moe", *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                                  env=env, timeout=300)
+        assert done.returncode == 1
+        one_line_error(done.stderr, "cannot write the output (No space left on device)")
+
+
+def test_the_disk_check_shows_figures_that_differ(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 5000, 5000))
+    assert main(["convert", str(DEMO_SOURCE), "-o", str(tmp_path / "out")]) == 1
+    one_line_error(capsys.readouterr().err, f"{tmp_path}: 5.00 kB free, the converted model needs 3.99 MB")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_budget_just_below_the_minimum_shows_exact_bytes(demo_q4, capsys):
+    layout = open_layout(demo_q4)
+    least = min_budget(layout)
+    layout.close()
+    assert main(["run", str(demo_q4), "x", "--memory-budget", str(least - 1)]) == 2
+    one_line_error(capsys.readouterr().err, f"memory budget {least - 1:,} bytes is below this model's minimum of "
+                                            f"{least:,} bytes")
+
+
+@pytest.mark.parametrize("group_size", [4096, 96, 10**9])
+def test_a_group_size_that_does_not_split_the_rows_is_refused_up_front(tmp_path, capsys, group_size):
+    assert main(["convert", str(DEMO_SOURCE), "-o", str(tmp_path / "out"), "--group-size", str(group_size)]) == 2
+    one_line_error(capsys.readouterr().err, f"--group-size {group_size}: does not split this model's rows (128, 256 "
+                                            "columns) into whole groups; give one of 32, 64, 128")
+    assert list(tmp_path.iterdir()) == []
