@@ -3,9 +3,11 @@
 import io
 import json
 import signal
+import time
 
 import moe.cli.bench
 import moe.cli.run
+import moe.cli.trace
 import moe.runtime.kernels
 import moe.runtime.model
 import numpy as np
@@ -249,3 +251,64 @@ def test_version_and_bare_moe(capsys):
     assert code == 0 and out.startswith("moe ")
     code, out, _ = moe_cli(capsys)
     assert code == 0 and "Commands" in out
+
+
+# ---- text that is not UTF-8, endless, or a folder taken for a prompt
+
+NOT_UTF8 = "caf\udce9 au lait"  # argv's b"caf\xe9 au lait" as Python hands it over (surrogateescape)
+
+
+@pytest.mark.parametrize("args, name", [
+    (["run", NOT_UTF8], "PROMPT"),
+    (["run", "m", NOT_UTF8], "PROMPT"),
+    (["run", "x", "--chat", "--system", NOT_UTF8], "--system"),
+    (["run", "x", "--stop", NOT_UTF8], "--stop"),
+    (["trace", "m", NOT_UTF8], "PROMPT"),
+])
+def test_arguments_that_are_not_utf8_are_one_line(capsys, opened, monkeypatch, args, name):
+    monkeypatch.setattr(moe.cli.trace, "open_model", opened_never)
+    code, out, err = moe_cli(capsys, *args)
+    assert (code, out) == (2, "") and opened == []
+    assert err == f"error: {name}: not UTF-8 text (byte 3); convert it to UTF-8\n"
+
+
+def opened_never(*args, **kwargs):
+    raise AssertionError("the model was opened before the arguments were checked")
+
+
+@pytest.mark.parametrize("data, said", [
+    (b"def f():\n    return 'caf\xe9'\n", "stdin: not UTF-8 text (byte 24); convert it to UTF-8"),
+    (None, "stdin: larger than 64.00 MB; give a shorter text"),
+])
+def test_stdin_that_is_not_utf8_or_endless_is_one_line(capsys, opened, monkeypatch, data, said):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)) if data else open("/dev/zero"))
+    start = time.perf_counter()
+    code, out, err = moe_cli(capsys, "run", "-")
+    assert (code, out) == (2, "") and err.startswith(f"error: {said}") and len(err.splitlines()) == 1
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("command", ["perplexity", "profile"])
+def test_a_text_file_from_dev_zero_is_refused_unread(capsys, command):
+    code, out, err = moe_cli(capsys, command, "m", "/dev/zero")
+    assert (code, out) == (2, "") and err.startswith("error: /dev/zero: larger than 64.00 MB;")
+
+
+def test_a_negative_seed_is_bad_input(capsys, opened):
+    code, out, err = moe_cli(capsys, "run", "x", "--seed", "-1", "--temperature", "1")
+    assert (code, out, err) == (2, "", "error: --seed -1 must be 0 or more\n")
+
+
+def test_one_argument_naming_a_folder_or_a_model_is_not_taken_for_a_prompt(capsys, opened, monkeypatch, tmp_path):
+    from moe.runtime.home import models_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "good").mkdir()
+    (models_dir() / "org--model").mkdir(parents=True)
+    for name in ("good", "./good/", "org/model", "org--model"):
+        code, out, err = moe_cli(capsys, "run", name)
+        assert (code, out) == (2, "") and opened == []
+        assert err == (f"error: {name} is a folder or a converted model, and no prompt follows: give both "
+                       f"(moe run {name} \"PROMPT\"), or to run the demo on the text {name!r}, pipe it in "
+                       f"(echo {name} | moe run -)\n")
+    assert moe_cli(capsys, "run", "goodness")[:2] == (0, SCRIPT)  # a prompt that only looks like one

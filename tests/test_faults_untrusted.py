@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import time
@@ -285,3 +286,74 @@ def test_a_manifest_naming_another_file_is_refused(tmp_path, file):
 def test_default_outputs_stay_inside_the_models_folder(src):
     out = default_output(src, 4)
     assert out.parent == models_dir() and out.name not in ("", ".", "..")
+
+
+# ---- JSON nested past what Python parses, and files that are not files
+
+NESTED = b"[" * 200_000
+
+
+def test_a_nested_manifest_is_one_line_and_moe_list_still_lists_the_rest(tmp_path, capsys):
+    good = convert(DEMO_SOURCE, models_dir() / "good")
+    for name, make in {"nested": lambda p: p.write_bytes(NESTED), "fifo": os.mkfifo,
+                       "device": lambda p: p.symlink_to("/dev/zero")}.items():
+        bad = shutil.copytree(good, models_dir() / name)
+        (bad / MANIFEST).unlink()
+        make(bad / MANIFEST)
+    assert main(["run", str(models_dir() / "nested"), "hi"]) == 2
+    one_line_error(capsys.readouterr().err, f"{models_dir() / 'nested' / MANIFEST}: JSON nested too deeply to read; "
+                                            "reconvert the model")
+    assert main(["list"]) == 0
+    out, err = capsys.readouterr()
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()[1:]}
+    assert rows == {"device": ["unreadable", "?"], "fifo": ["unreadable", "?"], "good": ["mixtral", "4"],
+                    "nested": ["unreadable", "?"]} and "None" not in out
+    assert err.splitlines() == [
+        f"warning: device is unreadable: {models_dir() / 'device' / MANIFEST}: is a character device, not a file; "
+        "reconvert the model",
+        f"warning: fifo is unreadable: {models_dir() / 'fifo' / MANIFEST}: is a FIFO (named pipe), not a file; "
+        "reconvert the model",
+        f"warning: nested is unreadable: {models_dir() / 'nested' / MANIFEST}: JSON nested too deeply to read; "
+        "reconvert the model"]
+    assert main(["list", "--json"]) == 0
+    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert listed["good"]["bits"] == 4 and "nested too deeply" in listed["nested"]["error"]
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json",
+                                  "special_tokens_map.json", "model.safetensors.index.json", "tokenizer.json"])
+def test_nested_json_in_a_source_is_one_line(demo_src, tmp_path, capsys, name):
+    (demo_src / name).write_bytes(NESTED)
+    assert main(["convert", str(demo_src), "-o", str(tmp_path / "out")]) == 2
+    one_line_error(capsys.readouterr().err, f"{demo_src / name}: JSON nested too deeply to read; ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_nested_safetensors_header_is_one_line(demo_src, tmp_path, capsys):
+    shard = demo_src / "model-00001-of-00002.safetensors"
+    shard.write_bytes(len(NESTED).to_bytes(8, "little") + NESTED)
+    assert main(["convert", str(demo_src), "-o", str(tmp_path / "out")]) == 2
+    one_line_error(capsys.readouterr().err, f"{shard}: not a valid safetensors file (header is not valid JSON)")
+
+
+@pytest.mark.parametrize("profile, said", [("nested", "JSON nested too deeply to read"),
+                                           ("/dev/zero", "is a character device, not a file")])
+def test_a_pin_profile_that_is_nested_or_endless_is_one_line(tmp_path, capsys, profile, said):
+    model = convert(DEMO_SOURCE, tmp_path / "model")
+    if profile == "nested":
+        profile = tmp_path / "nested.json"
+        profile.write_bytes(NESTED)
+    assert main(["run", str(model), "hi", "--pin", str(profile), "--memory-budget", "1GB"]) == 2
+    one_line_error(capsys.readouterr().err, f"--pin {profile}: {said}; make one with `moe profile MODEL FILE -o ")
+
+
+def test_readers_that_fall_back_treat_nested_json_as_unreadable(tmp_path):
+    from moe.convert.demo import _current
+    from moe.convert.hub import _indexed_shards
+    from moe.runtime.speed import _read_json
+
+    (tmp_path / MANIFEST).write_bytes(NESTED)
+    (tmp_path / "model.safetensors.index.json").write_bytes(NESTED)
+    assert _current(tmp_path / MANIFEST) is False
+    assert _indexed_shards(tmp_path) is None
+    assert _read_json(tmp_path / MANIFEST) == {}
