@@ -109,13 +109,16 @@ def test_quantize_acts_matches_twin(T, cols):
     assert np.abs(xq).max() <= 127
 
 
-def arrange_pairs_twin(xq: np.ndarray) -> np.ndarray:
-    """Each pair of 32-column blocks (c0, c1) as [c0[:16], c1[:16], c0[16:], c1[16:]]; an odd last block stays."""
+def arrange_twin(xq: np.ndarray) -> np.ndarray:
+    """Each whole group of simd.GROUP blocks in units of simd.UNIT columns, ordered (unit within a half, half,
+    block): pairs of 16-column halves on x86 ([c0[:16], c1[:16], c0[16:], c1[16:]]), groups of 4 in 4-column
+    units for arm64's sdot; the blocks of a last, partial group stay."""
     T, cp = xq.shape
+    unit, group = simd.UNIT, simd.GROUP
     out = xq.copy()
-    whole = cp // 64 * 64
-    pairs = xq[:, :whole].reshape(T, -1, 2, 2, 16)  # (T, pair, block, half, 16)
-    out[:, :whole] = pairs.transpose(0, 1, 3, 2, 4).reshape(T, whole)
+    whole = cp // (CHUNK * group) * CHUNK * group
+    blocks = xq[:, :whole].reshape(T, -1, group, 2, 16 // unit, unit)  # (T, group, block, half, unit, column)
+    out[:, :whole] = blocks.transpose(0, 1, 4, 3, 2, 5).reshape(T, whole)
     return out
 
 
@@ -132,7 +135,7 @@ def test_prepare_acts_matches_twin(T, cols, gs):
     ref_q, ref_s = quantize_acts_twin(x, cp)
     assert np.array_equal(xq, ref_q)
     assert np.array_equal(xs, ref_s)
-    assert np.array_equal(xqa, arrange_pairs_twin(ref_q))
+    assert np.array_equal(xqa, arrange_twin(ref_q))
     sums = ref_q.reshape(T, -1, CHUNK).astype(np.int32).sum(axis=2).astype(np.float32)
     assert np.array_equal(xsum, sums * ref_s)
 

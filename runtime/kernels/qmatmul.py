@@ -63,21 +63,22 @@ def quantize_acts(x, xq, xs):
         _quantize_blocks(x, xq, xs, t, 0, xq.shape[1] // CHUNK)
 
 
+@njit(inline="always", **FLAGS)
+def arranged_at(b, c, nblocks):
+    """Where column c of block b goes in the arranged activations the vector kernels read (simd.UNIT, GROUP);
+    the blocks of a last, partial group stay where they are."""
+    m = b % simd.GROUP
+    if b >= nblocks - nblocks % simd.GROUP:
+        return b * CHUNK + c
+    return (b - m) * CHUNK + ((c % 16 // simd.UNIT * 2 + c // 16) * simd.GROUP + m) * simd.UNIT + c % simd.UNIT
+
+
 @njit(**FLAGS)
 def _arrange_block(xq, xqa, t, b):
-    """Block b of token t into xqa, the pair layout the vector kernels read: each pair of blocks (c0, c1)
-    as [c0[:16], c1[:16], c0[16:], c1[16:]], the order of one 32-byte load of q4 nibbles (low nibbles,
-    then high); an odd last block stays as it is."""
-    half = CHUNK // 2
-    if b == xq.shape[1] // CHUNK - 1 and b % 2 == 0:
-        first = b * CHUNK
-        second = first + half
-    else:
-        first = b // 2 * 2 * CHUNK + b % 2 * half
-        second = first + CHUNK
-    for i in range(half):
-        xqa[t, first + i] = xq[t, b * CHUNK + i]
-        xqa[t, second + i] = xq[t, b * CHUNK + half + i]
+    """Block b of token t into xqa, arranged for the vector kernels (arranged_at)."""
+    nblocks = xq.shape[1] // CHUNK
+    for c in range(CHUNK):
+        xqa[t, arranged_at(b, c, nblocks)] = xq[t, b * CHUNK + c]
 
 
 @njit(**FLAGS)
@@ -289,7 +290,7 @@ def prepare_acts(x, xq, xqa, xs, xsum):
     full = cols // CHUNK
     for t in range(T):
         for b in range(full):
-            simd.quantize_block(x, xq, xqa, xs, xsum, t, b, b == nblocks - 1 and b % 2 == 0)
+            simd.quantize_block(x, xq, xqa, xs, xsum, t, b, b >= nblocks - nblocks % simd.GROUP)
         _quantize_blocks(x, xq, xs, t, full, nblocks)
         for b in range(full, nblocks):
             _arrange_block(xq, xqa, t, b)

@@ -2,7 +2,7 @@
 
 Numba's auto-vectorizer finds neither the u8 x s8 multiply-adds nor a way to keep vector
 accumulators across 32-column blocks, so the loop over one weight row is written here as LLVM IR:
-x86 instructions on AVX2 CPUs, portable vector IR elsewhere (target_has_x86_simd).
+x86 instructions on AVX2 CPUs, sdot on arm64 CPUs that have it, portable vector IR elsewhere (target_isa).
 Each intrinsic takes one row of codes and scales and a tile of NT tokens, walks the row's blocks
 eight at a time (256 columns), and returns the NT dot products over those blocks; the caller adds
 the blocks left over.
@@ -20,7 +20,12 @@ holding a whole block per lane (two pairs folded at a time, to keep few vectors 
 once to float, x_b times it less the offset term, times w_b into one vector accumulator per
 (row, token); the accumulator is reduced once per row.
 
-Activations come arranged (see qmatmul._arrange_block): for each pair of blocks (c0, c1), 64 bytes
+arm64 (dotprod): the same integer block sums, from signed dot products of 4 bytes (sdot; signed products of
+nibbles are exact), with the blocks' float combination unchanged: results are bit-identical to the portable
+path's on the same CPU. Activations come in groups of 4 blocks of 4-byte units (UNIT, GROUP) and the weights
+are read with interleaving loads (ld4), so that each 32-bit lane of an sdot sums one block: no horizontal adds.
+
+Activations come arranged (see qmatmul.arranged_at; below, x86's): for each pair of blocks (c0, c1), 64 bytes
 [c0[0:16], c1[0:16], c0[16:32], c1[16:32]], so one 32-byte load of q4 nibbles (c0's 16 bytes, then
 c1's), masked and shifted, meets the activations of its low and of its high nibbles; q8 weights are
 gathered in the same order (two 16-byte loads per vector).
@@ -31,19 +36,21 @@ run-time state, so cached kernels are always the right ones.
 
 from __future__ import annotations
 
-import platform
+import functools
 
 import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils, config
+from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic
 
-from ..layout import SUPER
+from ..layout import CHUNK, SUPER
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F32 = ir.FloatType()
 V32I8, V16I16, V8I32 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8)
+V4I32, V16I8 = ir.VectorType(I32, 4), ir.VectorType(I8, 16)
 V8F32 = ir.VectorType(F32, 8)
 BLOCKS = 8  # blocks of 32 columns per loop step
 STEP = 1.0 / 127.0  # a group's scale is its int8 times super-scale * STEP (as float32: layout.group_scales)
@@ -53,26 +60,72 @@ PREFETCH_BYTES = 2048  # how far ahead of the row position the loop prefetches c
 _X86_NEEDS = ("avx2", "fma", "f16c")
 
 
+def _numba_target() -> tuple[str, str]:
+    """(cpu, features) numba compiles for: NUMBA_CPU_NAME and NUMBA_CPU_FEATURES when set, else the host's, as
+    numba takes them (its features are "" where LLVM cannot read the host's, as on macOS: the cpu implies them)."""
+    cpu = config.CPU_NAME or llvm.get_host_cpu_name()
+    return cpu, config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+
+
 def target_features() -> set[str]:
-    """The CPU features numba compiles for: NUMBA_CPU_FEATURES when set, else the host's (as numba does)."""
-    if config.CPU_FEATURES is not None:
-        return {f[1:] for f in config.CPU_FEATURES.split(",") if f.startswith("+")}
-    return {name for name, on in llvm.get_host_cpu_features().items() if on}
+    """The CPU features numba compiles for that it names (none for a bare cpu name)."""
+    return {f[1:] for f in _numba_target()[1].split(",") if f.startswith("+")}
 
 
 def has_vnni(features: set[str]) -> bool:
     return {"avx512vnni", "avx512vl"} <= features or "avxvnni" in features
 
 
-def target_has_x86_simd() -> bool:
-    """Whether numba compiles for an x86-64 CPU with AVX2, FMA and F16C: then the x86 instructions are
-    used, else portable LLVM vector IR (NEON on arm64, SSE2 on an old x86), which LLVM lowers itself.
+def target_isa() -> str:
+    """How the dot products are emitted for the CPU numba compiles for: "vnni" or "avx2" (x86-64 with AVX2, FMA
+    and F16C, and AVX-512 VNNI or AVX-VNNI), "dotprod" (arm64 with sdot), else "portable": vector IR that
+    LLVM lowers itself (NEON without sdot, SSE2 on an old x86).
 
-    To try the portable path on an AVX2 machine, compile for another CPU, e.g. NUMBA_CPU_NAME=x86-64
-    NUMBA_CPU_FEATURES="" (numba keys its cache on the target, so nothing stale is reused).
+    To try another path, compile for another CPU, e.g. NUMBA_CPU_NAME=x86-64 NUMBA_CPU_FEATURES="" for the
+    portable one on an AVX2 machine (numba keys its cache on the target, so nothing stale is reused).
     """
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return x86 and set(_X86_NEEDS) <= target_features()
+    arch = llvm.get_process_triple().split("-")[0]
+    if arch in ("x86_64", "amd64"):
+        features = target_features()
+        if set(_X86_NEEDS) <= features:
+            return "vnni" if has_vnni(features) else "avx2"
+    elif arch in ("aarch64", "arm64") and _has_dotprod(llvm.get_process_triple(), *_numba_target()):
+        return "dotprod"
+    return "portable"
+
+
+def target_has_x86_simd() -> bool:
+    return target_isa() in ("avx2", "vnni")
+
+
+_DOT_PROBE = """
+define i32 @probe(<16 x i8> %a, <16 x i8> %b) {
+  %x = sext <16 x i8> %a to <16 x i32>
+  %y = sext <16 x i8> %b to <16 x i32>
+  %m = mul <16 x i32> %x, %y
+  %s = call i32 @llvm.vector.reduce.add.v16i32(<16 x i32> %m)
+  ret i32 %s
+}
+declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)
+"""
+
+
+@functools.cache
+def _has_dotprod(triple: str, cpu: str, features: str) -> bool:
+    """Whether LLVM compiles for this arm64 target with sdot, asked of LLVM itself: which CPUs have it is its
+    knowledge, and on macOS numba names only the cpu. A lone sum of 16 signed byte products becomes one sdot
+    exactly when the target has it (calling the intrinsic on a target without it would abort the process)."""
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features)
+    return "sdot" in machine.emit_assembly(llvm.parse_assembly(_DOT_PROBE))
+
+
+# How prepare_acts arranges a token's 8-bit activations for the kernels (xqa): in each group of GROUP blocks,
+# column c of block m at ((c % 16 // UNIT * 2 + c // 16) * GROUP + m) * UNIT + c % UNIT (qmatmul.arranged_at).
+# x86 and portable: pairs of blocks in 16-byte halves (one 32-byte load meets a pair's low or high nibbles);
+# dotprod: groups of 4 blocks in 4-byte units, so that each 32-bit lane of sdot meets one block (_dotprod_sums).
+UNIT, GROUP = (4, 4) if target_isa() == "dotprod" else (16, 2)
 
 
 def _splat(vty: ir.VectorType, value) -> ir.Constant:
@@ -177,6 +230,84 @@ def _block_sums_portable(builder, pairs, signed: bool):
     return sums
 
 
+def _gathered(builder, sums):
+    """<8 x i32> of the portable path's 8 block sums."""
+    v = ir.Constant(V8I32, None)
+    for k, x in enumerate(sums):
+        v = builder.insert_element(v, x, ir.Constant(I32, k))
+    return v
+
+
+def _words(builder, base, at, n: int, picks):
+    """<16 x i8> vectors of the words picked (lists of 4 indices) out of the n 32-bit words at byte `at`."""
+    v = _load(builder, base, at, ir.VectorType(I32, n))
+    return [builder.bitcast(builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 4), p)), V16I8) for p in picks]
+
+
+def _group_weights(builder, kind: str, crow, first, high_at):
+    """arm64: blocks first .. first+3 of a row as 8 <16 x i8>, in the order of the dotprod arrangement's
+    units (w, h): lane m's 4 bytes are block m's columns 16h + 4w .. +3. q4-q6 take word w of each block's
+    nibbles (one interleaved load: ld4), the low nibbles for h = 0, the high for h = 1, with their high
+    bits: q5's word per block holds column 4w + e's in byte e at bit w (h = 0) or 4 + w (h = 1); q6's
+    word w % 2 of 2 per block holds them in byte e at bits 2 (w // 2) (h = 0) or 4 + 2 (w // 2) (h = 1).
+    q8 takes word 4h + w of each block's 8."""
+    def at(base, per_block):
+        return builder.add(base, builder.mul(first, ir.Constant(I64, per_block)))
+
+    if kind == "q8":  # two blocks per ld4: word w and 4 + w of each, then the 4 blocks' words w and 4 + w apart
+        halves = [_ld4(builder, crow, at(ir.Constant(I64, 32 * pair), 32)) for pair in range(2)]
+        return [builder.bitcast(builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 4), list(range(h, 8, 2)))),
+                                V16I8) for a, b in zip(*halves, strict=True) for h in range(2)]
+    raw = _words(builder, crow, at(ir.Constant(I64, 0), 16), 16, [[4 * m + w for m in range(4)] for w in range(4)])
+    if kind == "q5":
+        high = _words(builder, crow, at(high_at, 4), 4, [list(range(4))]) * 4
+        shifts, mask = range(4), 1
+    elif kind == "q6":
+        high = _words(builder, crow, at(high_at, 8), 8, [[2 * m + p for m in range(4)] for p in range(2)]) * 2
+        shifts, mask = (0, 0, 2, 2), 3
+    units = []
+    for w, r in enumerate(raw):
+        if kind == "q4":
+            units += [builder.and_(r, _splat(V16I8, 0x0F)), builder.lshr(r, _splat(V16I8, 4))]
+            continue
+        bits = builder.lshr(high[w], _splat(V16I8, shifts[w])) if shifts[w] else high[w]
+        four = ir.Constant(I32, 4)  # shift-and-insert: the nibble and its high bits in one instruction each
+        units += [_call(builder, "llvm.aarch64.neon.vsli.v16i8", V16I8, r, builder.and_(bits, _splat(V16I8, mask)), four),
+                  _call(builder, "llvm.aarch64.neon.vsri.v16i8", V16I8, builder.and_(bits, _splat(V16I8, mask << 4)), r, four)]
+    return units
+
+
+def _ld4(builder, base, at):
+    """<4 x i32> x 4 of the 64 bytes at `at`, word k of 16 in vector k % 4 (ld4)."""
+    v4 = ir.VectorType(I32, 4)
+    both = _call(builder, "llvm.aarch64.neon.ld4.v4i32.p0", ir.LiteralStructType([v4] * 4),
+                 builder.gep(base, [at], inbounds=True))
+    return [builder.extract_value(both, k) for k in range(4)]
+
+
+def _dotprod_sums(builder, kind: str, crows, xq_rows, high_at, b):
+    """arm64 with sdot: {(row, token): <8 x i32>}, the sums of blocks b .. b+7 (lane k block b + k).
+
+    Per group of 4 blocks, 8 signed dot products of 4 bytes (sdot) of one weight unit and one activation
+    unit (_group_weights, and the activations' arrangement GROUP x UNIT) sum each block in its own lane:
+    no horizontal adds. Signed products are exact: q4-q6 codes with their high bits are 0..63, q8 codes
+    and activations int8."""
+    sums = {}
+    for g in range(BLOCKS // 4):
+        first = builder.add(b, ir.Constant(I64, 4 * g))
+        xoff = builder.mul(first, ir.Constant(I64, 32))
+        xunits = [[_load(builder, row, builder.add(xoff, ir.Constant(I64, 16 * u)), V16I8) for u in range(8)]
+                  for row in xq_rows]
+        for i, crow in enumerate(crows):
+            units = _group_weights(builder, kind, crow, first, high_at)
+            for j, xs in enumerate(xunits):
+                acc = _splat(V4I32, 0)
+                for w, x in zip(units, xs, strict=True):
+                    acc = _call(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", V4I32, acc, w, x)
+                sums.setdefault((i, j), []).append(acc)
+    return {tile: builder.shuffle_vector(*v, ir.Constant(V8I32, list(range(8)))) for tile, v in sums.items()}
+
+
 def _phadd(builder, a, b):
     return _call(builder, "llvm.x86.avx2.phadd.d", V8I32, a, b)
 
@@ -232,51 +363,71 @@ def _make_dot(kind: str, nr: int, nt: int):
     """
 
     def codegen(context, builder, sig, args):
-        x86 = target_has_x86_simd()
-        codes_t, scales_t, supers_t, _, xq_t, xs_t, xsum_t = sig.args[:7]
-        codes, codes_stride = _bytes(context, builder, codes_t, args[0])
-        scales, scales_stride = _bytes(context, builder, scales_t, args[1])
-        supers, supers_stride = _bytes(context, builder, supers_t, args[2])
-        xq, xq_stride = _bytes(context, builder, xq_t, args[4])
-        xs, xs_stride = _bytes(context, builder, xs_t, args[5])
-        xsum, xsum_stride = _bytes(context, builder, xsum_t, args[6])
-        r0, t0, nb, shift = args[3], args[7], args[8], args[9]
+        return emit_dot(target_isa(), kind, nr, nt, context, builder, sig, args)
 
-        def rows_of(base, stride, first, n):
-            return [builder.gep(base, [builder.mul(builder.add(first, ir.Constant(I64, i)), stride)], inbounds=True)
-                    for i in range(n)]
+    def typer(typingctx, codes, scales, supers, r, xqa, xs, xsum, t0, nb, shift):
+        arrays = (codes, scales, supers, xqa, xs, xsum)
+        if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
+            return None
+        i64 = types.int64
+        sig = types.UniTuple(types.float32, nr * nt)(codes, scales, supers, i64, xqa, xs, xsum, i64, i64, i64)
+        return sig, codegen
 
-        crows, srows = rows_of(codes, codes_stride, r0, nr), rows_of(scales, scales_stride, r0, nr)
-        urows = rows_of(supers, supers_stride, r0, nr)
-        xq_rows, xs_rows = rows_of(xq, xq_stride, t0, nt), rows_of(xs, xs_stride, t0, nt)
-        xsum_rows = rows_of(xsum, xsum_stride, t0, nt)
-        tiles = [(i, j) for i in range(nr) for j in range(nt)]
-        # per (row, token): one accumulator of scaled block sums, the offset term taken out block by block (a
-        # second accumulator per tile would leave the 1 x 4 loop too few of AVX2's 16 vector registers)
-        accs = {tile: cgutils.alloca_once_value(builder, _splat(V8F32, 0.0)) for tile in tiles}
-        vnni = x86 and has_vnni(target_features())
-        # the weights' offset, times sum(xq) per block: q4-q6 store q + 2**(bits-1); q8 with VNNI uses c + 128 as u8
-        packed = kind != "q8"
-        offset = float(OFFSETS[kind]) if packed else 128.0 if vnni else 0.0
-        steps = builder.udiv(nb, ir.Constant(I64, BLOCKS))
-        step_bytes = BLOCKS * (16 if packed else 32)  # bytes of one row's nibbles (or q8 codes) per loop step
-        # q5 / q6: where a row's high bits begin (after cols_pad / 2 bytes of nibbles), and their bytes per block
-        high_at = builder.udiv(builder.mul(codes_stride, ir.Constant(I64, 4)), ir.Constant(I64, BITS[kind]))
-        high_block = {"q5": 4, "q6": 8}.get(kind, 0)
-        prefetch_at = ir.Constant(I64, PREFETCH_BYTES)
-        with cgutils.for_range(builder, steps) as loop:
-            b = builder.mul(loop.index, ir.Constant(I64, BLOCKS))
+    typer.__name__ = f"{kind}_dot{nr}x{nt}"
+    return intrinsic(typer)
+
+
+def emit_dot(isa: str, kind: str, nr: int, nt: int, context, builder, sig, args):
+    """The body of _make_dot's intrinsic as `isa` (target_isa's names) runs it; apart, so that the IR of
+    another CPU's kernels can be looked at here (tests/test_arm64_asm.py)."""
+    x86 = isa in ("avx2", "vnni")
+    codes_t, scales_t, supers_t, _, xq_t, xs_t, xsum_t = sig.args[:7]
+    codes, codes_stride = _bytes(context, builder, codes_t, args[0])
+    scales, scales_stride = _bytes(context, builder, scales_t, args[1])
+    supers, supers_stride = _bytes(context, builder, supers_t, args[2])
+    xq, xq_stride = _bytes(context, builder, xq_t, args[4])
+    xs, xs_stride = _bytes(context, builder, xs_t, args[5])
+    xsum, xsum_stride = _bytes(context, builder, xsum_t, args[6])
+    r0, t0, nb, shift = args[3], args[7], args[8], args[9]
+
+    def rows_of(base, stride, first, n):
+        return [builder.gep(base, [builder.mul(builder.add(first, ir.Constant(I64, i)), stride)], inbounds=True)
+                for i in range(n)]
+
+    crows, srows = rows_of(codes, codes_stride, r0, nr), rows_of(scales, scales_stride, r0, nr)
+    urows = rows_of(supers, supers_stride, r0, nr)
+    xq_rows, xs_rows = rows_of(xq, xq_stride, t0, nt), rows_of(xs, xs_stride, t0, nt)
+    xsum_rows = rows_of(xsum, xsum_stride, t0, nt)
+    tiles = [(i, j) for i in range(nr) for j in range(nt)]
+    # per (row, token): one accumulator of scaled block sums, the offset term taken out block by block (a
+    # second accumulator per tile would leave the 1 x 4 loop too few of AVX2's 16 vector registers)
+    accs = {tile: cgutils.alloca_once_value(builder, _splat(V8F32, 0.0)) for tile in tiles}
+    vnni = isa == "vnni"
+    # the weights' offset, times sum(xq) per block: q4-q6 store q + 2**(bits-1); q8 with VNNI uses c + 128 as u8
+    packed = kind != "q8"
+    offset = float(OFFSETS[kind]) if packed else 128.0 if vnni else 0.0
+    steps = builder.udiv(nb, ir.Constant(I64, BLOCKS))
+    step_bytes = BLOCKS * (16 if packed else 32)  # bytes of one row's nibbles (or q8 codes) per loop step
+    # q5 / q6: where a row's high bits begin (after cols_pad / 2 bytes of nibbles), and their bytes per block
+    high_at = builder.udiv(builder.mul(codes_stride, ir.Constant(I64, 4)), ir.Constant(I64, BITS[kind]))
+    high_block = {"q5": 4, "q6": 8}.get(kind, 0)
+    prefetch_at = ir.Constant(I64, PREFETCH_BYTES)
+    with cgutils.for_range(builder, steps) as loop:
+        b = builder.mul(loop.index, ir.Constant(I64, BLOCKS))
+        # the hardware prefetcher alone leaves a thread at 15 GB/s from RAM; PREFETCH_BYTES ahead, 20
+        for crow in crows:
+            ahead = builder.gep(crow, [builder.add(builder.mul(b, ir.Constant(I64, step_bytes // BLOCKS)), prefetch_at)])
+            lines = [builder.gep(ahead, [ir.Constant(I64, line)]) for line in range(0, step_bytes, 64)]
+            if high_block:  # the high bits' stream, as far ahead in columns (at most one line per step)
+                lines.append(builder.gep(crow, [builder.add(high_at, builder.mul(
+                    builder.add(b, ir.Constant(I64, PREFETCH_BYTES // 16)), ir.Constant(I64, high_block)))]))
+            for at in lines:
+                _call(builder, "llvm.prefetch.p0", ir.VoidType(), at,
+                      ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1))
+        if isa == "dotprod":
+            isums = _dotprod_sums(builder, kind, crows, xq_rows, high_at, b)
+        else:
             ints = {tile: [] for tile in tiles}  # per pair of blocks: <8 x i32> partial sums (x86) or 2 sums
-            # the hardware prefetcher alone leaves a thread at 15 GB/s from RAM; PREFETCH_BYTES ahead, 20
-            for crow in crows:
-                ahead = builder.gep(crow, [builder.add(builder.mul(b, ir.Constant(I64, step_bytes // BLOCKS)), prefetch_at)])
-                lines = [builder.gep(ahead, [ir.Constant(I64, line)]) for line in range(0, step_bytes, 64)]
-                if high_block:  # the high bits' stream, as far ahead in columns (at most one line per step)
-                    lines.append(builder.gep(crow, [builder.add(high_at, builder.mul(
-                        builder.add(b, ir.Constant(I64, PREFETCH_BYTES // 16)), ir.Constant(I64, high_block)))]))
-                for at in lines:
-                    _call(builder, "llvm.prefetch.p0", ir.VoidType(), at,
-                          ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1))
             # q5 / q6: the step's high bits (4 or 8 bytes per block), in one load per row
             step_words = [_load(builder, crow, builder.add(high_at, builder.mul(b, ir.Constant(I64, high_block))),
                                 ir.VectorType(I32 if kind == "q5" else I64, 8))
@@ -302,7 +453,7 @@ def _make_dot(kind: str, nr: int, nt: int):
                             lo = builder.xor(lo, _splat(V32I8, 0x80))
                             hi = builder.xor(hi, _splat(V32I8, 0x80))
                     for j, (xlo, xhi) in enumerate(xv):
-                        if not x86:
+                        if isa == "portable":
                             ints[i, j].extend(_block_sums_portable(builder, [(lo, xlo), (hi, xhi)], kind == "q8"))
                             continue
                         if kind == "q8" and not vnni:  # |c| * sign(xq, c)
@@ -313,42 +464,26 @@ def _make_dot(kind: str, nr: int, nt: int):
                         ints[i, j].append(_dot_u8s8(builder, vnni, pairs, wide=kind == "q8"))
                         if k % 2:  # fold two pairs' sums at once: a tile holds at most two live vectors, not four
                             ints[i, j][-2:] = [_phadd(builder, *ints[i, j][-2:])]
-            xs_off = builder.mul(b, ir.Constant(I64, 4))
-            xs8 = [_load(builder, row, xs_off, V8F32) for row in xs_rows]
-            # -offset * xsum per block: what the weights' stored offset added to each block's sum, times x_b
-            xoff8 = [builder.fmul(_load(builder, row, xs_off, V8F32), _splat(V8F32, -offset)) for row in xsum_rows
-                     ] if offset else None
-            for i, (srow, urow) in enumerate(zip(srows, urows, strict=True)):
-                ws = _row_scales(builder, srow, urow, b, shift)
-                for j in range(nt):
-                    if x86:
-                        isum = _per_block(builder, ints[i, j])
-                    else:
-                        isum = ir.Constant(V8I32, None)
-                        for k, v in enumerate(ints[i, j]):
-                            isum = builder.insert_element(isum, v, ir.Constant(I32, k))
-                    blocks = builder.sitofp(isum, V8F32)
-                    blocks = _fma(builder, blocks, xs8[j], xoff8[j]) if offset else builder.fmul(blocks, xs8[j])
-                    builder.store(_fma(builder, ws, blocks, builder.load(accs[i, j])), accs[i, j])
-        sums = [_hsum(builder, builder.load(accs[tile])) for tile in tiles]
-        return context.make_tuple(builder, sig.return_type, sums)
-
-    def typer(typingctx, codes, scales, supers, r, xqa, xs, xsum, t0, nb, shift):
-        arrays = (codes, scales, supers, xqa, xs, xsum)
-        if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
-            return None
-        i64 = types.int64
-        sig = types.UniTuple(types.float32, nr * nt)(codes, scales, supers, i64, xqa, xs, xsum, i64, i64, i64)
-        return sig, codegen
-
-    typer.__name__ = f"{kind}_dot{nr}x{nt}"
-    return intrinsic(typer)
+            isums = {tile: _per_block(builder, v) if x86 else _gathered(builder, v) for tile, v in ints.items()}
+        xs_off = builder.mul(b, ir.Constant(I64, 4))
+        xs8 = [_load(builder, row, xs_off, V8F32) for row in xs_rows]
+        # -offset * xsum per block: what the weights' stored offset added to each block's sum, times x_b
+        xoff8 = [builder.fmul(_load(builder, row, xs_off, V8F32), _splat(V8F32, -offset)) for row in xsum_rows
+                 ] if offset else None
+        for i, (srow, urow) in enumerate(zip(srows, urows, strict=True)):
+            ws = _row_scales(builder, srow, urow, b, shift)
+            for j in range(nt):
+                blocks = builder.sitofp(isums[i, j], V8F32)
+                blocks = _fma(builder, blocks, xs8[j], xoff8[j]) if offset else builder.fmul(blocks, xs8[j])
+                builder.store(_fma(builder, ws, blocks, builder.load(accs[i, j])), accs[i, j])
+    sums = [_hsum(builder, builder.load(accs[tile])) for tile in tiles]
+    return context.make_tuple(builder, sig.return_type, sums)
 
 
 @intrinsic
-def quantize_block(typingctx, x, xq, xqa, xs, xsum, t, b, odd_last):
-    """Quantize block b (32 whole columns) of token t: xq[t] natural, xqa[t] in the pair layout (as
-    itself when `odd_last`: the last block, without a partner), xs[t, b] = max|x| / 127,
+def quantize_block(typingctx, x, xq, xqa, xs, xsum, t, b, as_is):
+    """Quantize block b (32 whole columns) of token t: xq[t] natural, xqa[t] arranged (UNIT, GROUP; as
+    itself when `as_is`: a block of a last, partial group), xs[t, b] = max|x| / 127,
     xsum[t, b] = xs * sum(xq). Exactly qmatmul.quantize_acts's arithmetic (no fast-math), in vectors.
     """
     arrays = (x, xq, xqa, xs, xsum)
@@ -361,7 +496,7 @@ def quantize_block(typingctx, x, xq, xqa, xs, xsum, t, b, odd_last):
     def codegen(context, builder, sig, args):
         v32f, v32i32 = ir.VectorType(F32, 32), ir.VectorType(I32, 32)
         rows = [_bytes(context, builder, ty, v) for ty, v in zip(sig.args[:5], args[:5], strict=True)]
-        t, b, odd_last = args[5], args[6], args[7]
+        t, b, as_is = args[5], args[6], args[7]
         xrow, qrow, arow, srow, sumrow = (builder.gep(base, [builder.mul(t, stride)], inbounds=True)
                                           for base, stride in rows)
         xv = _load(builder, xrow, builder.mul(b, ir.Constant(I64, 128)), v32f)
@@ -379,13 +514,15 @@ def quantize_block(typingctx, x, xq, xqa, xs, xsum, t, b, odd_last):
                       builder.bitcast(builder.gep(sumrow, [off4], inbounds=True), F32.as_pointer()))
         off = builder.mul(b, ir.Constant(I64, 32))
         _store(builder, qrow, off, q)
-        # pair layout: block 2p + h -> [p*64 + h*16 : +16] its first half, [p*64 + 32 + h*16 : +16] its second
-        h16 = builder.mul(builder.and_(b, ir.Constant(I64, 1)), ir.Constant(I64, 16))
-        first = builder.add(builder.mul(builder.lshr(b, ir.Constant(I64, 1)), ir.Constant(I64, 64)), h16)
-        first = builder.select(odd_last, off, first)
-        second = builder.add(first, builder.select(odd_last, ir.Constant(I64, 16), ir.Constant(I64, 32)))
-        for at, lanes in ((first, range(16)), (second, range(16, 32))):
-            _store(builder, arow, at, builder.shuffle_vector(q, q, ir.Constant(ir.VectorType(I32, 16), list(lanes))))
+        # unit (w, h) of the block, columns 16h + UNIT w .. +UNIT, at arranged_at's place (as it is when as_is)
+        m = builder.urem(b, ir.Constant(I64, GROUP))
+        group = builder.add(builder.mul(builder.sub(b, m), ir.Constant(I64, CHUNK)), builder.mul(m, ir.Constant(I64, UNIT)))
+        for h in range(2):
+            for w in range(16 // UNIT):
+                lanes = range(16 * h + UNIT * w, 16 * h + UNIT * (w + 1))
+                at = builder.select(as_is, builder.add(off, ir.Constant(I64, lanes[0])),
+                                    builder.add(group, ir.Constant(I64, (w * 2 + h) * GROUP * UNIT)))
+                _store(builder, arow, at, builder.shuffle_vector(q, q, ir.Constant(ir.VectorType(I32, UNIT), list(lanes))))
         return context.get_dummy_value()
 
     return sig, codegen

@@ -1,0 +1,149 @@
+"""arm64 under emulation (run by `make bench`): the kernel tests and the demo on Debian arm64 under qemu-user,
+and the demo's logits, whole and paged (--memory-budget), compared with this machine's.
+
+The arm64 kernels run twice: compiled for apple-m1 (sdot: simd's "dotprod" path) and for a generic arm64 CPU
+(the portable path); the two must give the same logits bit for bit (same integer sums, same float steps).
+Against x86 the float reductions of the other kernels are vectorized at another width, so the figure there
+is the largest difference and whether the greedy tokens agree.
+
+Needs qemu-user-static with binfmt and an arm64 root (MOE_ARM64_ROOT, default /opt/arm64-root) holding a venv
+/venv with this machine's versions of the wheels; as root, `python tests/bench/arm64_emulation.py --setup`
+makes it from Debian's packages (debootstrap) and PyPI (aarch64 wheels). Without them it says it is skipped.
+Slow: numba compiles every kernel under emulation (about an hour on 2 cores for all of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(os.environ.get("MOE_ARM64_ROOT", "/opt/arm64-root"))
+REPO = Path(__file__).resolve().parents[2]
+WHEELS = ["numba", "llvmlite", "numpy", "safetensors", "tokenizers", "typer", "rich", "jinja2", "huggingface_hub",
+          "pytest", "hypothesis", "psutil"]
+CPUS = {"dotprod": "apple-m1", "portable": "generic"}
+PROMPT = "def fibonacci(n):"
+KERNEL_TESTS = ["tests/test_qmatmul.py", "tests/test_arm64_asm.py"]
+
+
+def missing() -> str | None:
+    """Why the emulated run cannot happen here, or None."""
+    if sys.platform != "linux":
+        return "qemu-user runs on Linux only"
+    if not shutil.which("qemu-aarch64-static"):
+        return "no qemu-aarch64-static (apt-get install qemu-user-static binfmt-support)"
+    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
+        return "qemu-aarch64 is not registered with binfmt_misc (update-binfmts --enable qemu-aarch64)"
+    if not (ROOT / "venv/bin/python").exists():
+        return f"no arm64 root with a venv at {ROOT} (run this script with --setup, as root)"
+    if os.geteuid() != 0:
+        return "chroot needs root"
+    return None
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    print("$", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def setup() -> None:
+    """qemu-user-static and binfmt, a minimal Debian arm64 root, and a venv of this machine's wheel versions."""
+    run(["apt-get", "install", "-y", "qemu-user-static", "debootstrap", "binfmt-support"])
+    if not Path("/proc/sys/fs/binfmt_misc/register").exists():
+        run(["mount", "binfmt_misc", "-t", "binfmt_misc", "/proc/sys/fs/binfmt_misc"])
+    run(["update-binfmts", "--enable", "qemu-aarch64"])
+    if not (ROOT / "usr/bin/python3").exists():
+        run(["debootstrap", "--arch=arm64", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+             "bookworm", str(ROOT), "http://deb.debian.org/debian"])
+    shutil.copy("/etc/resolv.conf", ROOT / "etc/resolv.conf")
+    for ca in Path("/usr/local/share/ca-certificates").glob("*.crt"):  # a local TLS proxy's, where there is one
+        shutil.copy(ca, ROOT / "usr/local/share/ca-certificates" / ca.name)
+    run(["chroot", str(ROOT), "update-ca-certificates"])
+    if not (ROOT / "venv/bin/python").exists():
+        run(["chroot", str(ROOT), "/usr/bin/python3", "-m", "venv", "/venv"])
+    pins = [f"{name}=={metadata.version(name)}" for name in WHEELS]
+    run(["chroot", str(ROOT), "/venv/bin/pip", "install", "--only-binary=:all:", *pins])
+
+
+def install_tree() -> None:
+    """This working tree (tracked and new files) into the root at /src, installed into its venv."""
+    src = ROOT / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file() and not name.startswith("moe_cpu.egg-info"):
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    run(["chroot", str(ROOT), "/venv/bin/pip", "install", "-q", "--no-deps", "/src"])
+
+
+def in_root(cpu: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    env = ["HOME=/root", f"NUMBA_CPU_NAME={cpu}", "NUMBA_CACHE_DIR=/root/numba-cache-" + cpu, "MOE_HOME=/root/moe"]
+    return run(["chroot", str(ROOT), "/usr/bin/env", *env, "sh", "-c", "cd /src && " + " ".join(args)], **kw)
+
+
+def logits(out: str) -> None:
+    """(child) The demo's logits for PROMPT, whole and with the smallest memory budget, into out (.npz)."""
+    from moe.convert.demo import demo_model
+    from moe.runtime.kernels import simd
+    from moe.runtime.model import load_model
+    from moe.runtime.paging import min_budget
+
+    folder = demo_model()
+    whole = load_model(folder)
+    ids = np.asarray(whole.tokenizer.encode(PROMPT))
+    paged = load_model(folder, memory_budget=min_budget(whole.layout))
+    np.savez(out, whole=whole.logits(ids), paged=paged.logits(ids), isa=simd.target_isa())
+
+
+def compare(name: str, a: dict, b: dict) -> None:
+    for part in ("whole", "paged"):
+        x, y = a[part], b[part]
+        same = np.array_equal(x.view(np.uint32), y.view(np.uint32))
+        argmax = np.array_equal(x.argmax(axis=1), y.argmax(axis=1))
+        print(f"{name:32} {part:6} identical {str(same):5}  max |diff| {np.abs(x - y).max():.3g}  "
+              f"greedy tokens agree {argmax}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setup", action="store_true", help="make the arm64 root (root; downloads)")
+    parser.add_argument("--logits", metavar="OUT", help=argparse.SUPPRESS)
+    parser.add_argument("--no-tests", action="store_true", help="only the logits")
+    args = parser.parse_args()
+    if args.logits:
+        logits(args.logits)
+        return 0
+    if args.setup:
+        setup()
+    reason = missing()
+    if reason:
+        print(f"skipped: {reason}")
+        return 0
+    install_tree()
+    if not args.no_tests:
+        in_root(CPUS["dotprod"], "/venv/bin/python -m pytest -q -p no:cacheprovider", *KERNEL_TESTS)
+    results = {}
+    for isa, cpu in CPUS.items():
+        in_root(cpu, f"/venv/bin/python tests/bench/arm64_emulation.py --logits /tmp/logits-{isa}.npz")
+        results[f"arm64 {isa}"] = dict(np.load(ROOT / f"tmp/logits-{isa}.npz"))
+        print(f"arm64 ({cpu}): kernels {results[f'arm64 {isa}']['isa']}")
+    host = Path("/tmp/logits-x86.npz")
+    run([sys.executable, __file__, "--logits", str(host)])
+    results["x86"] = dict(np.load(host))
+    compare("arm64 dotprod vs arm64 portable", results["arm64 dotprod"], results["arm64 portable"])
+    compare("arm64 dotprod vs x86 " + str(results["x86"]["isa"]), results["arm64 dotprod"], results["x86"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
