@@ -9,7 +9,7 @@ a weight row is read from memory once per call. Each output element is summed by
 fixed order: results are bit-identical whatever the thread count.
 
 The quantized products' inner loops are LLVM IR (simd.py): AVX2 / AVX-512 VNNI instructions when
-numba compiles for such an x86 CPU, portable vector IR otherwise. Entry points: `linear` and
+numba compiles for such an x86 CPU, sdot on arm64 CPUs with it, portable vector IR otherwise. Entry points: `linear` and
 `linear_each` (Python, any encoding, with a reusable `Scratch`); the njit-callable `linear_quant`
 (quantize and multiply in one call, q4 / q5 / q6 / q8 by `bits`), and the interface's
 `quantize_acts`, `prepare_acts`, `matmul_quant`, `matmul_f32`, `matmul_bf16`, `matmul_f16`.

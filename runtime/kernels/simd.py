@@ -358,7 +358,7 @@ def _make_dot(kind: str, nr: int, nt: int):
     of nibbles, masked (low) and shifted (high), q5 and q6 or-ing in their high bits (_high_bits);
     for q8 the blocks' first halves, then their second.
     Weights are unpacked once for the nt tokens, activations loaded once for the nr rows.
-    Without AVX2 (see target_has_x86_simd) the products are portable vector IR, reduced per block.
+    The products are x86 instructions, sdot (arm64) or portable vector IR, reduced per block, as target_isa says.
     Arrays are taken whole, with the row index, as slicing them per row costs reference counting.
     """
 
