@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, convert, info, list_, perplexity, plan, profile, run, trace, verify
+from . import bench, chat, convert, info, list_, perplexity, plan, profile, run, serve, trace, verify
 from .errors import execute
 
 app = typer.Typer(
@@ -19,6 +19,8 @@ app = typer.Typer(
 )
 app.command("convert", epilog=convert.EXAMPLE)(convert.convert)
 app.command("run", epilog=run.EXAMPLE)(run.run)
+app.command("chat", epilog=chat.EXAMPLE)(chat.chat)
+app.command("serve", epilog=serve.EXAMPLE)(serve.serve)
 app.command("bench", epilog=bench.EXAMPLE)(bench.bench)
 app.command("perplexity", epilog=perplexity.EXAMPLE)(perplexity.perplexity)
 app.command("info", epilog=info.EXAMPLE)(info.info)

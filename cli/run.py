@@ -15,7 +15,19 @@ from moe.runtime.machine import peak_rss
 from moe.runtime.units import format_size
 
 from .common import err, open_model, print_json, read_stdin, text_argument
-from .options import Json, MemoryBudget, Pin, Threads
+from .options import (
+    Json,
+    MaxTokens,
+    MemoryBudget,
+    MinP,
+    ModelOrDemo,
+    Pin,
+    Seed,
+    Temperature,
+    Threads,
+    TopK,
+    TopP,
+)
 
 EXAMPLE = """Examples:
 
@@ -28,17 +40,15 @@ EXAMPLE = """Examples:
 
 
 def run(
-    model: Annotated[str | None, typer.Argument(
-        metavar="MODEL", show_default=False,
-        help="A converted model folder, name or Hub id (see `moe list`); leave it out for the bundled demo.")] = None,
+    model: ModelOrDemo = None,
     prompt: Annotated[str | None, typer.Argument(
         metavar="PROMPT", show_default=False, help="The text to continue; - reads it from stdin.")] = None,
-    max_tokens: Annotated[int, typer.Option(min=0, help="Most tokens to generate.")] = DEFAULT_MAX_TOKENS,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy (deterministic); higher is more varied.")] = 0.0,
-    top_k: Annotated[int, typer.Option(min=0, help="Sample only among the k likeliest tokens; 0 is off.")] = 0,
-    top_p: Annotated[float, typer.Option(help="Sample from the smallest set of tokens holding this much probability; 1 is off.")] = 1.0,
-    min_p: Annotated[float, typer.Option(help="Drop tokens less likely than min-p times the likeliest; 0 is off.")] = 0.0,
-    seed: Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same text.", show_default=False)] = None,
+    max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    seed: Seed = None,
     stop: Annotated[list[str] | None, typer.Option(
         help="Stop before this text (repeatable; \\n and \\t are understood). It is not printed.", show_default=False)] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,

@@ -1,7 +1,8 @@
 """Generation as a stack of generators: token ids from logits, then text pieces from token ids.
 
-The model only needs `reset()`, `forward(ids, last_only=True) -> f32 [1, V]`, `pos`,
-`max_context` and `tokenizer`.
+The model only needs `reset(pos)`, `cached_prefix(ids)`, `forward(ids, last_only=True) -> f32 [1, V]`,
+`pos`, `max_context` and `tokenizer`. A prompt reuses the longest prefix of it that the KV cache holds
+(a conversation's earlier turns, a server's repeated system prompt): only the rest is run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ DEFAULT_MAX_TOKENS = 256
 def generate_tokens(model, ids, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0, top_k: int = 0,
                     top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None,
                     stop_ids: Iterable[int] | None = None) -> Iterator[int]:
-    """Token ids following `ids` (the KV cache is reset first), at most `max_tokens` of them.
+    """Token ids following `ids`, at most `max_tokens` of them; the KV cache keeps the prefix of `ids` it holds.
 
     Stops before yielding any of `stop_ids` (default: the model's EOS ids), or when the context is full.
     """
@@ -39,8 +40,9 @@ def generate_tokens(model, ids, max_tokens: int = DEFAULT_MAX_TOKENS, temperatur
 def _token_loop(model, ids: np.ndarray, max_tokens: int, sampler: Sampler, stop: frozenset) -> Iterator[int]:
     if max_tokens == 0:
         return
-    model.reset()
-    logits = model.forward(ids, last_only=True)[-1]
+    cached = model.cached_prefix(ids)
+    model.reset(cached)
+    logits = model.forward(ids[cached:], last_only=True)[-1]
     for produced in range(1, max_tokens + 1):
         token = sampler.sample(logits)
         if token in stop:
@@ -58,14 +60,25 @@ def generate(model, prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, temperatu
 
     Ends at an EOS token, at `max_tokens`, or at the first of the `stop` strings, which is not part of the text.
     """
-    tok = model.tokenizer
     if system is not None and not chat:
         raise MoeError("--system only applies with --chat; add --chat or drop --system")
     if chat:
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
-        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
+        ids = chat_ids(model.tokenizer, messages)
     else:
-        ids = tok.encode(prompt)
+        ids = model.tokenizer.encode(prompt)
+    return generate_ids(model, ids, max_tokens, temperature, top_k, top_p, min_p, seed, stop)
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation in the model's chat template, ending where the assistant's answer begins."""
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
+
+
+def generate_ids(model, ids: list[int], max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None,
+                 stop: Iterable[str] = ()) -> Generation:
+    """Text pieces following the token ids of a prompt; as `generate` otherwise."""
     tokens = generate_tokens(model, ids, max_tokens, temperature, top_k, top_p, min_p, seed)
     return Generation(model, ids, tokens, [s for s in stop if s], max_tokens)
 
@@ -76,6 +89,7 @@ class Generation:
     def __init__(self, model, prompt_ids: list[int], tokens: Iterator[int], stop: list[str], max_tokens: int):
         self.model = model
         self.prompt_tokens = len(prompt_ids)
+        self.cached_tokens = 0  # of them, found in the KV cache (known once the prefill starts)
         self.tokens: list[int] = []
         self.text = ""  # everything yielded so far
         self.finish_reason: str | None = None  # stop | length | interrupted
@@ -83,7 +97,7 @@ class Generation:
         self.decode_s = 0.0  # first token -> last one
         self._stream = model.tokenizer.stream(prompt_ids, skip_special_tokens=True)
         self._pending = ""  # decoded text not yet yielded: it may be the start of a stop string
-        self._pieces = self._run(tokens, stop, max_tokens)
+        self._pieces = self._run(prompt_ids, tokens, stop, max_tokens)
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -93,7 +107,9 @@ class Generation:
         self.text += piece
         return piece
 
-    def _run(self, tokens: Iterator[int], stop: list[str], max_tokens: int) -> Iterator[str]:
+    def _run(self, prompt_ids: list[int], tokens: Iterator[int], stop: list[str], max_tokens: int) -> Iterator[str]:
+        if max_tokens:  # the prefix the token loop is about to reuse
+            self.cached_tokens = self.model.cached_prefix(prompt_ids)
         start = time.perf_counter()
         for token in tokens:
             now = time.perf_counter()
@@ -128,6 +144,7 @@ class Generation:
         decoded = max(len(self.tokens) - 1, 0)
         return {
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "generated_tokens": len(self.tokens),
             "finish_reason": self.finish_reason,
             "ttft_s": round(self.ttft_s, 6),

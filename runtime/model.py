@@ -139,6 +139,7 @@ class Model:
         self.experts = experts
         self.max_context = max_context
         self.pos = 0  # tokens in the KV cache
+        self._ids = np.zeros(max_context, np.int64)  # (P,) the token ids whose keys and values it holds, [:pos]
         self.routing_trace: list | None = None  # set to a list to record (layer, idx (T, k), weights (T, k)) per MoE layer
         self._tokens = 0
         self._tokenizer = None
@@ -199,9 +200,20 @@ class Model:
             ],
         }
 
-    def reset(self) -> None:
-        """Empty the KV cache."""
-        self.pos = 0
+    def reset(self, pos: int = 0) -> None:
+        """Empty the KV cache, or keep its first `pos` positions (the rest is overwritten as tokens run)."""
+        self.pos = pos
+
+    def cached_prefix(self, ids) -> int:
+        """How many leading ids the KV cache already holds, leaving at least the last one to run for its logits.
+
+        `reset(cached_prefix(ids))` then `forward(ids[n:])` gives the logits of a fresh `forward(ids)`, bit for
+        bit: every kernel computes a token's row the same whatever else is in the call (tests/test_serve.py).
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        n = max(0, min(self.pos, ids.size - 1))
+        differ = np.flatnonzero(self._ids[:n] != ids[:n])
+        return int(differ[0]) if differ.size else n
 
     def logits(self, ids) -> np.ndarray:
         """f32 [T, V]: the logits of every position of ids, from an empty cache."""
@@ -229,6 +241,7 @@ class Model:
             else:
                 self._mlp(layer.mlp, B.xn, B.y, B)
             np.add(B.x, B.y, out=B.x)
+        self._ids[pos0: pos0 + T] = ids
         self.pos = pos0 + T
         self._tokens += T
         self.experts.end_token(T)

@@ -33,8 +33,11 @@ class ScriptedModel:
         self.stats = {"hits": 0, "misses": 0, "bytes_read": 0}
         self.closed = False
 
-    def reset(self) -> None:
-        self.pos = 0
+    def reset(self, pos: int = 0) -> None:
+        self.pos = pos
+
+    def cached_prefix(self, ids) -> int:
+        return 0  # no prompt cache: every prompt runs from position 0
 
     def forward(self, ids, last_only: bool = False) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
