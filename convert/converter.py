@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import shutil
 import signal
@@ -34,6 +33,7 @@ from ..runtime.layout import (
     TENSOR_ALIGN,
     LayoutWriter,
     Packed,
+    padded_cols,
     stored_nbytes,
 )
 from ..runtime.units import format_sizes
@@ -98,16 +98,14 @@ def check_options(bits: int, group_size: int) -> None:
 
 
 def check_group_size(group_size: int, plan: Plan, encodings: dict[str, str]) -> None:
-    """Every quantized matrix's rows must split into whole groups: a group past a row's end is padding (4096 on
-    the demo wrote 62 MB from a 12 MB source)."""
+    """Rows are padded to whole groups: a group size may pad no quantized row more than 32 does (4096 on the
+    demo wrote 62 MB from a 12 MB source)."""
     widths = sorted({o.shape[-1] for o in plan.outs() if encodings[o.name] in QUANT_BITS})
-    if not widths:
-        return  # nothing quantized (--bits 16)
-    common = math.gcd(*widths)
-    allowed = [g for g in range(32, common + 1, 32) if common % g == 0] or [32]
-    if group_size not in allowed:
-        raise MoeError(f"--group-size {group_size}: does not split this model's rows ({', '.join(map(str, widths))} "
-                       f"columns) into whole groups; give one of {', '.join(map(str, allowed))}")
+    allowed = [g for g in range(32, max(widths, default=0) + 1, 32)
+               if all(padded_cols(w, g) == padded_cols(w, 32) for w in widths)]
+    if widths and group_size not in allowed:  # no widths: nothing quantized (--bits 16)
+        raise MoeError(f"--group-size {group_size}: pads this model's rows ({', '.join(map(str, widths))} columns) "
+                       f"more than --group-size 32 does; give one of {', '.join(map(str, allowed))}")
 
 
 def read_json(path: Path, required: bool = False) -> dict | None:

@@ -355,8 +355,8 @@ def test_a_budget_just_below_the_minimum_shows_exact_bytes(demo_q4, capsys):
 
 
 @pytest.mark.parametrize("group_size", [4096, 96, 10**9])
-def test_a_group_size_that_does_not_split_the_rows_is_refused_up_front(tmp_path, capsys, group_size):
+def test_a_group_size_that_pads_the_rows_is_refused_up_front(tmp_path, capsys, group_size):
     assert main(["convert", str(DEMO_SOURCE), "-o", str(tmp_path / "out"), "--group-size", str(group_size)]) == 2
-    one_line_error(capsys.readouterr().err, f"--group-size {group_size}: does not split this model's rows (128, 256 "
-                                            "columns) into whole groups; give one of 32, 64, 128")
+    one_line_error(capsys.readouterr().err, f"--group-size {group_size}: pads this model's rows (128, 256 columns) "
+                                            "more than --group-size 32 does; give one of 32, 64, 128")
     assert list(tmp_path.iterdir()) == []
