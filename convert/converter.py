@@ -24,7 +24,7 @@ import numpy as np
 from ..runtime import home
 from ..runtime.config import ModelConfig
 from ..runtime.errors import MoeError
-from ..runtime.files import load_json, not_a_file
+from ..runtime.files import MAX_JSON, decode_text, load_json, not_a_file, read_bounded
 from ..runtime.info import kind_of
 from ..runtime.layout import (
     EXPERT_ALIGN,
@@ -283,10 +283,8 @@ def tokenizer_info(folder: Path) -> dict:
     special = read_json(folder / "special_tokens_map.json") or {}
     template = config.get("chat_template")
     if (folder / "chat_template.jinja").is_file():
-        try:
-            template = (folder / "chat_template.jinja").read_bytes().decode()
-        except UnicodeDecodeError:
-            raise MoeError(f"{folder / 'chat_template.jinja'}: not UTF-8 text; re-download the model") from None
+        path = folder / "chat_template.jinja"
+        template = decode_text(read_bounded(path, MAX_JSON, "re-download the model"), str(path))  # the manifest holds it
     elif isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t["name"]: t.get("template") for t in template if isinstance(t, dict) and isinstance(t.get("name"), str)}
         template = named.get("default", next(iter(named.values()), None))

@@ -357,3 +357,9 @@ def test_readers_that_fall_back_treat_nested_json_as_unreadable(tmp_path):
     assert _current(tmp_path / MANIFEST) is False
     assert _indexed_shards(tmp_path) is None
     assert _read_json(tmp_path / MANIFEST) == {}
+
+
+def test_a_chat_template_file_that_is_not_utf8_is_one_line(demo_src, tmp_path, capsys):
+    (demo_src / "chat_template.jinja").write_bytes(b"{{ 'caf\xe9' }}")
+    assert main(["convert", str(demo_src), "-o", str(tmp_path / "out")]) == 2
+    one_line_error(capsys.readouterr().err, f"{demo_src / 'chat_template.jinja'}: not UTF-8 text (byte 7)")
