@@ -3,7 +3,8 @@
 `MappedExperts` hands out views into the memory-mapped experts.bin (no copy; the OS pages
 them in). A paging store (a fixed pool of slots refilled from the file under a memory budget)
 implements the same interface and must give identical results; `weights_in` builds the views
-for either, from a buffer holding the expert's run.
+for either, from a buffer holding the expert's run. Either checks an expert's run against its
+CRC-32 the first time the expert is used, so a damaged file fails the same way in both.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layout import EXPERTS_FILE, Layout, Packed, view_in
+from .errors import MoeError
+from .layout import EXPERTS_FILE, Layout, Packed, crc32_each, view_in
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ExpertStore:
     def __init__(self, layout: Layout):
         self.layout = layout
         self.wants_prediction = False  # whether prefetch() does anything, so the model can skip predicting
+        self.checked = np.zeros((len(layout.config["layers"]), layout.config["num_experts"]), bool)  # CRC matched
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -70,6 +73,13 @@ class ExpertStore:
     def close(self) -> None:
         """Release files and threads."""
 
+    def _check(self, layer: int, expert: int, crc: int) -> None:
+        """The expert's run, whose CRC-32 is crc, matches the manifest (checked from now on), or the file is damaged."""
+        if crc != self.layout.expert_record(layer, expert)["crc32"]:
+            raise MoeError(f"{self.layout.folder / EXPERTS_FILE}: layer {layer} expert {expert} fails its checksum; "
+                           "the file is damaged, run `moe verify` and reconvert", 1)
+        self.checked[layer, expert] = True
+
 
 class MappedExperts(ExpertStore):
     """Every expert straight from the memory map: views built once at load, nothing copied."""
@@ -82,5 +92,13 @@ class MappedExperts(ExpertStore):
             i = int(layer)
             self._weights[i] = [weights_in(buf, layout.expert_tensors(i, j), 0) for j in range(len(runs))]
 
+    def begin_layer(self, layer: int, experts) -> None:
+        """Check the runs of the chosen experts never used before, side by side."""
+        new = [e for e in experts if not self.checked[layer, e]]
+        for e, crc in zip(new, crc32_each([self.layout.expert_run(layer, e) for e in new]), strict=True):
+            self._check(layer, e, crc)
+
     def get(self, layer: int, expert: int) -> ExpertWeights:
+        if not self.checked[layer, expert]:
+            self.begin_layer(layer, [expert])
         return self._weights[layer][expert]

@@ -429,6 +429,7 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
         memory_budget = parse_size(memory_budget, "memory budget")
     use_threads(threads)
     layout = open_layout(folder)
+    layout.check_tensors()  # every non-expert tensor is used by the first token; experts as they are first chosen
     cfg = ModelConfig.from_dict(layout.config)
     if max_context is None:
         max_context = min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)

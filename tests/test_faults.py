@@ -269,10 +269,12 @@ def test_a_conversion_killed_outright_is_swept_by_the_next(big, tmp_path, env):
 
 
 def test_nan_weights_in_model_bin_never_crash_and_verify_names_them(damaged_copy, env, capsys):
-    """Four bytes of model.bin turned into NaN (the router of layer 0): routing must still pick experts in
-    0..E-1 (the kernels index buffers with them unchecked); the run ends with one line, verify names the tensor."""
+    """Four bytes of model.bin turned into NaN (the router of layer 0): the load names the tensor, as verify does;
+    with its checksum forged too, routing must still pick experts in 0..E-1 (the kernels index buffers with them
+    unchecked) and the run ends with one line."""
     import numpy as np
     from moe.runtime.kernels.routing import softmax_topk
+    from moe.runtime.layout import crc32
 
     m = json.loads((damaged_copy / MANIFEST).read_text())
     router = m["tensors"]["layers.0.router"]
@@ -282,12 +284,19 @@ def test_nan_weights_in_model_bin_never_crash_and_verify_names_them(damaged_copy
         for row in range(E):
             f.seek(router["offset"] + row * H * len(nan))
             f.write(nan)
-    done = subprocess.run([sys.executable, "-m", "moe", "run", str(damaged_copy), "def add(a, b):", "--max-tokens", "8"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    run = [sys.executable, "-m", "moe", "run", str(damaged_copy), "def add(a, b):", "--max-tokens", "8"]
+    done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 1 and done.stdout == "", done.stderr
-    one_line_error(done.stderr, "non-finite logits", "moe verify")
+    one_line_error(done.stderr, "tensor layers.0.router fails its checksum", "moe verify")
     assert main(["verify", str(damaged_copy)]) == 1
     assert capsys.readouterr().out == f"{damaged_copy}: layer 0: checksum mismatch in tensor layers.0.router\n"
+    with open(damaged_copy / MODEL_FILE, "rb") as f:
+        f.seek(router["offset"])
+        router["crc32"] = crc32(f.read(E * H * len(nan)))
+    (damaged_copy / MANIFEST).write_text(json.dumps(m))
+    done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    one_line_error(done.stderr, "non-finite logits", "moe verify")
     idx, weights = np.zeros((2, 3), np.int64), np.zeros((2, 3), np.float32)
     softmax_topk(np.array([[np.nan] * 8, [1, np.nan, 3, np.inf, 0, 2, np.nan, 1]], np.float32), 3, True, idx, weights)
     assert idx[0].tolist() == [0, 1, 2] and sorted(set(idx[1].tolist())) == sorted(idx[1].tolist())
