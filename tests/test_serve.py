@@ -29,6 +29,7 @@ from moe.convert.demo import DEMO_SOURCE
 from moe.runtime.generate import chat_ids, generate_ids
 from moe.runtime.layout import MANIFEST
 from moe.runtime.model import load_model
+from moe.runtime.paging import min_budget, slot_bytes
 from moe.runtime.server import MAX_BODY, Api
 
 # the demo's special tokens as a chat template's markers: <s>role<unk>content</s>, as Llama 3's headers
@@ -85,13 +86,18 @@ def moe_run(capsys, *args) -> str:
     return capsys.readouterr().out
 
 
-def test_a_cached_prefix_gives_the_logits_of_a_fresh_prefill_exactly(folder):
+@pytest.mark.parametrize("paged", [False, True], ids=["mapped", "paged"])
+def test_a_cached_prefix_gives_the_logits_of_a_fresh_prefill_exactly(folder, paged):
     # Exact, not close: every kernel computes a token's row the same whatever else is in the call (activations
     # are quantized per row, attention runs per query, experts per routed row), so neither how a prompt is
-    # split across forward calls nor decode (T = 1) against prefill can change a bit of it.
-    model = load_model(folder)
+    # split across forward calls nor decode (T = 1) against prefill can change a bit of it. Paged in 6 slots
+    # for 32 experts, experts are evicted, predicted and prefetched between the calls: still the same bits.
+    want_model = load_model(folder)
+    budget = min_budget(want_model.layout) + 4 * slot_bytes(want_model.layout)
+    model = load_model(folder, memory_budget=budget, prefetch=True) if paged else want_model
+    assert model.experts.wants_prediction == paged
     ids = np.array(model.tokenizer.encode(PROMPT + "    if n < 2:\n        return n\n    return fib"), np.int64)
-    want = model.logits(ids)
+    want = want_model.logits(ids)
     for cut in (1, 7, len(ids) - 1):
         model.reset()
         model.forward(ids[:cut])
