@@ -419,6 +419,8 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
     one layer's top-k). Without one, experts come straight from the memory map when the model fits in
     available RAM, else a budget is chosen (and said on stderr). threads sets numba's thread
     count (default: machine.default_threads()); max_context sizes the KV cache (default: the model's, at most 4096).
+    Every tensor is checked against its CRC-32 before first use: the non-expert ones here, each expert
+    the first time it is chosen (a mismatch: MoeError, exit 1).
     """
     folder = Path(path)
     if not (folder / MANIFEST).is_file():
