@@ -79,11 +79,9 @@ class Job:
 class Worker:
     """The one thread that runs the model, taking jobs in the order they came."""
 
-    def __init__(self, model):
-        import numba  # imported by the model already, after moe.runtime.kernels
-
+    def __init__(self, model, threads: int):
         self.model = model
-        self._threads = numba.get_num_threads()  # numba's thread count is per thread: the loader's, here too
+        self._threads = threads
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._depth = 0
@@ -161,8 +159,11 @@ class Api:
     """The routes over one model and its worker."""
 
     def __init__(self, model, name: str):
+        import numba  # imported by the model already, after moe.runtime.kernels
+
         self.model = model
         self.name = name
+        self.threads = numba.get_num_threads()  # numba's count is per thread: the loader's, for the worker too
         self.created = int(time.time())
         self.worker: Worker | None = None
 
@@ -178,7 +179,7 @@ class Api:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
-        self.worker = Worker(self.model)
+        self.worker = Worker(self.model, self.threads)
         try:
             yield
         finally:
