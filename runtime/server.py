@@ -30,6 +30,7 @@ from .generate import DEFAULT_MAX_TOKENS, chat_ids, generate_ids
 
 MAX_BODY = 4 * 2**20  # bytes of a request body; larger ones are refused before they are read
 MAX_QUEUE = 64  # requests waiting or running; more are refused (503) rather than held without end
+MAX_STOP = 16  # stop strings of a request (OpenAI takes 4): each is looked for after every token
 UNSUPPORTED = {  # field: the value that means "off", the only one accepted (besides null, or [] for a list)
     "n": 1, "best_of": 1, "logprobs": False, "top_logprobs": 0, "echo": False, "suffix": None, "tools": None,
 }
@@ -419,9 +420,11 @@ def _stop(stop) -> list[str]:
         return []
     if isinstance(stop, str):
         return [stop]
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return stop
-    raise ApiError("'stop' must be a string or a list of strings", "stop")
+    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise ApiError("'stop' must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP:
+        raise ApiError(f"'stop' has {len(stop)} strings; give at most {MAX_STOP}", "stop")
+    return stop
 
 
 def _include_usage(body: dict) -> bool:

@@ -82,7 +82,7 @@ def client(server):
 
 def moe_run(capsys, *args) -> str:
     capsys.readouterr()
-    assert main(["run", *map(str, args), "--temperature", "0"]) == 0
+    assert main(["run", *map(str, args)]) == 0
     return capsys.readouterr().out
 
 
@@ -124,6 +124,14 @@ def test_completion_whole_and_streamed_is_moe_runs_text(client, folder, model, c
     assert chunks[-1].usage.completion_tokens == 24
     # the same prompt again: all of it but its last token came from the KV cache, and the text is the same
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == chunks[-1].usage.prompt_tokens - 1
+
+
+def test_sampling_fields_are_moe_runs_options(client, folder, capsys):
+    want = moe_run(capsys, folder, PROMPT, "--max-tokens", "40", "--temperature", "0.8", "--top-k", "40", "--top-p",
+                   "0.9", "--min-p", "0.05", "--seed", "7", "--stop", "):")
+    got = client.completions.create(model=folder.name, prompt=PROMPT, max_tokens=40, temperature=0.8, top_p=0.9,
+                                    seed=7, stop=["):"], extra_body={"top_k": 40, "min_p": 0.05})
+    assert got.choices[0].text == want and got.choices[0].finish_reason == "stop"  # at "):", left out
 
 
 def test_chat_whole_and_streamed_is_moe_run_chat(client, folder, capsys):
@@ -172,6 +180,7 @@ BAD_REQUESTS = [  # (method, path, body: dict or raw bytes, status, the param na
     ("POST", DONE, {**HELLO, "n": 2}, 400, "n"),
     ("POST", DONE, {**HELLO, "logprobs": 3}, 400, "logprobs"),
     ("POST", DONE, {**HELLO, "stop": 5}, 400, "stop"),
+    ("POST", DONE, {**HELLO, "stop": ["x"] * 17}, 400, "stop"),
     ("POST", DONE, {**HELLO, "stream": "yes"}, 400, "stream"),
     ("POST", DONE, {**HELLO, "stream": True, "stream_options": []}, 400, "stream_options"),
     ("POST", DONE, {**HELLO, "model": 3}, 400, "model"),
