@@ -409,11 +409,11 @@ class Model:
 
 
 def load_model(path, memory_budget=None, threads: int | None = None, max_context: int | None = None,
-               cache_policy: str = "freq", prefetch: bool | None = None, pin=()) -> Model:
+               cache_policy: str = "next", prefetch: bool | None = None, pin=()) -> Model:
     """Open a converted model (a folder, or a name or Hub id converted before) and map its files; copies no expert.
 
     memory_budget (bytes or text such as "2GB") bounds the expert cache: experts are then paged
-    into a fixed pool (cache_policy "freq" or "lru"; prefetch of the next layer's predicted
+    into a fixed pool (cache_policy "next", "freq" or "lru": paging.POLICIES; prefetch of the next layer's predicted
     experts: True, False, or None for when misses come from disk (paging.misses_from_disk);
     `pin`: (layer, expert) pairs, hottest first, kept resident while room is left for
     one layer's top-k). Without one, experts come straight from the memory map when the model fits in

@@ -4,8 +4,9 @@ The pool is allocated once: `budget // slot_bytes` slots (never more than there 
 refused beyond the RAM available), each big enough for the largest expert run. A miss reads the
 expert's run from experts.bin into a slot with one positioned read (no mmap residency, so the
 budget holds whatever the OS does with its page cache), and checks its CRC-32 the first time that expert is read. Eviction picks, among slots no one is
-using, the one whose expert has the lowest decayed use count (`freq`), or the least recently
-used one (`lru`). With prefetch, a background thread reads the experts the next layer is
+using, the one whose next use is expected farthest away (`next`, the default: cache_policy.py),
+the one whose expert has the lowest decayed use count (`freq`), or the least recently used one
+(`lru`). With prefetch, a background thread reads the experts the next layer is
 predicted to need while this layer computes; a slot being read is never handed out until its
 read completed and checked, and a failed read leaves the slot empty.
 """
@@ -19,13 +20,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from .cache_policy import NextUse
 from .errors import MoeError
 from .experts import ExpertStore, ExpertWeights, weights_in
 from .layout import EXPERT_ALIGN, EXPERTS_FILE, MODEL_FILE, Layout, align, crc32
 from .machine import available_ram, open_read, preadv
 from .units import format_size, format_sizes
 
-POLICIES = ("freq", "lru")
+POLICIES = ("next", "freq", "lru")
 DECAY = 0.98  # per token: an expert's use count halves over ~35 tokens of not being chosen
 
 _EMPTY, _LOADING, _READY = 0, 1, 2
@@ -86,7 +88,7 @@ def _pool(n_slots: int, slot_bytes: int, budget: int) -> np.ndarray:
 class PagedExperts(ExpertStore):
     """An expert cache of a fixed number of slots, filled from experts.bin on demand and by prefetch."""
 
-    def __init__(self, layout: Layout, budget: int, policy: str = "freq", prefetch: bool = True, pin=()):
+    def __init__(self, layout: Layout, budget: int, policy: str = "next", prefetch: bool = True, pin=()):
         super().__init__(layout)
         if policy not in POLICIES:
             raise MoeError(f"cache policy {policy!r} is unknown; choose one of {', '.join(POLICIES)}")
@@ -110,6 +112,7 @@ class PagedExperts(ExpertStore):
         self.state = np.zeros(self.n_slots, np.int8)
         self.last_use = np.zeros(self.n_slots, np.int64)
         self.freq = np.zeros((n_layers, n_experts), np.float64)
+        self._next = NextUse(n_layers, n_experts, layout.config["top_k"]) if policy == "next" else None
         self.checked = np.zeros((n_layers, n_experts), bool)  # CRC verified once
         self.prefetched = np.zeros(self.n_slots, bool)  # filled by prefetch, not used yet
         self._prediction: dict[int, set[int]] = {}
@@ -143,6 +146,8 @@ class PagedExperts(ExpertStore):
         with self._lock:
             self._protected = {int(self.slot_of[layer, e]) for e in chosen if self.slot_of[layer, e] >= 0}
             self.freq[layer, list(chosen)] += 1.0
+            if self._next is not None:
+                self._next.observe(layer, list(chosen))
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         """The expert's weights in its slot, read from disk on a miss; valid until the next get()."""
@@ -178,6 +183,8 @@ class PagedExperts(ExpertStore):
     def end_token(self, tokens: int = 1) -> None:
         """`tokens` tokens went through every layer: age the use counts."""
         self.freq *= DECAY**tokens
+        if self._next is not None:
+            self._next.end_token(tokens)
 
     def prefetch(self, layer: int, experts) -> None:
         """Start reading `experts` of `layer` (a prediction) in the background, into slots no one needs now."""
@@ -241,6 +248,8 @@ class PagedExperts(ExpertStore):
         return slot
 
     def _victim(self, candidates: np.ndarray) -> int:
+        if self._next is not None:
+            return self._next.victim(self.key[candidates], self.last_use[candidates])
         if self.policy == "lru":
             return int(np.argmin(self.last_use[candidates]))
         keys = self.key[candidates]

@@ -10,9 +10,10 @@ import moe.runtime.paging
 import numpy as np
 import pytest
 from moe.convert import convert
+from moe.runtime.cache_policy import NextUse
 from moe.runtime.errors import MoeError
 from moe.runtime.model import load_model
-from moe.runtime.paging import PagedExperts, min_budget, slot_bytes
+from moe.runtime.paging import POLICIES, PagedExperts, min_budget, slot_bytes
 from tiny import make_checkpoint
 
 ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "gpt_oss")
@@ -46,7 +47,7 @@ def test_logits_identical_under_every_budget(converted, arch):
     smallest = min_budget(mapped.layout)
     one = slot_bytes(mapped.layout)
     for budget in (smallest, smallest + one, 3 * smallest, 10**9):
-        for policy in ("lru", "freq"):
+        for policy in POLICIES:
             model = load_model(path, memory_budget=budget, cache_policy=policy)
             got = _decode_logits(model, IDS)
             assert np.array_equal(got, want), (arch, budget, policy)
@@ -161,3 +162,41 @@ def test_paged_store_rejects_unknown_policy(converted):
     model = load_model(converted["mixtral"])
     with pytest.raises(MoeError, match="policy"):
         PagedExperts(model.layout, 10**9, policy="random")
+
+
+@pytest.mark.parametrize("policy, hit_rate", [("next", 0.5), ("freq", 0.0), ("lru", 0.0)])
+def test_next_policy_learns_which_expert_follows(converted, policy, hit_rate):
+    """One layer whose tokens choose experts 0, 1, 2, 0, 1, 2, ... with two slots: LRU and freq evict the
+    expert needed next and miss every time; `next` learns that 0 follows 2 and evicts the one needed later,
+    as Belady would: the third expert's slot then alternates and every other lookup hits."""
+    layout = load_model(converted["llama4"]).layout
+    layer = int(min(layout.manifest["experts"], key=int))
+    store = PagedExperts(layout, 2 * slot_bytes(layout), policy, prefetch=False)
+    for t in range(60):
+        if t == 30:
+            store.reset_counters()
+        missed = store.misses.sum()
+        store.begin_layer(layer, [t % 3])
+        store.get(layer, t % 3)
+        store.end_token()
+        if policy == "next" and t >= 30 and store.misses.sum() > missed:  # kept the one the next token uses
+            assert {e for _, e in store.key.tolist()} == {t % 3, (t + 1) % 3}, t
+    assert store.hits.sum() / 30 == hit_rate
+    store.close()
+
+
+def test_next_policy_evicts_the_layer_needed_last():
+    """Two experts no token chose, one in each layer of a two-layer model: the one whose layer comes
+    back last goes (layer 1's while layer 1 computes, as the next token starts at layer 0), whatever LRU says."""
+    policy = NextUse(n_layers=2, n_experts=2, top_k=1)
+    for _ in range(10):
+        policy.observe(0, [0])
+        policy.observe(1, [0])
+        policy.end_token()
+    candidates = np.array([[0, 1], [1, 1]])
+    policy.observe(0, [0])
+    assert policy.victim(candidates, last_use=np.array([2, 1])) == 0
+    assert policy.victim(candidates[::-1], last_use=np.array([1, 2])) == 1
+    policy.observe(1, [0])
+    assert policy.victim(candidates, last_use=np.array([1, 2])) == 1
+    assert policy.victim(candidates[::-1], last_use=np.array([2, 1])) == 0

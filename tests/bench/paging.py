@@ -2,24 +2,24 @@
 
 For each trained model of ../shared/models: convert to 4 bits, then decode the evaluation text
 token by token (teacher-forced, so routing is what real text gives) with experts straight from
-the memory map, and under budgets of 25 %, 50 % and 100 % of the expert bytes, LRU against the
-frequency-aware policy, with and without prefetch. Prints one table and writes JSON.
+the memory map, and under budgets of 25 %, 50 % and 100 % of the expert bytes, with each cache
+policy (LRU, decayed frequency, expected next use), with and without prefetch. Prints one table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from moe.convert import convert
 from moe.runtime.model import load_model
-from moe.runtime.paging import min_budget
+from moe.runtime.paging import POLICIES, min_budget
 
-MODELS = Path(os.environ.get("MOE_SHARED_MODELS", Path(__file__).resolve().parents[3] / "shared" / "models"))
+sys.path.insert(0, str(Path(__file__).parent / "lib"))
+from trained import TRAINED, converted, eval_text  # noqa: E402  (a folder of these scripts', not a package)
 
 
 def decode(model, ids: np.ndarray) -> float:
@@ -38,12 +38,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path.home() / ".cache/moe/bench/paging.json")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    text = (MODELS / "eval-python-stdlib.txt").read_text()
+    text = eval_text()
     rows = []
-    for name in ("tinymix", "tinyqwen3moe", "tinyllama4", "tinygptoss"):
-        dst = args.out.parent / f"{name}-q4"
-        if not (dst / "manifest.json").exists():
-            convert(str(MODELS / name), dst, bits=4)
+    for name in TRAINED:
+        dst = converted(name, args.out.parent)
         base = load_model(dst, threads=args.threads)
         ids = np.array(base.tokenizer.encode(text)[: args.tokens], np.int64)
         decode(base, ids[:8])  # warm
@@ -52,7 +50,7 @@ def main() -> None:
         rows.append({"model": name, "budget": "mapped", "decode_tok_s": round(unlimited, 1), "hit_rate": 1.0})
         for share in (0.25, 0.5, 1.0):
             budget = max(int(expert_bytes * share), min_budget(base.layout))
-            for policy in ("lru", "freq"):
+            for policy in POLICIES:
                 for prefetch in (False, True):
                     m = load_model(dst, memory_budget=budget, threads=args.threads, cache_policy=policy,
                                    prefetch=prefetch)
@@ -69,7 +67,7 @@ def main() -> None:
                         "bytes_read_per_token": int(st.bytes_read.sum()) // len(ids),
                     })
                     m.close()
-            print(json.dumps(rows[-4:]))
+            print(json.dumps(rows[-2 * len(POLICIES):]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
     print(f"{'model':14}{'budget':>8}{'policy':>7}{'prefetch':>9}{'tok/s':>8}{'vs map':>8}{'hit':>7}{'pred':>7}")
