@@ -6,7 +6,7 @@ Steps, each a child process timed with its own peak RSS (os.wait4):
   3. `moe bench --json` against `llama-bench -o json`, same prompt, generation length and threads,
      alternately for --rounds rounds (a shared machine's noise then falls on both); medians reported.
 
-llama.cpp is found through LLAMA_CPP (see peers/llamacpp.py and README.md here); it is never part of
+llama.cpp is found through LLAMA_CPP (see lib/llamacpp.py and README.md here); it is never part of
 this repository.
 """
 
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent / "peers"))
+sys.path.insert(0, str(Path(__file__).parent / "lib"))
 import llamacpp  # noqa: E402  (a folder of this script's, not a package)
 
 

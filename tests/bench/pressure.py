@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent / "peers"))
+sys.path.insert(0, str(Path(__file__).parent / "lib"))
 import llamacpp  # noqa: E402  (a folder of this script's, not a package)
 
 REGIMES = {"sticky": 1, "token-following": 64}  # regime -> embedding scale of the synthetic checkpoint

@@ -23,7 +23,7 @@ from moe.convert import convert
 from moe.runtime.model import load_model
 from moe.runtime.perplexity import perplexity
 
-sys.path.insert(0, str(Path(__file__).parent / "peers"))
+sys.path.insert(0, str(Path(__file__).parent / "lib"))
 import llamacpp  # noqa: E402  (a folder of this script's, not a package)
 
 MODELS = Path(os.environ.get("MOE_SHARED_MODELS", Path(__file__).resolve().parents[3] / "shared" / "models"))
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--group-size", type=int, default=32)
-    ap.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp source tree with its tools built (see peers/llamacpp.py)")
+    ap.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp source tree with its tools built (see lib/llamacpp.py)")
     ap.add_argument("--models", nargs="*", default=list(NAMES))
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
