@@ -248,19 +248,22 @@ def _group_weights(builder, kind: str, crow, first, high_at):
     """arm64: blocks first .. first+3 of a row as 8 <16 x i8>, in the order of the dotprod arrangement's
     units (w, h): lane m's 4 bytes are block m's columns 16h + 4w .. +3. q4-q6 take word w of each block's
     nibbles (one interleaved load: ld4), the low nibbles for h = 0, the high for h = 1, with their high
-    bits: q5's word per block holds column 4w + e's in byte e at bit w (h = 0) or 4 + w (h = 1); q6's
+    bits: q5's word per block holds column 4w + e's in byte e at bit 4 + w (h = 0) or w (h = 1); q6's
     word w % 2 of 2 per block holds them in byte e at bits 2 (w // 2) (h = 0) or 4 + 2 (w // 2) (h = 1).
     q8 takes word 4h + w of each block's 8."""
     def at(base, per_block):
         return builder.add(base, builder.mul(first, ir.Constant(I64, per_block)))
 
     if kind == "q8":  # two blocks per ld4: word w and 4 + w of each, then the 4 blocks' words w and 4 + w apart
-        halves = [_ld4(builder, crow, at(ir.Constant(I64, 32 * pair), 32)) for pair in range(2)]
+        halves = [_ld4(builder, crow, at(ir.Constant(I64, 64 * pair), 32)) for pair in range(2)]
         return [builder.bitcast(builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 4), list(range(h, 8, 2)))),
                                 V16I8) for a, b in zip(*halves, strict=True) for h in range(2)]
     raw = _words(builder, crow, at(ir.Constant(I64, 0), 16), 16, [[4 * m + w for m in range(4)] for w in range(4)])
-    if kind == "q5":
-        high = _words(builder, crow, at(high_at, 4), 4, [list(range(4))]) * 4
+    if kind == "q5":  # nibbles swapped, so that column 4w + e's bit sits at w (h = 0) and 4 + w (h = 1), as q6's do
+        word = _words(builder, crow, at(high_at, 4), 4, [list(range(4))])[0]
+        swapped = _call(builder, "llvm.aarch64.neon.vsli.v16i8", V16I8, builder.lshr(word, _splat(V16I8, 4)), word,
+                        ir.Constant(I32, 4))
+        high = [swapped] * 4
         shifts, mask = range(4), 1
     elif kind == "q6":
         high = _words(builder, crow, at(high_at, 8), 8, [[2 * m + p for m in range(4)] for p in range(2)]) * 2
