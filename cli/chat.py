@@ -11,7 +11,7 @@ import typer
 from moe.runtime.errors import MoeError
 from moe.runtime.generate import DEFAULT_MAX_TOKENS, Generation, chat_ids, generate_ids
 
-from .common import err, open_model
+from .common import err, open_model, text_argument
 from .options import MaxTokens, MemoryBudget, MinP, ModelOrDemo, Seed, Temperature, Threads, TopK, TopP
 
 EXAMPLE = """Examples:
@@ -37,6 +37,7 @@ def chat(
     stats: Annotated[bool, typer.Option("--stats", help="After each answer, print its token counts and speed on stderr.")] = False,
 ) -> None:
     """Talk with a model in the terminal; each turn runs only the tokens the conversation has not run yet."""
+    system = text_argument(system, "--system")
     loaded, _ = open_model(model, memory_budget, threads)
     name = loaded.layout.folder.name
     if not loaded.tokenizer.chat_template:
@@ -77,12 +78,18 @@ def chat(
 
 
 def _ask() -> str | None:
-    """The user's next line; None at end of input or Ctrl-C (which end the session)."""
-    try:
-        return input(">>> " if sys.stdin.isatty() else "")
-    except (EOFError, KeyboardInterrupt):
-        sys.stdout.write("\n")
-        return None
+    """The user's next line of UTF-8 text (another is asked for otherwise); None at end of input or Ctrl-C
+    (which end the session)."""
+    while True:
+        try:
+            return text_argument(input(">>> " if sys.stdin.isatty() else ""), "that line")
+        except (EOFError, KeyboardInterrupt):
+            sys.stdout.write("\n")
+            return None
+        except UnicodeDecodeError as exc:  # a terminal decodes strictly, a C locale keeps the bytes as surrogates
+            err.print(f"error: that line: not UTF-8 text (byte {exc.start}); convert it to UTF-8", markup=False)
+        except MoeError as exc:
+            err.print(f"error: {exc.message}", markup=False)
 
 
 def _answer(generation: Generation, ctrl_c: _CtrlC) -> str:

@@ -35,7 +35,7 @@ Temperature = Annotated[float, typer.Option(min=0.0, help="0 is greedy (determin
 TopK = Annotated[int, typer.Option(min=0, help="Sample only among the k likeliest tokens; 0 is off.")]
 TopP = Annotated[float, typer.Option(help="Sample from the smallest set of tokens holding this much probability; 1 is off.")]
 MinP = Annotated[float, typer.Option(help="Drop tokens less likely than min-p times the likeliest; 0 is off.")]
-Seed = Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same text.", show_default=False)]
+Seed = Annotated[int | None, typer.Option(min=0, help="Random seed: the same seed gives the same text.", show_default=False)]
 Pin = Annotated[Path | None, typer.Option(
     "--pin", metavar="PROFILE", show_default=False,
     help="Keep the hottest experts of this profile (`moe profile MODEL FILE -o PROFILE`) resident in the expert "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 
 import pexpect
@@ -27,7 +28,7 @@ def folder(tmp_path_factory):
 def start(folder, tmp_path, *options) -> pexpect.spawn:
     env = {**os.environ, "MOE_HOME": str(tmp_path / "home"), "TERM": "dumb"}
     child = pexpect.spawn(sys.executable, ["-m", "moe", "chat", str(folder), *options], env=env, encoding="utf-8",
-                          timeout=120, dimensions=(50, 400))
+                          codec_errors="replace", timeout=120, dimensions=(50, 400))
     child.expect("chatting with demo-chat")
     child.expect(">>> ")
     return child
@@ -80,3 +81,20 @@ def test_ctrl_c_stops_an_answer_and_the_session_goes_on(folder, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0 and "Traceback" not in child.before
+
+
+def test_a_line_that_is_not_utf8_is_refused_and_the_session_goes_on(folder, tmp_path):
+    child = start(folder, tmp_path)
+    os.write(child.child_fd, b"def f(\xff):\n")
+    child.expect(r"error: that line: not UTF-8 text \(byte 6\); convert it to UTF-8")
+    child.expect(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "Traceback" not in child.before
+
+
+def test_a_system_message_that_is_not_utf8_is_one_line(folder):
+    done = subprocess.run([sys.executable, "-m", "moe", "chat", str(folder), "--system", os.fsdecode(b"be \xff")],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and done.stderr == "error: --system: not UTF-8 text (byte 3); convert it to UTF-8\n"

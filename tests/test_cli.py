@@ -16,6 +16,7 @@ from fakes import ScriptedModel
 from moe.cli import main
 from moe.cli.errors import Terminated
 from moe.runtime.errors import MoeError
+from moe.runtime.sampling import Sampler
 
 SCRIPT = "    return a + b\n\nprint(add(1, 2))  # ✓ 😀\n"
 
@@ -296,7 +297,9 @@ def test_a_text_file_from_dev_zero_is_refused_unread(capsys, command):
 
 def test_a_negative_seed_is_bad_input(capsys, opened):
     code, out, err = moe_cli(capsys, "run", "x", "--seed", "-1", "--temperature", "1")
-    assert (code, out, err) == (2, "", "error: --seed -1 must be 0 or more\n")
+    assert (code, out) == (2, "") and err.startswith("error: Invalid value for '--seed'") and len(err.splitlines()) == 1
+    with pytest.raises(MoeError, match="--seed -1 must be 0 or more"):  # the Python API says the same
+        Sampler(1.0, 0, 1.0, 0.0, -1)
 
 
 def test_one_argument_naming_a_folder_or_a_model_is_not_taken_for_a_prompt(capsys, opened, monkeypatch, tmp_path):
