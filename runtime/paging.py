@@ -3,12 +3,13 @@
 The pool is allocated once: `budget // slot_bytes` slots (never more than there are experts, and
 refused beyond the RAM available), each big enough for the largest expert run. A miss reads the
 expert's run from experts.bin into a slot with one positioned read (no mmap residency, so the
-budget holds whatever the OS does with its page cache), and checks its CRC-32 the first time that expert is read. Eviction picks, among slots no one is
-using, the one whose next use is expected farthest away (`next`, the default: cache_policy.py),
-the one whose expert has the lowest decayed use count (`freq`), or the least recently used one
-(`lru`). With prefetch, a background thread reads the experts the next layer is
-predicted to need while this layer computes; a slot being read is never handed out until its
-read completed and checked, and a failed read leaves the slot empty.
+budget holds whatever the OS does with its page cache), and checks its CRC-32 the first time
+that expert is read. Eviction picks, among slots no one is using, the one whose next use is
+expected farthest away (`next`, the default: cache_policy.py), the one whose expert has the
+lowest decayed use count (`freq`), or the least recently used one (`lru`). With prefetch, a
+background thread reads the experts the next layer is predicted to need while this layer
+computes; a slot being read is never handed out until its read completed and checked, and a
+failed read leaves the slot empty.
 """
 
 from __future__ import annotations
@@ -113,7 +114,6 @@ class PagedExperts(ExpertStore):
         self.last_use = np.zeros(self.n_slots, np.int64)
         self.freq = np.zeros((n_layers, n_experts), np.float64)
         self._next = NextUse(n_layers, n_experts, layout.config["top_k"]) if policy == "next" else None
-        self.checked = np.zeros((n_layers, n_experts), bool)  # CRC verified once
         self.prefetched = np.zeros(self.n_slots, bool)  # filled by prefetch, not used yet
         self._prediction: dict[int, set[int]] = {}
         self._pinned: set[int] = set()
@@ -269,11 +269,7 @@ class PagedExperts(ExpertStore):
                     raise OSError(f"unexpected end of file after {got} of {n} bytes")
                 got += r
             if not self.checked[layer, expert]:
-                if crc32(view) != run["crc32"]:
-                    raise MoeError(
-                        f"{self.layout.folder / EXPERTS_FILE}: layer {layer} expert {expert} fails its checksum; "
-                        "the file is damaged, run `moe verify` and reconvert", 1)
-                self.checked[layer, expert] = True
+                self._check(layer, expert, crc32(view))
         except BaseException as exc:
             with self._lock:
                 self.slot_of[layer, expert] = -1
