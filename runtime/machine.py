@@ -184,10 +184,21 @@ def open_uncached(path) -> int | None:
     return None
 
 
-def drop_cached(fd: int) -> None:
-    """Ask the OS to forget the file's cached pages, where it offers that (posix_fadvise)."""
+def drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Ask the OS to forget the cached pages of the file (or of `length` bytes from `offset`), where it offers
+    that (posix_fadvise)."""
     if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def read_around_cache(fd: int) -> bool:
+    """Reads of this descriptor should leave the page cache to others: F_NOCACHE on macOS (True: nothing more to
+    do); elsewhere no read-ahead past what is asked, and False: the caller drops what it read (drop_cached)."""
+    if uncache(fd):
+        return True
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    return False
 
 
 _SEEK_LOCK = threading.Lock()

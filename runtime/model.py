@@ -442,10 +442,10 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
     if memory_budget is None:
         experts: ExpertStore = MappedExperts(layout)
     else:
-        if prefetch is None:
-            sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
-            prefetch = misses_from_disk(sizes[EXPERTS_FILE], sizes[MODEL_FILE], memory_budget)
-        experts = PagedExperts(layout, memory_budget, cache_policy, prefetch, pin)
+        sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
+        from_disk = misses_from_disk(sizes[EXPERTS_FILE], sizes[MODEL_FILE], memory_budget)
+        experts = PagedExperts(layout, memory_budget, cache_policy, from_disk if prefetch is None else prefetch, pin,
+                               uncached=from_disk)
     model = Model(layout, experts, max_context)
     if kernels.cache_is_cold():
         kernels.announce_compiling()

@@ -4,7 +4,10 @@ The pool is allocated once: `budget // slot_bytes` slots (never more than there 
 refused beyond the RAM available), each big enough for the largest expert run. A miss reads the
 expert's run from experts.bin into a slot with one positioned read (no mmap residency, so the
 budget holds whatever the OS does with its page cache), and checks its CRC-32 the first time
-that expert is read. Eviction picks, among slots no one is using, the one whose next use is
+that expert is read. As soon as a layer's router has run, all of that layer's misses are read side
+by side (several reads in flight). When experts.bin cannot stay in the page cache beside the pool,
+what a miss read is dropped from the page cache once in its slot, which leaves that memory to
+model.bin and the process. Eviction picks, among slots no one is using, the one whose next use is
 expected farthest away (`next`, the default: cache_policy.py), the one whose expert has the
 lowest decayed use count (`freq`), or the least recently used one (`lru`). With prefetch, a
 background thread reads the experts the next layer is predicted to need while this layer
@@ -25,7 +28,7 @@ from .cache_policy import NextUse
 from .errors import MoeError
 from .experts import ExpertStore, ExpertWeights, weights_in
 from .layout import EXPERT_ALIGN, EXPERTS_FILE, MODEL_FILE, Layout, align, crc32
-from .machine import available_ram, open_read, preadv
+from .machine import available_ram, drop_cached, open_read, preadv, read_around_cache
 from .units import format_size, format_sizes
 
 POLICIES = ("next", "freq", "lru")
@@ -89,7 +92,8 @@ def _pool(n_slots: int, slot_bytes: int, budget: int) -> np.ndarray:
 class PagedExperts(ExpertStore):
     """An expert cache of a fixed number of slots, filled from experts.bin on demand and by prefetch."""
 
-    def __init__(self, layout: Layout, budget: int, policy: str = "next", prefetch: bool = True, pin=()):
+    def __init__(self, layout: Layout, budget: int, policy: str = "next", prefetch: bool = True, pin=(),
+                 uncached: bool = False):
         super().__init__(layout)
         if policy not in POLICIES:
             raise MoeError(f"cache policy {policy!r} is unknown; choose one of {', '.join(POLICIES)}")
@@ -115,6 +119,7 @@ class PagedExperts(ExpertStore):
         self.freq = np.zeros((n_layers, n_experts), np.float64)
         self._next = NextUse(n_layers, n_experts, layout.config["top_k"]) if policy == "next" else None
         self.prefetched = np.zeros(self.n_slots, bool)  # filled by prefetch, not used yet
+        self.queued = np.zeros(self.n_slots, bool)  # read as its layer's miss (counted then), not used yet
         self._prediction: dict[int, set[int]] = {}
         self._pinned: set[int] = set()
         self._protected: set[int] = set()  # slots of the layer being computed: prefetch must not take them
@@ -122,11 +127,16 @@ class PagedExperts(ExpertStore):
         self._lock = threading.Lock()
         self._loads: dict[int, Future] = {}
         self._fd = open_read(layout.folder / EXPERTS_FILE)
+        # When experts.bin cannot stay in the page cache anyway, the pages a miss reads are dropped once in
+        # their slot: cached twice, they would push out model.bin and the rest of the process instead.
+        self._drop_after_read = uncached and not read_around_cache(self._fd)
         self._runs = {int(k): v for k, v in layout.manifest["experts"].items()}
         self._entries = {(i, j): layout.expert_tensors(i, j) for i, runs in self._runs.items() for j in range(len(runs))}
         # Prefetch needs room beyond the layer being computed: more than two layers' top-k.
         self.wants_prediction = prefetch and self.n_slots > 2 * layout.config["top_k"]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="moe-prefetch") if self.wants_prediction else None
+        # A layer's misses are read side by side, several reads in flight, as soon as its router has run.
+        self._readers = ThreadPoolExecutor(min(layout.config["top_k"], 8), thread_name_prefix="moe-read")
         self.read = preadv  # the one read call; tests replace it to read slowly or fail
         self._resident: set[int] = set()  # slots of pinned experts: read once, never evicted
         for layer, expert in list(pin)[: max(0, self.n_slots - layout.config["top_k"])]:
@@ -145,6 +155,16 @@ class PagedExperts(ExpertStore):
             self.predicted_right[layer] += len(guess & chosen)
         with self._lock:
             self._protected = {int(self.slot_of[layer, e]) for e in chosen if self.slot_of[layer, e] >= 0}
+            missing = [e for e in experts if self.slot_of[layer, e] < 0]
+            if len(missing) > 1 and len(chosen) <= self.n_slots - len(self._resident):
+                for e in missing:
+                    slot = self._claim(layer, e, for_prefetch=True)  # never a slot this layer chose
+                    if slot < 0:
+                        break  # the rest are read one by one as get() meets them
+                    self.misses[layer] += 1
+                    self.queued[slot] = True
+                    self._protected.add(slot)
+                    self._loads[slot] = self._readers.submit(self._fill, slot, layer, e)
             self.freq[layer, list(chosen)] += 1.0
             if self._next is not None:
                 self._next.observe(layer, list(chosen))
@@ -157,7 +177,10 @@ class PagedExperts(ExpertStore):
                 slot = int(self.slot_of[layer, expert])
                 pending = self._loads.get(slot) if slot >= 0 else None
                 if slot >= 0 and pending is None:
-                    self.hits[layer] += 1
+                    if self.queued[slot]:
+                        self.queued[slot] = False  # its miss was counted when begin_layer queued the read
+                    else:
+                        self.hits[layer] += 1
                     if self.prefetched[slot]:
                         self.prefetch_hits[layer] += 1
                         self.prefetched[slot] = False
@@ -172,7 +195,7 @@ class PagedExperts(ExpertStore):
                         self._hold(slot)
             if pending is not None:
                 try:
-                    pending.result()  # wait for the prefetch's read; if it failed, its slot is empty again
+                    pending.result()  # wait for the read in flight; if it failed, its slot is empty again
                 except Exception:
                     pass
                 continue
@@ -204,6 +227,7 @@ class PagedExperts(ExpertStore):
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -245,6 +269,7 @@ class PagedExperts(ExpertStore):
         self.slot_of[layer, expert] = slot
         self.state[slot] = _LOADING
         self.prefetched[slot] = False
+        self.queued[slot] = False
         return slot
 
     def _victim(self, candidates: np.ndarray) -> int:
@@ -270,6 +295,8 @@ class PagedExperts(ExpertStore):
                 got += r
             if not self.checked[layer, expert]:
                 self._check(layer, expert, crc32(view))
+            if self._drop_after_read:
+                drop_cached(self._fd, run["offset"], n)
         except BaseException as exc:
             with self._lock:
                 self.slot_of[layer, expert] = -1

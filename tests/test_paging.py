@@ -100,6 +100,23 @@ def test_prefetch_by_default_only_when_misses_come_from_disk(converted, monkeypa
     assert load_model(path, memory_budget=budget).experts._pool is not None
 
 
+def test_misses_from_disk_leave_the_page_cache_to_the_rest(converted, monkeypatch):
+    """When experts.bin cannot stay in the page cache beside the pool, each expert read is dropped from it once in
+    its slot (cached twice, it would push out model.bin); when it can, the page cache keeps it."""
+    path = converted["gpt_oss"]
+    want = _decode_logits(load_model(path), IDS)
+    budget = 6 * slot_bytes(load_model(path).layout)
+    dropped = []
+    monkeypatch.setattr(moe.runtime.paging, "drop_cached", lambda fd, offset, n: dropped.append((offset, n)))
+    model = load_model(path, memory_budget=budget)
+    assert np.array_equal(_decode_logits(model, IDS), want) and dropped == []
+    monkeypatch.setattr(moe.runtime.paging, "available_ram", lambda: budget)  # no room left beside the pool
+    model = load_model(path, memory_budget=budget)
+    assert np.array_equal(_decode_logits(model, IDS), want)
+    runs = {(r["offset"], r["nbytes"]) for runs in model.layout.manifest["experts"].values() for r in runs}
+    assert dropped and set(dropped) <= runs and sum(n for _, n in dropped) == model.experts.bytes_read.sum()
+
+
 def test_slow_reads_never_serve_half_an_expert(converted):
     """Reads that arrive in small pieces, slowly, while prefetch runs: still identical logits."""
     path = converted["olmoe"]
@@ -137,6 +154,46 @@ def test_failed_read_is_an_error_and_leaves_no_half_expert(converted):
     model.experts.read = os.preadv
     want = _decode_logits(load_model(path), IDS)
     assert np.array_equal(_decode_logits(model, IDS), want)
+
+
+def test_a_layers_misses_are_read_side_by_side_and_a_failed_one_never_serves(converted):
+    """Decode reads a layer's misses in parallel (several reads in flight): a read there that fails half-way is
+    read again when the expert is needed (a transient error costs nothing), one that keeps failing is an error,
+    and no slot is ever used half-read."""
+    path = converted["mixtral"]
+    want = _decode_logits(load_model(path), IDS)
+    model = load_model(path, memory_budget=2 * min_budget(load_model(path).layout))
+    in_flight, most, failed = [0], [0], []
+    lock = threading.Lock()
+
+    def read(fd, buffers, offset, fail_offsets=()):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            time.sleep(0.002)  # slow enough that the layer's reads overlap
+            if threading.current_thread().name.startswith("moe-read") and offset in fail_offsets:
+                failed.append(offset)
+                buffers[0][:16] = b"\xff" * 16
+                return 0  # a short read: the file seems to end mid-expert
+            return os.preadv(fd, buffers, offset)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    first = model.experts._runs[0][1]["offset"]
+    model.experts.read = lambda fd, buffers, offset: read(fd, buffers, offset, {first})
+    assert np.array_equal(_decode_logits(model, IDS), want)
+    assert most[0] >= 2, "a layer's misses should be read side by side"
+    assert failed, "the failing read should have been queued"
+
+    model = load_model(path, memory_budget=2 * min_budget(load_model(path).layout))
+    model.experts.read = lambda fd, buffers, offset: (_ for _ in ()).throw(OSError(5, "Input/output error")) \
+        if offset == first else read(fd, buffers, offset)
+    with pytest.raises(MoeError, match=r"reading layer 0 expert 1 failed"):
+        _decode_logits(model, IDS)
+    model.close()  # the layer's other reads, still in flight when the error came, land
+    assert not (model.experts.state == 1).any(), "no slot may stay half-read"
 
 
 def test_damaged_expert_fails_its_checksum_on_first_read(converted, tmp_path):
