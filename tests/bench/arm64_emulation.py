@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,8 +27,6 @@ import numpy as np
 
 ROOT = Path(os.environ.get("MOE_ARM64_ROOT", "/opt/arm64-root"))
 REPO = Path(__file__).resolve().parents[2]
-WHEELS = ["numba", "llvmlite", "numpy", "safetensors", "tokenizers", "typer", "rich", "jinja2", "huggingface_hub",
-          "pytest", "hypothesis", "psutil"]
 # (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES): one CPU model for both paths, so that only the dot products differ (the
 # fast-math kernels vectorize their reductions by the CPU model's costs)
 CPUS = {"dotprod": ("apple-m1", ""), "portable": ("apple-m1", "-dotprod")}
@@ -55,6 +54,12 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, **kw)
 
 
+def pins() -> list[str]:
+    """The project's dependencies and the test runner, at this machine's versions."""
+    names = {re.split(r"[ ;<>=!~\[]", r)[0] for r in metadata.requires("moe-cpu") if "extra ==" not in r}
+    return [f"{name}=={metadata.version(name)}" for name in sorted(names | {"pytest", "hypothesis"})]
+
+
 def setup() -> None:
     """qemu-user-static and binfmt, a minimal Debian arm64 root, and a venv of this machine's wheel versions."""
     run(["apt-get", "install", "-y", "qemu-user-static", "debootstrap", "binfmt-support"])
@@ -70,8 +75,6 @@ def setup() -> None:
     run(["chroot", str(ROOT), "update-ca-certificates"])
     if not (ROOT / "venv/bin/python").exists():
         run(["chroot", str(ROOT), "/usr/bin/python3", "-m", "venv", "/venv"])
-    pins = [f"{name}=={metadata.version(name)}" for name in WHEELS]
-    run(["chroot", str(ROOT), "/venv/bin/pip", "install", "--only-binary=:all:", *pins])
 
 
 def install_tree() -> None:
@@ -85,6 +88,7 @@ def install_tree() -> None:
         if (REPO / name).is_file() and not name.startswith("moe_cpu.egg-info"):
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, src / name)
+    run(["chroot", str(ROOT), "/venv/bin/pip", "install", "-q", "--only-binary=:all:", *pins()])
     run(["chroot", str(ROOT), "/venv/bin/pip", "install", "-q", "--no-deps", "/src"])
 
 
