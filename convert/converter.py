@@ -139,7 +139,7 @@ def plan_for(arch, hf: dict, ckpt: Checkpoint, config_json: Path) -> Plan:
         cfg = arch.model_config(hf)
         check_config(cfg, config_json)
         check_counts(cfg, ckpt, config_json)
-        return arch.plan(hf, set(ckpt.names()))
+        return arch.plan(cfg, set(ckpt.names()))
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise MoeError(f"{config_json}: malformed ({type(exc).__name__}: {exc}); re-download the model") from None
 

@@ -108,7 +108,7 @@ def converter_plan(hf: dict, headers: Headers) -> Plan:
     """The converter's plan for this config, checked against the headers as conversion would."""
     arch = arch_registry.for_config(hf)
     try:
-        plan = arch.plan(hf, set(headers.names()))
+        plan = arch.plan(arch.model_config(hf), set(headers.names()))
     except (KeyError, TypeError, ValueError) as exc:
         raise MoeError(f"{headers.folder}: config.json is malformed ({type(exc).__name__}: {exc})") from None
     plan.config.check()

@@ -286,7 +286,8 @@ def write_miniature(mini: dict, bits: int, group_size: int, folder: Path) -> dic
     from ..convert.converter import encoding_for
     from .plan import sizes
 
-    p = arch_registry.for_config(mini).plan(mini, set())
+    arch = arch_registry.for_config(mini)
+    p = arch.plan(arch.model_config(mini), set())
     encodings = {o.name: encoding_for(o, _SixteenBitSource(), bits) for o in p.outs()}
     rng = np.random.default_rng(0)
     writer = LayoutWriter(folder)

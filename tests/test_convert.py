@@ -98,7 +98,8 @@ def test_every_source_tensor_is_accounted_for(source, name, tmp_path):
     hf = json.loads((src / "config.json").read_text())
     with Checkpoint(src) as ckpt:
         names = set(ckpt.names())
-    plan = arch.for_config(hf).plan(hf, names)
+    recipe = arch.for_config(hf)
+    plan = recipe.plan(recipe.model_config(hf), names)
     assert plan.used() | plan.skipped == names
     assert plan.used().isdisjoint(plan.skipped)
     if name == "llama4_multimodal":

@@ -1,7 +1,7 @@
 """One small file per architecture: its config keys and tensor names mapped onto the layout.
 
 Each module has NAME, HF_ARCHITECTURES, MODEL_TYPES, `model_config(hf) -> ModelConfig` and
-`plan(hf, tensor_names) -> common.Plan`.
+`plan(config, tensor_names) -> common.Plan`.
 """
 
 from __future__ import annotations

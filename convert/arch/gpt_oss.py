@@ -61,7 +61,7 @@ def _experts(cfg: ModelConfig, i: int, p: str, mxfp4: bool) -> list[list[common.
             for j in range(cfg.num_experts)]
 
 
-def plan(hf: dict, names: set[str]) -> common.Plan:
+def plan(cfg: ModelConfig, names: set[str]) -> common.Plan:
     def layer(cfg: ModelConfig, i: int, p: str):
         tensors = common.attention(cfg, i, p + "self_attn.", bias=cfg.attention_bias, sinks=True) + common.norms(cfg, i, p)
         E, H = cfg.num_experts, cfg.hidden_size
@@ -70,4 +70,4 @@ def plan(hf: dict, names: set[str]) -> common.Plan:
         mxfp4 = p + "mlp.experts.gate_up_proj_blocks" in names
         return tensors, _experts(cfg, i, p + "mlp.experts.", mxfp4)
 
-    return common.build_plan(model_config(hf), names, layer)
+    return common.build_plan(cfg, names, layer)

@@ -89,13 +89,10 @@ def _layer(cfg: ModelConfig, i: int, p: str):
     return tensors, experts
 
 
-def plan(hf: dict, names: set[str]) -> common.Plan:
-    cfg = model_config(hf)
-    if "text_config" not in hf:
-        return common.build_plan(cfg, names, _layer)
+def plan(cfg: ModelConfig, names: set[str]) -> common.Plan:
+    """The text model's tensors: at the top level, or under one of the multimodal layouts' prefixes."""
     for body, head, skip in _MULTIMODAL:
         if body + "embed_tokens.weight" in names:
             skipped = {n for n in names if n.startswith(skip)}
             return common.build_plan(cfg, names, _layer, body=body, head=head, skipped=skipped)
-    raise common.MoeError("Llama 4 multimodal checkpoint without language_model.model.embed_tokens.weight; "
-                          "the weights do not match config.json")
+    return common.build_plan(cfg, names, _layer)

@@ -35,5 +35,5 @@ def _layer(cfg: ModelConfig, i: int, p: str):
     return tensors, common.separate_experts(cfg, i, moe + "experts.", "w1.weight", "w3.weight", "w2.weight")
 
 
-def plan(hf: dict, names: set[str]) -> common.Plan:
-    return common.build_plan(model_config(hf), names, _layer)
+def plan(cfg: ModelConfig, names: set[str]) -> common.Plan:
+    return common.build_plan(cfg, names, _layer)

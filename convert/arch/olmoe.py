@@ -39,5 +39,5 @@ def _layer(cfg: ModelConfig, i: int, p: str):
     return tensors, experts
 
 
-def plan(hf: dict, names: set[str]) -> common.Plan:
-    return common.build_plan(model_config(hf), names, _layer)
+def plan(cfg: ModelConfig, names: set[str]) -> common.Plan:
+    return common.build_plan(cfg, names, _layer)
