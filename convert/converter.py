@@ -25,7 +25,7 @@ from ..runtime import home
 from ..runtime.config import ModelConfig
 from ..runtime.errors import MoeError
 from ..runtime.files import MAX_JSON, decode_text, load_json, not_a_file, read_bounded
-from ..runtime.info import kind_of
+from ..runtime.tensors import kind_of
 from ..runtime.layout import (
     EXPERT_ALIGN,
     MANIFEST,

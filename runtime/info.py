@@ -6,39 +6,8 @@ import math
 
 from . import paging
 from .home import resolve_model
-from .layout import EXPERTS_FILE, MODEL_FILE, Layout, expert_key, read_manifest, stored_nbytes
-
-PARTS = ("embeddings", "attention", "routers", "experts", "other")
-
-
-def kind_of(name: str) -> str:
-    """The role of a layout tensor: embeddings, lm_head, norms, biases (and sinks), experts, router, attention
-    (q, k, v), attention_output, shared_expert, dense_mlp (the categories the manifest's `quantization` is
-    stated in)."""
-    if name in ("embed", "lm_head"):
-        return "embeddings" if name == "embed" else "lm_head"
-    if name == "norm" or name.endswith(("_norm", ".attn_norm", ".ffn_norm")):
-        return "norms"
-    if name.endswith(("_bias", ".sinks")):
-        return "biases"
-    if expert_key(name) is not None:
-        return "experts"
-    if name.endswith(".attn.o"):
-        return "attention_output"
-    section = name.split(".")[2] if name.startswith("layers.") else ""
-    return {"router": "router", "attn": "attention", "shared": "shared_expert", "mlp": "dense_mlp"}.get(section, "other")
-
-
-def part_of(name: str) -> str:
-    """One of PARTS: the coarse split `moe info` sizes the model by (norms, shared experts, dense MLPs: other)."""
-    if name in ("embed", "lm_head"):
-        return "embeddings"
-    if expert_key(name) is not None:
-        return "experts"
-    section = name.split(".")[2] if name.startswith("layers.") else ""
-    if section.startswith("router"):
-        return "routers"
-    return "attention" if section == "attn" else "other"
+from .layout import EXPERTS_FILE, MODEL_FILE, Layout, read_manifest, stored_nbytes
+from .tensors import PARTS, expert_key, part_of
 
 
 def model_info(path) -> dict:

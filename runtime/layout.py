@@ -65,6 +65,7 @@ from .config import ModelConfig
 from .errors import MoeError
 from .files import load_json, not_a_file
 from .machine import open_read, pread
+from .tensors import expert_key, implied
 
 FORMAT = "moe-layout"
 FORMAT_VERSION = 2  # 2: two-level scales (bfloat16 per SUPER groups, int8 per group); q5, q6
@@ -517,7 +518,7 @@ def _check_config(path: Path, m: dict) -> None:
     if {layer: len(records) for layer, records in m["experts"].items()} != runs:
         raise MoeError(f"{path}: expert runs do not match the config's {cfg.num_experts} experts in layers "
                        f"{', '.join(runs)}; reconvert the model")
-    want, have = cfg.tensor_shapes(), m["tensors"]
+    want, have = implied(cfg), m["tensors"]
     odd = sorted(want.keys() ^ have.keys())
     if odd:
         what = "is missing" if odd[0] in want else "is not one the config implies"
@@ -527,14 +528,6 @@ def _check_config(path: Path, m: dict) -> None:
         if tuple(e["shape"]) != shape or (len(shape) == 1 and e["encoding"] != "f32"):
             raise MoeError(f"{path}: tensor {name} is {e['encoding']} {e['shape']}, the config implies "
                            f"{list(shape)}{' f32' if len(shape) == 1 else ''}; reconvert the model")
-
-
-def expert_key(name: str) -> tuple[int, int, str] | None:
-    """(layer, expert, short name) of an expert tensor's name, None for any other tensor."""
-    parts = name.split(".", 4)
-    if len(parts) == 5 and parts[0] == "layers" and parts[2] == "experts":
-        return int(parts[1]), int(parts[3]), parts[4]
-    return None
 
 
 def open_layout(folder) -> Layout:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kernels
+from . import kernels, tensors
 from .config import LayerSpec, ModelConfig
 from .errors import MoeError
 from .experts import ExpertStore, MappedExperts
@@ -39,7 +39,8 @@ F32 = np.float32
 
 @dataclass
 class _Layer:
-    """One decoder layer's non-expert tensors: views into model.bin."""
+    """One decoder layer's non-expert tensors (moe.runtime.tensors.LAYER, by their `field` names): views into
+    model.bin; 1-D tensors as their f32 values."""
 
     spec: LayerSpec
     attn_norm: np.ndarray  # (H,)
@@ -53,26 +54,27 @@ class _Layer:
     sinks: np.ndarray | None = None  # (nh,)
     router: Packed | None = None  # [E, H] in the source's encoding (exact)
     router_bias: np.ndarray | None = None  # (E,)
-    shared: tuple[Packed, Packed] | None = None  # (gate_up [2F, H], down [H, F])
-    mlp: tuple[Packed, Packed] | None = None  # dense layer
+    shared_gate_up: Packed | None = None  # [2F, H]
+    shared_down: Packed | None = None  # [H, F]
+    mlp_gate_up: Packed | None = None  # dense layer
+    mlp_down: Packed | None = None
 
     @classmethod
     def load(cls, layout: Layout, i: int, spec: LayerSpec) -> _Layer:
-        p = f"layers.{i}."
+        def read(name: str) -> Packed | np.ndarray:
+            p = layout.packed(name)
+            return p.codes if len(p.shape) == 1 else p
 
-        def vec(name: str) -> np.ndarray | None:
-            return layout.packed(p + name).codes if layout.has(p + name) else None
+        names = {t.field: tensors.layer_name(i, t.short) for t in tensors.LAYER.values()}
+        return cls(spec, **{field: read(name) for field, name in names.items() if layout.has(name)})
 
-        def pair(name: str) -> tuple[Packed, Packed] | None:
-            if not layout.has(p + name + ".gate_up"):
-                return None
-            return layout.packed(p + name + ".gate_up"), layout.packed(p + name + ".down")
+    @property
+    def shared(self) -> tuple[Packed, Packed] | None:
+        return (self.shared_gate_up, self.shared_down) if self.shared_gate_up is not None else None
 
-        return cls(
-            spec, vec("attn_norm"), vec("ffn_norm"), layout.packed(p + "attn.qkv"), layout.packed(p + "attn.o"),
-            vec("attn.qkv_bias"), vec("attn.o_bias"), vec("attn.q_norm"), vec("attn.k_norm"), vec("attn.sinks"),
-            layout.packed(p + "router") if spec.moe else None, vec("router_bias"), pair("shared"), pair("mlp"),
-        )
+    @property
+    def mlp(self) -> tuple[Packed, Packed] | None:
+        return (self.mlp_gate_up, self.mlp_down) if self.mlp_gate_up is not None else None
 
 
 class _Buffers:

@@ -19,7 +19,7 @@ from ..convert.converter import check_options, check_plan, encoding_for, read_js
 from ..convert.hub import check_weights, hub_errors, local_folder
 from ..convert.safetensors_io import DTYPES, INDEX, Checkpoint, TensorInfo
 from .errors import MoeError
-from .info import kind_of
+from .tensors import kind_of
 from .layout import EXPERT_ALIGN, EXPERTS_FILE, MODEL_FILE, TENSOR_ALIGN, align, expected_nbytes
 from .model import DEFAULT_MAX_CONTEXT
 

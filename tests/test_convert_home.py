@@ -8,8 +8,9 @@ from moe.convert import convert, demo_model
 from moe.convert.safetensors_io import Checkpoint
 from moe.runtime.errors import MoeError
 from moe.runtime.home import default_output, list_models, model_name, moe_home, resolve_model
-from moe.runtime.info import model_info, part_of
+from moe.runtime.info import model_info
 from moe.runtime.layout import EXPERT_ALIGN
+from moe.runtime.tensors import part_of
 from tiny import make_checkpoint
 
 

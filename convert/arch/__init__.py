@@ -1,17 +1,19 @@
 """One small file per architecture: its config keys and tensor names mapped onto the layout.
 
-Each module has NAME, HF_ARCHITECTURES, MODEL_TYPES, `model_config(hf) -> ModelConfig` and
-`plan(config, tensor_names) -> common.Plan`.
+Each module of this package (but `common`) is one architecture, found by its presence here: NAME,
+HF_ARCHITECTURES, MODEL_TYPES, `model_config(hf) -> ModelConfig` and `plan(config, tensor_names) -> common.Plan`.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from types import ModuleType
 
 from ...runtime.errors import MoeError
-from . import gpt_oss, llama4, mixtral, olmoe, qwen3_moe
 
-MODULES = (mixtral, qwen3_moe, olmoe, llama4, gpt_oss)
+MODULES = tuple(importlib.import_module(f"{__name__}.{name}")
+                for name in sorted(m.name for m in pkgutil.iter_modules(__path__)) if name != "common")
 KNOWN = tuple(a for m in MODULES for a in m.HF_ARCHITECTURES)
 _BY_KEY = {key: m for m in MODULES for key in (*m.HF_ARCHITECTURES, *m.MODEL_TYPES, m.NAME)}
 

@@ -4,13 +4,14 @@ A layout tensor (`Out`) is its source pieces (`Src`) concatenated along rows. A 
 Hub tensor, optionally one expert's slice of a fused [E, ...] tensor, transposed from
 [in, out] to [out, in], and/or every `step`-th row from `start` (gpt-oss interleaves gate
 and up). `mxfp4` pieces are decoded from `<name>_blocks` and `<name>_scales`.
-Shape letters: H hidden, E experts, F expert intermediate, V vocabulary.
+Layout names and shapes come from moe.runtime.tensors; a recipe says only where each comes from.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...runtime import tensors
 from ...runtime.config import ModelConfig, Rope
 from ...runtime.errors import MoeError
 
@@ -139,50 +140,60 @@ def base_config(hf: dict, *, eps: float = 1e-5, max_positions: int = 4096, head_
     )
 
 
-def attention(cfg: ModelConfig, i: int, p: str, *, qk_norm: str = "none", bias: bool = False,
-              sinks: bool = False) -> list[Out]:
-    """q, k, v fused into one [q rows, k rows, v rows] matrix; o; optional biases, q/k norms and sinks."""
-    H, q, kv = cfg.hidden_size, cfg.q_dim, cfg.kv_dim
-    out = [Out(f"layers.{i}.attn.qkv", (q + 2 * kv, H), tuple(Src(f"{p}{x}_proj.weight") for x in "qkv")),
-           Out(f"layers.{i}.attn.o", (H, q), (Src(f"{p}o_proj.weight"),))]
-    if bias:
-        out += [Out(f"layers.{i}.attn.qkv_bias", (q + 2 * kv,), tuple(Src(f"{p}{x}_proj.bias") for x in "qkv")),
-                Out(f"layers.{i}.attn.o_bias", (H,), (Src(f"{p}o_proj.bias"),))]
-    if qk_norm in ("head", "full"):
-        qn, kn = (cfg.head_dim, cfg.head_dim) if qk_norm == "head" else (q, kv)
-        out += [Out(f"layers.{i}.attn.q_norm", (qn,), (Src(f"{p}q_norm.weight"),)),
-                Out(f"layers.{i}.attn.k_norm", (kn,), (Src(f"{p}k_norm.weight"),))]
-    if sinks:
-        out.append(Out(f"layers.{i}.attn.sinks", (cfg.num_heads,), (Src(f"{p}sinks"),)))
+def tensor(cfg: ModelConfig, i: int, short: str, *srcs: Src) -> Out:
+    """Layer i's tensor `short` (a row of moe.runtime.tensors.LAYER, which gives its shape), made of `srcs`."""
+    return Out(tensors.layer_name(i, short), tensors.LAYER[short].shape(cfg, cfg.layers[i]), srcs)
+
+
+def expert_tensor(cfg: ModelConfig, i: int, j: int, short: str, *srcs: Src) -> Out:
+    """Expert j of layer i's tensor `short` (a row of moe.runtime.tensors.EXPERT), made of `srcs`."""
+    return Out(tensors.expert_name(i, j, short), tensors.EXPERT[short].shape(cfg, cfg.layers[i]), srcs)
+
+
+def attention(cfg: ModelConfig, i: int, p: str) -> list[Out]:
+    """q, k, v fused into one [q rows, k rows, v rows] matrix; o; and the biases, q/k norms and sinks the
+    config gives this layer (moe.runtime.tensors says which)."""
+    spec = cfg.layers[i]
+    out = [tensor(cfg, i, "attn.qkv", *(Src(f"{p}{x}_proj.weight") for x in "qkv")),
+           tensor(cfg, i, "attn.o", Src(f"{p}o_proj.weight"))]
+    if tensors.LAYER["attn.qkv_bias"].present(cfg, spec):
+        out += [tensor(cfg, i, "attn.qkv_bias", *(Src(f"{p}{x}_proj.bias") for x in "qkv")),
+                tensor(cfg, i, "attn.o_bias", Src(f"{p}o_proj.bias"))]
+    if tensors.LAYER["attn.q_norm"].present(cfg, spec):
+        out += [tensor(cfg, i, "attn.q_norm", Src(f"{p}q_norm.weight")),
+                tensor(cfg, i, "attn.k_norm", Src(f"{p}k_norm.weight"))]
+    if tensors.LAYER["attn.sinks"].present(cfg, spec):
+        out.append(tensor(cfg, i, "attn.sinks", Src(f"{p}sinks")))
     return out
 
 
 def norms(cfg: ModelConfig, i: int, p: str) -> list[Out]:
-    H = cfg.hidden_size
-    return [Out(f"layers.{i}.attn_norm", (H,), (Src(f"{p}input_layernorm.weight"),)),
-            Out(f"layers.{i}.ffn_norm", (H,), (Src(f"{p}post_attention_layernorm.weight"),))]
+    return [tensor(cfg, i, "attn_norm", Src(f"{p}input_layernorm.weight")),
+            tensor(cfg, i, "ffn_norm", Src(f"{p}post_attention_layernorm.weight"))]
 
 
-def swiglu(name: str, H: int, F: int, gate: str, up: str, down: str) -> list[Out]:
-    """A SwiGLU MLP from separate [F, H] gate/up and [H, F] down matrices: `name.gate_up`, `name.down`."""
-    return [Out(f"{name}.gate_up", (2 * F, H), (Src(gate), Src(up))), Out(f"{name}.down", (H, F), (Src(down),))]
+def swiglu(cfg: ModelConfig, i: int, mlp: str, gate: str, up: str, down: str) -> list[Out]:
+    """Layer i's SwiGLU MLP `mlp` (`shared` or `mlp`) from separate [F, H] gate/up and [H, F] down matrices."""
+    return [tensor(cfg, i, f"{mlp}.gate_up", Src(gate), Src(up)), tensor(cfg, i, f"{mlp}.down", Src(down))]
 
 
 def separate_experts(cfg: ModelConfig, i: int, p: str, gate: str, up: str, down: str) -> list[list[Out]]:
     """Experts stored one tensor each: `{p}{j}.{gate}` etc."""
-    H, F = cfg.hidden_size, cfg.expert_intermediate_size
-    return [swiglu(f"layers.{i}.experts.{j}", H, F, f"{p}{j}.{gate}", f"{p}{j}.{up}", f"{p}{j}.{down}")
+    return [[expert_tensor(cfg, i, j, "gate_up", Src(f"{p}{j}.{gate}"), Src(f"{p}{j}.{up}")),
+             expert_tensor(cfg, i, j, "down", Src(f"{p}{j}.{down}"))]
             for j in range(cfg.num_experts)]
 
 
 def globals_(cfg: ModelConfig, body: str, head: str, names: set[str]) -> tuple[list[Out], list[Out], set[str]]:
     """(tensors before the layers, after them, deliberately skipped): embed; norm and lm_head (absent when tied)."""
-    V, H = cfg.vocab_size, cfg.hidden_size
-    first = [Out("embed", (V, H), (Src(f"{body}embed_tokens.weight"),))]
-    last = [Out("norm", (H,), (Src(f"{body}norm.weight"),))]
+    def model_tensor(short: str, src: str) -> Out:
+        return Out(short, tensors.GLOBAL[short].shape(cfg, None), (Src(src),))
+
+    first = [model_tensor("embed", f"{body}embed_tokens.weight")]
+    last = [model_tensor("norm", f"{body}norm.weight")]
     skipped = set()
-    if not cfg.tie_word_embeddings:
-        last.append(Out("lm_head", (V, H), (Src(head),)))
+    if tensors.GLOBAL["lm_head"].present(cfg, None):
+        last.append(model_tensor("lm_head", head))
     elif head in names:
         skipped.add(head)  # a tied head stored anyway is the embedding again
     return first, last, skipped

@@ -49,24 +49,21 @@ def model_config(hf: dict) -> ModelConfig:
 
 
 def _experts(cfg: ModelConfig, i: int, p: str, mxfp4: bool) -> list[list[common.Out]]:
-    H, F, Src = cfg.hidden_size, cfg.expert_intermediate_size, common.Src
+    Src, out = common.Src, common.expert_tensor
     gu, down = p + "gate_up_proj", p + "down_proj"
     t = not mxfp4  # bf16 tensors are [in, out]; MXFP4 blocks are [out, in]
-    return [[common.Out(f"layers.{i}.experts.{j}.gate_up", (2 * F, H),
-                        (Src(gu, j, t, 0, 2, mxfp4), Src(gu, j, t, 1, 2, mxfp4))),
-             common.Out(f"layers.{i}.experts.{j}.gate_up_bias", (2 * F,),
-                        (Src(gu + "_bias", j, start=0, step=2), Src(gu + "_bias", j, start=1, step=2))),
-             common.Out(f"layers.{i}.experts.{j}.down", (H, F), (Src(down, j, t, mxfp4=mxfp4),)),
-             common.Out(f"layers.{i}.experts.{j}.down_bias", (H,), (Src(down + "_bias", j),))]
+    return [[out(cfg, i, j, "gate_up", Src(gu, j, t, 0, 2, mxfp4), Src(gu, j, t, 1, 2, mxfp4)),
+             out(cfg, i, j, "gate_up_bias", Src(gu + "_bias", j, start=0, step=2), Src(gu + "_bias", j, start=1, step=2)),
+             out(cfg, i, j, "down", Src(down, j, t, mxfp4=mxfp4)),
+             out(cfg, i, j, "down_bias", Src(down + "_bias", j))]
             for j in range(cfg.num_experts)]
 
 
 def plan(cfg: ModelConfig, names: set[str]) -> common.Plan:
     def layer(cfg: ModelConfig, i: int, p: str):
-        tensors = common.attention(cfg, i, p + "self_attn.", bias=cfg.attention_bias, sinks=True) + common.norms(cfg, i, p)
-        E, H = cfg.num_experts, cfg.hidden_size
-        tensors += [common.Out(f"layers.{i}.router", (E, H), (common.Src(p + "mlp.router.weight"),)),
-                    common.Out(f"layers.{i}.router_bias", (E,), (common.Src(p + "mlp.router.bias"),))]
+        tensors = common.attention(cfg, i, p + "self_attn.") + common.norms(cfg, i, p)
+        tensors += [common.tensor(cfg, i, "router", common.Src(p + "mlp.router.weight")),
+                    common.tensor(cfg, i, "router_bias", common.Src(p + "mlp.router.bias"))]
         mxfp4 = p + "mlp.experts.gate_up_proj_blocks" in names
         return tensors, _experts(cfg, i, p + "mlp.experts.", mxfp4)
 

@@ -70,21 +70,18 @@ def model_config(hf: dict) -> ModelConfig:
 
 
 def _layer(cfg: ModelConfig, i: int, p: str):
-    H, F = cfg.hidden_size, cfg.expert_intermediate_size
     ff = p + "feed_forward."
-    tensors = common.attention(cfg, i, p + "self_attn.", bias=cfg.attention_bias) + common.norms(cfg, i, p)
+    tensors = common.attention(cfg, i, p + "self_attn.") + common.norms(cfg, i, p)
     if not cfg.layers[i].moe:
-        tensors += common.swiglu(f"layers.{i}.mlp", H, cfg.dense_intermediate_size, ff + "gate_proj.weight",
-                                 ff + "up_proj.weight", ff + "down_proj.weight")
+        tensors += common.swiglu(cfg, i, "mlp", ff + "gate_proj.weight", ff + "up_proj.weight",
+                                 ff + "down_proj.weight")
         return tensors, []
-    tensors.append(common.Out(f"layers.{i}.router", (cfg.num_experts, H), (common.Src(ff + "router.weight"),)))
+    tensors.append(common.tensor(cfg, i, "router", common.Src(ff + "router.weight")))
     shared = ff + "shared_expert."
-    tensors += common.swiglu(f"layers.{i}.shared", H, cfg.shared_expert_intermediate_size, shared + "gate_proj.weight",
-                             shared + "up_proj.weight", shared + "down_proj.weight")
-    experts = [[common.Out(f"layers.{i}.experts.{j}.gate_up", (2 * F, H),
-                           (common.Src(ff + "experts.gate_up_proj", expert=j, transpose=True),)),
-                common.Out(f"layers.{i}.experts.{j}.down", (H, F),
-                           (common.Src(ff + "experts.down_proj", expert=j, transpose=True),))]
+    tensors += common.swiglu(cfg, i, "shared", shared + "gate_proj.weight", shared + "up_proj.weight",
+                             shared + "down_proj.weight")
+    experts = [[common.expert_tensor(cfg, i, j, "gate_up", common.Src(ff + "experts.gate_up_proj", j, transpose=True)),
+                common.expert_tensor(cfg, i, j, "down", common.Src(ff + "experts.down_proj", j, transpose=True))]
                for j in range(cfg.num_experts)]
     return tensors, experts
 

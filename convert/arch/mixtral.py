@@ -31,7 +31,7 @@ def model_config(hf: dict) -> ModelConfig:
 def _layer(cfg: ModelConfig, i: int, p: str):
     moe = p + "block_sparse_moe."
     tensors = common.attention(cfg, i, p + "self_attn.") + common.norms(cfg, i, p)
-    tensors.append(common.Out(f"layers.{i}.router", (cfg.num_experts, cfg.hidden_size), (common.Src(moe + "gate.weight"),)))
+    tensors.append(common.tensor(cfg, i, "router", common.Src(moe + "gate.weight")))
     return tensors, common.separate_experts(cfg, i, moe + "experts.", "w1.weight", "w3.weight", "w2.weight")
 
 

@@ -30,10 +30,8 @@ def model_config(hf: dict) -> ModelConfig:
 
 
 def _layer(cfg: ModelConfig, i: int, p: str):
-    tensors = common.attention(cfg, i, p + "self_attn.", qk_norm="full", bias=cfg.attention_bias)
-    tensors += common.norms(cfg, i, p)
-    tensors.append(common.Out(f"layers.{i}.router", (cfg.num_experts, cfg.hidden_size),
-                              (common.Src(p + "mlp.gate.weight"),)))
+    tensors = common.attention(cfg, i, p + "self_attn.") + common.norms(cfg, i, p)
+    tensors.append(common.tensor(cfg, i, "router", common.Src(p + "mlp.gate.weight")))
     experts = common.separate_experts(cfg, i, p + "mlp.experts.", "gate_proj.weight", "up_proj.weight",
                                       "down_proj.weight")
     return tensors, experts

@@ -40,15 +40,13 @@ def model_config(hf: dict) -> ModelConfig:
 
 
 def _layer(cfg: ModelConfig, i: int, p: str):
-    tensors = common.attention(cfg, i, p + "self_attn.", qk_norm="head", bias=cfg.attention_bias)
-    tensors += common.norms(cfg, i, p)
+    tensors = common.attention(cfg, i, p + "self_attn.") + common.norms(cfg, i, p)
     mlp = p + "mlp."
     if not cfg.layers[i].moe:
-        H, F = cfg.hidden_size, cfg.dense_intermediate_size
-        tensors += common.swiglu(f"layers.{i}.mlp", H, F, mlp + "gate_proj.weight", mlp + "up_proj.weight",
+        tensors += common.swiglu(cfg, i, "mlp", mlp + "gate_proj.weight", mlp + "up_proj.weight",
                                  mlp + "down_proj.weight")
         return tensors, []
-    tensors.append(common.Out(f"layers.{i}.router", (cfg.num_experts, cfg.hidden_size), (common.Src(mlp + "gate.weight"),)))
+    tensors.append(common.tensor(cfg, i, "router", common.Src(mlp + "gate.weight")))
     experts = common.separate_experts(cfg, i, mlp + "experts.", "gate_proj.weight", "up_proj.weight",
                                       "down_proj.weight")
     return tensors, experts
