@@ -11,7 +11,7 @@ from moe.runtime.bench import bench as measure
 from moe.runtime.units import format_size
 from rich.table import Table
 
-from .common import model_path, out, pinned, print_json, status
+from .common import model_path, out, print_json, say, status
 from .options import Json, MemoryBudget, Pin, Threads
 
 Stream = Enum("Stream", {name: name for name in STREAMS}, type=str)
@@ -47,8 +47,7 @@ def bench(
     """
     path = model_path(model)
     with status("benchmarking..."):
-        figures = measure(path, prompt_tokens, gen_tokens, memory_budget, threads, repeat, pinned(pin, path, memory_budget),
-                          stream.value)
+        figures = measure(path, prompt_tokens, gen_tokens, memory_budget, threads, repeat, pin or (), stream.value, say)
     figures = {"model": str(path), **figures}
     if json:
         print_json(figures)

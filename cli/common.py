@@ -43,23 +43,17 @@ def open_model(spec: str | None, memory_budget: int | None = None, threads: int 
     """(model, seconds it took to load). `pin`: a profile whose hottest experts stay resident under a budget."""
     from moe.runtime.model import load_model
 
-    path = model_path(spec)
-    pairs = pinned(pin, path, memory_budget)
     start = time.perf_counter()
     with status("loading the model..."):
-        model = load_model(path, memory_budget=memory_budget, threads=threads, pin=pairs)
-    if pin is not None and getattr(model.experts, "budget", None) is None:
-        err.print(f"note: --pin {pin} has no effect: every expert is mapped (give a --memory-budget)", style="dim")
+        model = load_model(model_path(spec), memory_budget=memory_budget, threads=threads, pin=pin or ())
+    say(model.memory.notes)
     return model, time.perf_counter() - start
 
 
-def pinned(pin: Path | None, model, memory_budget: int | None) -> list[tuple[int, int]]:
-    """The (layer, expert) pairs of a profile to keep resident, hottest first; none without one."""
-    if pin is None:
-        return []
-    from moe.runtime.routing_stats import read_pins
-
-    return read_pins(pin, model, memory_budget)
+def say(notes) -> None:
+    """The lines a memory decision has to tell (the budget it chose, a --pin with no effect), on stderr."""
+    for line in notes:
+        err.print(line, style="dim", markup=False)
 
 
 def read_text(file: Path) -> str:

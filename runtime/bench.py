@@ -31,9 +31,10 @@ STREAMS = ("random", "greedy")
 
 
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=None, threads: int | None = None,
-          repeat: int = 3, pin=(), stream: str = "random") -> dict:
+          repeat: int = 3, pin=(), stream: str = "random", say=None) -> dict:
     """Measure the model at `path` (a folder or converted name); figures as the module says.
-    `pin`: (layer, expert) pairs, hottest first, kept resident under a budget (see load_model)."""
+    `pin`: (layer, expert) pairs, hottest first, or a profile file, kept resident under a budget (see load_model);
+    `say` is given the timed load's memory notes (model.memory.notes)."""
     from .model import load_model
 
     if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
@@ -48,6 +49,8 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
     start = time.perf_counter()
     model = load_model(path, memory_budget=memory_budget, threads=threads, pin=pin)
     load_s = time.perf_counter() - start
+    if say is not None:
+        say(model.memory.notes)
     if prompt_tokens + gen_tokens > model.max_context:
         raise MoeError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} exceeds the model's "
                        f"context of {model.max_context}; ask for fewer")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels, tensors
+from .budget import Memory, decide
 from .config import LayerSpec, ModelConfig
 from .errors import MoeError
 from .experts import ExpertStore, MappedExperts
@@ -28,10 +29,9 @@ from .kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from .kernels.norms import rmsnorm
 from .kernels.qmatmul import Scratch, linear, linear_each
 from .kernels.routing import group_by_expert, sigmoid_topk, softmax_topk, topk_softmax
-from .layout import EXPERTS_FILE, MANIFEST, MODEL_FILE, Layout, Packed, open_layout
+from .layout import MANIFEST, Layout, Packed, open_layout
 from .machine import peak_rss, use_threads
-from .paging import PagedExperts, auto_budget, misses_from_disk
-from .units import parse_size
+from .paging import PagedExperts
 
 DEFAULT_MAX_CONTEXT = 4096
 F32 = np.float32
@@ -135,10 +135,11 @@ def _view(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 class Model:
     """A converted model with its KV cache. `forward` is the one entry; the rest wraps it."""
 
-    def __init__(self, layout: Layout, experts: ExpertStore, max_context: int):
+    def __init__(self, layout: Layout, experts: ExpertStore, memory: Memory, max_context: int):
         self.layout = layout
         self.config = cfg = ModelConfig.from_dict(layout.config)
         self.experts = experts
+        self.memory = memory  # how the experts are held, and what to tell the user about it
         self.max_context = max_context
         self.pos = 0  # tokens in the KV cache
         self._ids = np.zeros(max_context, np.int64)  # (P,) the token ids whose keys and values it holds, [:pos]
@@ -185,7 +186,7 @@ class Model:
         hits, misses = int(s.hits.sum()), int(s.misses.sum())
         return {
             "tokens": self._tokens,
-            "memory_budget_bytes": getattr(s, "budget", None),
+            "memory_budget_bytes": self.memory.budget,
             "hits": hits,
             "misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 1.0,
@@ -415,11 +416,11 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
     """Open a converted model (a folder, or a name or Hub id converted before) and map its files; copies no expert.
 
     memory_budget (bytes or text such as "2GB") bounds the expert cache: experts are then paged
-    into a fixed pool (cache_policy "next", "freq" or "lru": paging.POLICIES; prefetch of the next layer's predicted
-    experts: True, False, or None for when misses come from disk (paging.misses_from_disk);
-    `pin`: (layer, expert) pairs, hottest first, kept resident while room is left for
-    one layer's top-k). Without one, experts come straight from the memory map when the model fits in
-    available RAM, else a budget is chosen (and said on stderr). threads sets numba's thread
+    into a fixed pool (cache_policy "next", "freq" or "lru": paging.POLICIES). Without one, experts come
+    straight from the memory map when the model fits in available RAM, else a budget is chosen. How the experts
+    are held, with prefetch (True, False, or None for when misses come from disk) and `pin` (pairs or a profile
+    file), is budget.decide's decision, kept as `model.memory` with the lines to tell the user (its notes:
+    load_model prints nothing). threads sets numba's thread
     count (default: machine.default_threads()); max_context sizes the KV cache (default: the model's, at most 4096).
     Every tensor is checked against its CRC-32 before first use: the non-expert ones here, each expert
     the first time it is chosen (a mismatch: MoeError, exit 1).
@@ -429,8 +430,6 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
         from .home import resolve_model
 
         folder = resolve_model(str(path))
-    if memory_budget is not None:
-        memory_budget = parse_size(memory_budget, "memory budget")
     use_threads(threads)
     layout = open_layout(folder)
     layout.check_tensors()  # every non-expert tensor is used by the first token; experts as they are first chosen
@@ -439,16 +438,13 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
         max_context = min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     elif not 1 <= max_context <= cfg.max_position_embeddings:
         raise MoeError(f"max_context {max_context} must be between 1 and the model's {cfg.max_position_embeddings}")
-    if memory_budget is None:
-        memory_budget = auto_budget(layout)
-    if memory_budget is None:
-        experts: ExpertStore = MappedExperts(layout)
+    memory = decide(layout, memory_budget, prefetch, pin)
+    if memory.paged:
+        experts: ExpertStore = PagedExperts(layout, memory.budget, cache_policy, memory.prefetch, memory.pins,
+                                            memory.uncached)
     else:
-        sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
-        from_disk = misses_from_disk(sizes[EXPERTS_FILE], sizes[MODEL_FILE], memory_budget)
-        experts = PagedExperts(layout, memory_budget, cache_policy, from_disk if prefetch is None else prefetch, pin,
-                               uncached=from_disk)
-    model = Model(layout, experts, max_context)
+        experts = MappedExperts(layout)
+    model = Model(layout, experts, memory, max_context)
     if kernels.cache_is_cold():
         kernels.announce_compiling()
         _warm_up(model)

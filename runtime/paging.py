@@ -18,7 +18,6 @@ failed read leaves the slot empty.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -27,7 +26,7 @@ import numpy as np
 from .cache_policy import NextUse
 from .errors import MoeError
 from .experts import ExpertStore, ExpertWeights, weights_in
-from .layout import EXPERT_ALIGN, EXPERTS_FILE, MODEL_FILE, Layout, align, crc32
+from .layout import EXPERT_ALIGN, EXPERTS_FILE, Layout, align, crc32
 from .machine import available_ram, drop_cached, open_read, preadv, read_around_cache
 from .units import format_size, format_sizes
 
@@ -47,35 +46,12 @@ def min_budget(layout: Layout) -> int:
     return layout.config["top_k"] * slot_bytes(layout)
 
 
-def misses_from_disk(experts_bytes: int, resident_bytes: int, budget: int, available: int | None = None) -> bool:
-    """Whether experts.bin (experts_bytes) is larger than the page cache can keep beside the pool (budget) and
-    the rest of the model in RAM (resident_bytes), out of `available` (default: available_ram()): then a miss
-    waits for the disk, and reading the next layer's predicted experts ahead pays. From the page cache a miss
-    is a copy cheaper than predicting it: prefetch cost 20-35 % of decode speed on the trained models at a
-    25 % budget and on synthetic OLMoE at 1 GiB (22.8 -> 17.9 tok/s, misses from the page cache)."""
-    available = available_ram() if available is None else available
-    pool = min(budget, experts_bytes)  # a larger budget still makes a pool of every expert, no more
-    return experts_bytes > available - pool - resident_bytes
+def slot_count(layout: Layout, budget: int) -> int:
+    """Slots a budget makes: a budget is a ceiling, so never more slots than there are experts."""
+    return min(budget // slot_bytes(layout), sum(len(runs) for runs in layout.manifest["experts"].values()))
 
 
-def auto_budget(layout: Layout) -> int | None:
-    """None when the whole model fits comfortably in available RAM (experts then come from the memory map);
-    otherwise a budget that leaves room for the rest, announced on stderr."""
-    sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
-    available = available_ram()
-    if sum(sizes.values()) <= 0.8 * available:
-        return None
-    budget = max(min_budget(layout), int(0.6 * available) - sizes.get(MODEL_FILE, 0))
-    print(
-        f"moe: the model ({format_size(sum(sizes.values()))}) does not fit comfortably in the "
-        f"{format_size(available)} of available RAM; paging experts under a budget of {format_size(budget)} "
-        "(choose one with --memory-budget)",
-        file=sys.stderr,
-    )
-    return budget
-
-
-def _pool(n_slots: int, slot_bytes: int, budget: int) -> np.ndarray:
+def _allocate_pool(n_slots: int, slot_bytes: int, budget: int) -> np.ndarray:
     """The slots' memory, refused when it could not all be resident: filling it would swap, or be killed."""
     available = available_ram()
     if n_slots * slot_bytes <= available:
@@ -92,8 +68,9 @@ def _pool(n_slots: int, slot_bytes: int, budget: int) -> np.ndarray:
 class PagedExperts(ExpertStore):
     """An expert cache of a fixed number of slots, filled from experts.bin on demand and by prefetch."""
 
-    def __init__(self, layout: Layout, budget: int, policy: str = "next", prefetch: bool = True, pin=(),
+    def __init__(self, layout: Layout, budget: int, policy: str = "next", prefetch: bool = False, pins=(),
                  uncached: bool = False):
+        """prefetch, uncached and pins (hottest first, as many as may stay resident) as budget.decide chose them."""
         super().__init__(layout)
         if policy not in POLICIES:
             raise MoeError(f"cache policy {policy!r} is unknown; choose one of {', '.join(POLICIES)}")
@@ -105,11 +82,9 @@ class PagedExperts(ExpertStore):
                 f"memory budget {given} is below this model's minimum of {least} "
                 f"({k} experts of {format_size(self.slot_bytes)} for one layer's top-{k}); give at least that"
             )
-        self.budget = budget
-        # A budget is a ceiling: no more slots than experts, however large it is.
-        self.n_slots = min(budget // self.slot_bytes, sum(len(runs) for runs in layout.manifest["experts"].values()))
+        self.n_slots = slot_count(layout, budget)
         self.policy = policy
-        self.pool = _pool(self.n_slots, self.slot_bytes, budget)  # pages committed as slots fill
+        self.pool = _allocate_pool(self.n_slots, self.slot_bytes, budget)  # pages committed as slots fill
         n_layers = len(layout.config["layers"])
         n_experts = layout.config["num_experts"]
         self.slot_of = np.full((n_layers, n_experts), -1, np.int64)  # (L, E) -> slot or -1
@@ -121,7 +96,7 @@ class PagedExperts(ExpertStore):
         self.prefetched = np.zeros(self.n_slots, bool)  # filled by prefetch, not used yet
         self.queued = np.zeros(self.n_slots, bool)  # read as its layer's miss (counted then), not used yet
         self._prediction: dict[int, set[int]] = {}
-        self._pinned: set[int] = set()
+        self._in_use: set[int] = set()  # the slot whose views get() last handed out
         self._protected: set[int] = set()  # slots of the layer being computed: prefetch must not take them
         self._clock = 0
         self._lock = threading.Lock()
@@ -132,17 +107,16 @@ class PagedExperts(ExpertStore):
         self._drop_after_read = uncached and not read_around_cache(self._fd)
         self._runs = {int(k): v for k, v in layout.manifest["experts"].items()}
         self._entries = {(i, j): layout.expert_tensors(i, j) for i, runs in self._runs.items() for j in range(len(runs))}
-        # Prefetch needs room beyond the layer being computed: more than two layers' top-k.
-        self.wants_prediction = prefetch and self.n_slots > 2 * layout.config["top_k"]
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moe-prefetch") if self.wants_prediction else None
+        self.wants_prediction = prefetch
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="moe-prefetch") if prefetch else None
         # A layer's misses are read side by side, several reads in flight, as soon as its router has run.
         self._readers = ThreadPoolExecutor(min(layout.config["top_k"], 8), thread_name_prefix="moe-read")
         self.read = preadv  # the one read call; tests replace it to read slowly or fail
-        self._resident: set[int] = set()  # slots of pinned experts: read once, never evicted
-        for layer, expert in list(pin)[: max(0, self.n_slots - layout.config["top_k"])]:
+        self.pinned: set[int] = set()  # slots of pinned experts: read once, never evicted
+        for layer, expert in pins:
             slot = self._claim(layer, expert)
             self._fill(slot, layer, expert)
-            self._resident.add(slot)
+            self.pinned.add(slot)
 
     # -- what the model calls ---------------------------------------------------------------
 
@@ -156,7 +130,7 @@ class PagedExperts(ExpertStore):
         with self._lock:
             self._protected = {int(self.slot_of[layer, e]) for e in chosen if self.slot_of[layer, e] >= 0}
             missing = [e for e in experts if self.slot_of[layer, e] < 0]
-            if len(missing) > 1 and len(chosen) <= self.n_slots - len(self._resident):
+            if len(missing) > 1 and len(chosen) <= self.n_slots - len(self.pinned):
                 for e in missing:
                     slot = self._claim(layer, e, for_prefetch=True)  # never a slot this layer chose
                     if slot < 0:
@@ -171,7 +145,7 @@ class PagedExperts(ExpertStore):
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         """The expert's weights in its slot, read from disk on a miss; valid until the next get()."""
-        self._pinned = set()  # the previous expert's views are done with
+        self._in_use = set()  # the previous expert's views are done with
         while True:
             with self._lock:
                 slot = int(self.slot_of[layer, expert])
@@ -212,7 +186,7 @@ class PagedExperts(ExpertStore):
     def prefetch(self, layer: int, experts) -> None:
         """Start reading `experts` of `layer` (a prediction) in the background, into slots no one needs now."""
         self._prediction[layer] = set(experts)
-        if self._pool is None:
+        if self._prefetcher is None:
             return
         with self._lock:
             for e in experts:
@@ -222,11 +196,11 @@ class PagedExperts(ExpertStore):
                 if slot < 0:
                     return
                 self.prefetched[slot] = True
-                self._loads[slot] = self._pool.submit(self._fill, slot, layer, e)
+                self._loads[slot] = self._prefetcher.submit(self._fill, slot, layer, e)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         if self._fd >= 0:
             os.close(self._fd)
@@ -242,12 +216,12 @@ class PagedExperts(ExpertStore):
         """Under the lock: the slot the caller is about to use; prefetch keeps its hands off it."""
         self._clock += 1
         self.last_use[slot] = self._clock
-        self._pinned = {slot}
+        self._in_use = {slot}
         self._protected.add(slot)
 
     def _claim(self, layer: int, expert: int, for_prefetch: bool = False) -> int:
         """Under the lock: a slot for (layer, expert), marked loading; -1 if prefetch finds none it may take."""
-        busy = self._pinned | self._resident | set(self._loads)
+        busy = self._in_use | self.pinned | set(self._loads)
         if for_prefetch:
             busy |= self._protected
         free = np.flatnonzero(self.state == _EMPTY)

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import ModelConfig
 from .errors import MoeError
 from .files import load_json, not_a_file
 
 PROFILE_FORMAT = "moe-profile"
-# Pinned experts fill at most this share of the cache's slots: on the trained models at a 25 % budget,
-# pinning more lowered the hit rate (the frequency policy keeps hot experts resident anyway).
-PIN_SHARE = 0.25
 
 
 def routed(model, ids) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -110,16 +108,8 @@ def usage(sequences: dict[int, list[np.ndarray]], num_experts: int, window: int)
     return {"layers": layers, "hottest": [list(key) for key in hottest]}
 
 
-def read_pins(path, model, budget: int | None = None) -> list[tuple[int, int]]:
-    """The (layer, expert) pairs of a profile file, hottest first, checked against the converted `model`;
-    with a budget (bytes), only as many as fill PIN_SHARE of its slots."""
-    from .home import resolve_model
-    from .layout import Layout, read_manifest
-    from .paging import slot_bytes
-
-    folder = resolve_model(str(model))
-    manifest = read_manifest(folder)
-    config = manifest["config"]
+def read_pins(path, config: ModelConfig) -> list[tuple[int, int]]:
+    """The (layer, expert) pairs of a profile file, hottest first, checked against the model of `config`."""
     path = Path(path)
     remedy = f"make one with `moe profile MODEL FILE -o {path.name}`"
     if not_a_file(path) == "missing":
@@ -129,11 +119,9 @@ def read_pins(path, model, budget: int | None = None) -> list[tuple[int, int]]:
         pairs = [(int(layer), int(expert)) for layer, expert in data["hottest"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise MoeError(f"--pin {path}: not a profile made by `moe profile` ({type(exc).__name__}: {exc})") from None
-    moe_layers = {i for i, spec in enumerate(config["layers"]) if spec["moe"]}
+    moe_layers = set(config.moe_layers())
     for layer, expert in pairs:
-        if layer not in moe_layers or not 0 <= expert < config["num_experts"]:
+        if layer not in moe_layers or not 0 <= expert < config.num_experts:
             raise MoeError(f"--pin {path}: layer {layer} expert {expert} is not in this model; the profile was made "
                            "for another model, run `moe profile` on this one")
-    if budget is not None:
-        pairs = pairs[: int(PIN_SHARE * (budget // slot_bytes(Layout(folder, manifest))))]
     return pairs

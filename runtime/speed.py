@@ -44,13 +44,13 @@ from pathlib import Path
 import numpy as np
 
 from ..convert.safetensors_io import TensorInfo
+from .budget import misses_from_disk
 from .errors import MoeError
 from .files import load_json
 from .home import moe_home
 from .kernels import SOURCES_HASH
 from .layout import CHUNK, QUANT_BITS, LayoutWriter, Packed, padded_cols, supers_of
 from .machine import drop_cached, open_read, open_uncached, preadv, uncache
-from .paging import misses_from_disk
 from .units import format_size
 
 HIT_EXPONENT = 2.5  # mean of the four trained models' fits (see above)

@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from moe.runtime.budget import Memory
 from moe.runtime.tokenizer import Tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "convert" / "demo" / "tinymix"
@@ -31,6 +32,7 @@ class ScriptedModel:
         self.prompt_len = 0
         self.forwards: list[int] = []  # T of every forward call
         self.stats = {"hits": 0, "misses": 0, "bytes_read": 0}
+        self.memory = Memory(None, False, False, (), ())  # every expert mapped, nothing to say
         self.closed = False
 
     def reset(self, pos: int = 0) -> None:

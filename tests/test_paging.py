@@ -6,6 +6,7 @@ import os
 import threading
 import time
 
+import moe.runtime.budget
 import moe.runtime.paging
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def test_prefetch_is_counted_and_identical(converted):
     path = converted["gpt_oss"]
     want = _decode_logits(load_model(path), IDS)
     model = load_model(path, memory_budget=6 * slot_bytes(load_model(path).layout), prefetch=True)
-    assert model.experts._pool is not None, "prefetch should run when the pool holds more than two layers' top-k"
+    assert model.experts._prefetcher is not None, "prefetch should run when the pool holds more than two layers' top-k"
     got = _decode_logits(model, IDS)
     assert np.array_equal(got, want)
     store = model.experts
@@ -95,9 +96,9 @@ def test_prefetch_is_counted_and_identical(converted):
 def test_prefetch_by_default_only_when_misses_come_from_disk(converted, monkeypatch):
     path = converted["gpt_oss"]
     budget = 6 * slot_bytes(load_model(path).layout)
-    assert load_model(path, memory_budget=budget).experts._pool is None  # experts.bin stays in the page cache
-    monkeypatch.setattr(moe.runtime.paging, "available_ram", lambda: budget)  # no room left beside the pool
-    assert load_model(path, memory_budget=budget).experts._pool is not None
+    assert load_model(path, memory_budget=budget).experts._prefetcher is None  # experts.bin stays in the page cache
+    monkeypatch.setattr(moe.runtime.budget, "available_ram", lambda: budget)  # no room left beside the pool
+    assert load_model(path, memory_budget=budget).experts._prefetcher is not None
 
 
 def test_misses_from_disk_leave_the_page_cache_to_the_rest(converted, monkeypatch):
@@ -110,7 +111,7 @@ def test_misses_from_disk_leave_the_page_cache_to_the_rest(converted, monkeypatc
     monkeypatch.setattr(moe.runtime.paging, "drop_cached", lambda fd, offset, n: dropped.append((offset, n)))
     model = load_model(path, memory_budget=budget)
     assert np.array_equal(_decode_logits(model, IDS), want) and dropped == []
-    monkeypatch.setattr(moe.runtime.paging, "available_ram", lambda: budget)  # no room left beside the pool
+    monkeypatch.setattr(moe.runtime.budget, "available_ram", lambda: budget)  # no room left beside the pool
     model = load_model(path, memory_budget=budget)
     assert np.array_equal(_decode_logits(model, IDS), want)
     runs = {(r["offset"], r["nbytes"]) for runs in model.layout.manifest["experts"].values() for r in runs}

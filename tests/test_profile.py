@@ -82,15 +82,15 @@ def test_pinned_runs_give_the_same_logits(model_path, tmp_path):
     ids = np.array(mapped.tokenizer.encode(TEXT, add_bos=False)[:200], np.int64)
     p = profile(mapped, ids.tolist(), ctx=100)
     (tmp_path / "p.json").write_text(json.dumps(p))
-    pins = read_pins(tmp_path / "p.json", model_path)
+    pins = read_pins(tmp_path / "p.json", mapped.config)
     assert pins == [tuple(x) for x in p["hottest"]]
     want = mapped.logits(ids[:40])
     budget = 2 * min_budget(mapped.layout) + 4 * mapped.experts.layout.manifest["experts"]["0"][0]["nbytes"]
     pinned = load_model(model_path, memory_budget=budget, pin=pins)
-    resident = {tuple(pinned.experts.key[s]) for s in pinned.experts._resident}
+    resident = {tuple(pinned.experts.key[s]) for s in pinned.experts.pinned}
     assert resident and resident == set(pins[: len(resident)])
     np.testing.assert_array_equal(pinned.logits(ids[:40]), want)
-    assert {tuple(pinned.experts.key[s]) for s in pinned.experts._resident} == resident  # never evicted
+    assert {tuple(pinned.experts.key[s]) for s in pinned.experts.pinned} == resident  # never evicted
     unpinned = load_model(model_path, memory_budget=budget)
     np.testing.assert_array_equal(unpinned.logits(ids[:40]), want)
     for m in (mapped, pinned, unpinned):
@@ -98,17 +98,18 @@ def test_pinned_runs_give_the_same_logits(model_path, tmp_path):
 
 
 def test_bad_profiles_are_one_line(model_path, tmp_path):
+    config = load_model(model_path).config
     with pytest.raises(MoeError, match="no such file; make one with `moe profile MODEL FILE -o nope.json`"):
-        read_pins(tmp_path / "nope.json", model_path)
+        read_pins(tmp_path / "nope.json", config)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(MoeError, match="not a profile made by `moe profile`"):
-        read_pins(tmp_path / "bad.json", model_path)
+        read_pins(tmp_path / "bad.json", config)
     (tmp_path / "other.json").write_text(json.dumps({"hottest": [[0, 99]]}))
     with pytest.raises(MoeError, match="layer 0 expert 99 is not in this model"):
-        read_pins(tmp_path / "other.json", model_path)
+        read_pins(tmp_path / "other.json", config)
     (tmp_path / "dense.json").write_text(json.dumps({"hottest": [[1, 0]]}))  # layer 1 is dense
     with pytest.raises(MoeError, match="layer 1 expert 0 is not in this model"):
-        read_pins(tmp_path / "dense.json", model_path)
+        read_pins(tmp_path / "dense.json", config)
 
 
 def test_cli_profile_then_pin(model_path, tmp_path, capsys):
@@ -138,12 +139,14 @@ def test_cli_profile_then_pin(model_path, tmp_path, capsys):
 
 
 def test_pins_fill_at_most_a_quarter_of_the_slots(model_path, tmp_path):
+    from moe.runtime.budget import PIN_SHARE, decide
     from moe.runtime.layout import open_layout
     from moe.runtime.paging import slot_bytes
-    from moe.runtime.routing_stats import PIN_SHARE
 
     pairs = [[0, e] for e in range(8)] + [[2, e] for e in range(8)]
     (tmp_path / "p.json").write_text(json.dumps({"hottest": pairs}))
-    slot = slot_bytes(open_layout(model_path))
-    assert read_pins(tmp_path / "p.json", model_path, 20 * slot) == [tuple(p) for p in pairs[: int(PIN_SHARE * 20)]]
-    assert len(read_pins(tmp_path / "p.json", model_path)) == 16
+    layout = open_layout(model_path)
+    slot = slot_bytes(layout)
+    kept = decide(layout, 20 * slot, pin=tmp_path / "p.json").pins
+    assert list(kept) == [tuple(p) for p in pairs[: int(PIN_SHARE * 20)]]
+    assert len(read_pins(tmp_path / "p.json", load_model(model_path).config)) == 16

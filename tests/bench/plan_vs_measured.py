@@ -35,7 +35,7 @@ from moe.runtime.bench import bench
 from moe.runtime.model import load_model
 from moe.runtime.paging import available_ram, min_budget, slot_bytes
 from moe.runtime.plan import figures, read_source
-from moe.runtime.routing_stats import profile, read_pins
+from moe.runtime.routing_stats import profile
 
 MODELS = Path(os.environ.get("MOE_SHARED_MODELS", Path(__file__).resolve().parents[3] / "shared" / "models"))
 NAMES = ("tinymix", "tinyqwen3moe", "tinyllama4", "tinygptoss")
@@ -119,14 +119,13 @@ def pin_effect(path: Path, ids: np.ndarray, threads: int) -> list[dict]:
     half = len(ids) // 2
     (path / "profile.json").write_text(json.dumps(profile(base, ids[:half].tolist())))
     budget = max(min_budget(base.layout), base.layout.manifest["files"]["experts.bin"]["size"] // 4)
-    pins = read_pins(path / "profile.json", path, budget)
     base.close()
     rows = []
     for pinned in (False, True):
-        m = load_model(path, memory_budget=budget, threads=threads, pin=pins if pinned else ())
+        m = load_model(path, memory_budget=budget, threads=threads, pin=path / "profile.json" if pinned else ())
         hit, tok_s = teacher_forced(m, ids[half:])
         m.close()
-        rows.append({"model": path.name, "pin": len(pins) if pinned else 0, "budget_bytes": budget, "hit_rate": round(hit, 3),
+        rows.append({"model": path.name, "pin": len(m.memory.pins), "budget_bytes": budget, "hit_rate": round(hit, 3),
                      "tok_s": round(tok_s, 1)})
         print(json.dumps(rows[-1]))
     return rows

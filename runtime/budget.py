@@ -1,0 +1,88 @@
+"""How a model's experts are held in memory, decided in one place when it loads.
+
+Either straight from the memory map (the model fits in available RAM, or no budget was asked for and it
+fits comfortably), or paged into a pool of slots under a budget (paging.py): then whether the next layer's
+predicted experts are read ahead, whether expert reads are kept out of the page cache, and which pinned
+experts stay resident. The decision carries what the user should be told instead of printing it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .config import ModelConfig
+from .layout import EXPERTS_FILE, MODEL_FILE, Layout
+from .machine import available_ram
+from .paging import min_budget, slot_bytes, slot_count
+from .routing_stats import read_pins
+from .units import format_size, parse_size
+
+# Pinned experts fill at most this share of the cache's slots: on the trained models at a 25 % budget,
+# pinning more lowered the hit rate (the frequency policy keeps hot experts resident anyway).
+PIN_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class Memory:
+    """The decision: experts mapped (budget None) or paged under a budget, and what to say about it."""
+
+    budget: int | None  # bytes the expert cache may hold; None: every expert comes from the memory map
+    prefetch: bool  # read the next layer's predicted experts while this layer computes
+    uncached: bool  # drop what a miss read from the page cache once it is in its slot
+    pins: tuple[tuple[int, int], ...]  # (layer, expert) kept resident, hottest first
+    notes: tuple[str, ...]  # lines for the user (stderr), in order
+
+    @property
+    def paged(self) -> bool:
+        return self.budget is not None
+
+
+def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | None = None, pin=()) -> Memory:
+    """How `layout`'s experts are held. budget: bytes or text such as "2GB"; None chooses one only when the model
+    does not fit comfortably in available RAM. prefetch: True, False, or None for when misses come from disk.
+    pin: (layer, expert) pairs, hottest first, or a profile file (`moe profile -o`) whose hottest pairs are read
+    against this model; at most PIN_SHARE of the slots, leaving room for one layer's top-k."""
+    sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
+    available = available_ram()
+    notes = []
+    if budget is None:
+        budget = _automatic(layout, sizes, available)
+        if budget is not None:
+            notes.append(f"moe: the model ({format_size(sum(sizes.values()))}) does not fit comfortably in the "
+                         f"{format_size(available)} of available RAM; paging experts under a budget of "
+                         f"{format_size(budget)} (choose one with --memory-budget)")
+    else:
+        budget = parse_size(budget, "memory budget")
+    if isinstance(pin, (str, os.PathLike)):
+        pins, pins_from = read_pins(pin, ModelConfig.from_dict(layout.config)), f"--pin {pin}"
+    else:
+        pins, pins_from = [(int(layer), int(expert)) for layer, expert in pin], "pin"
+    if budget is None:
+        if pins:
+            notes.append(f"note: {pins_from} has no effect: every expert is mapped (give a --memory-budget)")
+        return Memory(None, False, False, (), tuple(notes))
+    uncached = misses_from_disk(sizes[EXPERTS_FILE], sizes[MODEL_FILE], budget, available)
+    slots, k = slot_count(layout, budget), layout.config["top_k"]
+    # Prefetch needs room beyond the layer being computed: more than two layers' top-k.
+    prefetch = (uncached if prefetch is None else prefetch) and slots > 2 * k
+    kept = min(int(PIN_SHARE * (budget // slot_bytes(layout))), max(0, slots - k))
+    return Memory(budget, prefetch, uncached, tuple(pins[:kept]), tuple(notes))
+
+
+def misses_from_disk(experts_bytes: int, resident_bytes: int, budget: int, available: int | None = None) -> bool:
+    """Whether experts.bin (experts_bytes) is larger than the page cache can keep beside the pool (budget) and
+    the rest of the model in RAM (resident_bytes), out of `available` (default: available_ram()): then a miss
+    waits for the disk, and reading the next layer's predicted experts ahead pays; from the page cache a miss is
+    a copy cheaper than predicting it (tests/bench/README.md)."""
+    available = available_ram() if available is None else available
+    pool = min(budget, experts_bytes)  # a larger budget still makes a pool of every expert, no more
+    return experts_bytes > available - pool - resident_bytes
+
+
+def _automatic(layout: Layout, sizes: dict[str, int], available: int) -> int | None:
+    """None when the whole model fits comfortably in available RAM; otherwise a budget that leaves room for the
+    rest of the model."""
+    if sum(sizes.values()) <= 0.8 * available:
+        return None
+    return max(min_budget(layout), int(0.6 * available) - sizes.get(MODEL_FILE, 0))
