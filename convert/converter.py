@@ -25,17 +25,17 @@ from ..runtime import home
 from ..runtime.config import ModelConfig
 from ..runtime.errors import MoeError
 from ..runtime.files import MAX_JSON, decode_text, load_json, not_a_file, read_bounded
-from ..runtime.tensors import kind_of
 from ..runtime.layout import (
     EXPERT_ALIGN,
     MANIFEST,
     QUANT_BITS,
     TENSOR_ALIGN,
-    LayoutWriter,
     Packed,
     padded_cols,
     stored_nbytes,
 )
+from ..runtime.layout_writer import LayoutWriter
+from ..runtime.tensors import kind_of
 from ..runtime.units import format_sizes
 from . import arch as arch_registry
 from . import hub, mxfp4

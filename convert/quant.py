@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from ..runtime.codec import pack_codes
 from ..runtime.kernels import EXACT
 from ..runtime.kernels.bits import bf16_to_f32, f32_bits, widen
-from ..runtime.layout import CHUNK, SUPER, Packed, pack_codes, padded_cols, supers_of
+from ..runtime.layout import CHUNK, SUPER, Packed, padded_cols, supers_of
 
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
 _Q4_GRID = np.array([-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0, 6.0, 6.5, 7.0, 7.5])

@@ -15,17 +15,7 @@ A model folder holds:
   `down` and biases, so bringing in one expert is one sequential read.
 - the tokenizer files copied from the source.
 
-Tensor names (the runtime never sees a Hugging Face name):
-  embed [V, H], lm_head [V, H] (absent when tied), norm [H],
-  layers.{i}.attn_norm, layers.{i}.ffn_norm [H],
-  layers.{i}.attn.qkv [nh*hd + 2*nkv*hd, H] (q rows, then k, then v),
-  layers.{i}.attn.qkv_bias, layers.{i}.attn.o [H, nh*hd], layers.{i}.attn.o_bias,
-  layers.{i}.attn.q_norm, layers.{i}.attn.k_norm ([hd] per head or full width),
-  layers.{i}.attn.sinks [nh],
-  layers.{i}.router [E, H], layers.{i}.router_bias [E],
-  layers.{i}.experts.{j}.gate_up [2F, H] (F gate rows, then F up rows),
-  layers.{i}.experts.{j}.gate_up_bias [2F], .down [H, F], .down_bias [H],
-  layers.{i}.shared.gate_up / .down (shared expert), layers.{i}.mlp.gate_up / .down (dense layer).
+Tensor names, kinds and shapes: moe.runtime.tensors (the runtime never sees a Hugging Face name).
 
 Encodings of a 2-D tensor [rows, cols] (1-D tensors are always f32):
   f32, bf16, f16: row-major, little-endian, unchanged values.
@@ -46,17 +36,19 @@ Encodings of a 2-D tensor [rows, cols] (1-D tensors are always f32):
   Stored after the codes, as one region: D as uint16 [rows, ceil(groups / SUPER)], then k as int8
   [rows, groups] (groups = cols_pad / group_size). cols_pad rounds cols up to a multiple of
   group_size; padding columns hold zero.
+
+Writing the files: moe.runtime.layout_writer; packing and unpacking the encodings: moe.runtime.codec.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from zlib_ng import zlib_ng
@@ -109,85 +101,6 @@ def supers_of(groups: int) -> int:
     return -(-groups // SUPER)
 
 
-def group_scales(p: Packed) -> np.ndarray:
-    """float32 [rows, groups]: each group's scale, k * (D / 127), in the kernels' arithmetic."""
-    step = (np.asarray(p.supers, np.uint16).astype(np.uint32) << 16).view(np.float32) * np.float32(1.0 / 127.0)
-    groups = p.scales.shape[1]
-    return np.asarray(p.scales, np.int8).astype(np.float32) * np.repeat(step, SUPER, axis=1)[:, :groups]
-
-
-def pack_q4(codes: np.ndarray) -> np.ndarray:
-    """uint8 codes 0..15 [rows, cols_pad] -> nibbles [rows, cols_pad / 2] in the chunk order above."""
-    rows, cols = codes.shape
-    c = codes.reshape(rows, cols // CHUNK, 2, CHUNK // 2).astype(np.uint8)
-    return (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(rows, cols // 2)
-
-
-def unpack_q4(nibbles: np.ndarray) -> np.ndarray:
-    """Inverse of pack_q4: uint8 codes 0..15 [rows, cols_pad]."""
-    rows, half = nibbles.shape
-    n = nibbles.reshape(rows, half // (CHUNK // 2), 1, CHUNK // 2)
-    return np.concatenate([n & 0x0F, n >> 4], axis=2).reshape(rows, half * 2)
-
-
-def q5_bit(j: int) -> int:
-    """The bit of a q5 chunk's uint32 that holds the high bit of its column j (see the module's docstring)."""
-    return 8 * (j % 4) + (j % 16) // 4 + (4 if j < 16 else 0)
-
-
-_Q5_BITS = np.array([q5_bit(j) for j in range(CHUNK)], np.uint32)
-
-
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 codes 0 .. 2**bits - 1 [rows, cols_pad] -> the q4 / q5 / q6 rows described above."""
-    rows, cols = codes.shape
-    codes = codes.astype(np.uint8)
-    nibbles = pack_q4(codes & 0x0F)
-    if bits == 4:
-        return nibbles
-    high = (codes >> 4).reshape(rows, cols // CHUNK, 4, 8)
-    if bits == 5:
-        words = (high.reshape(rows, cols // CHUNK, CHUNK).astype(np.uint32) << _Q5_BITS).sum(axis=2, dtype=np.uint32)
-        planes = words.astype("<u4").view(np.uint8)
-    else:
-        planes = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
-    return np.concatenate([nibbles, planes.reshape(rows, -1)], axis=1)
-
-
-def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
-    """Inverse of pack_codes: uint8 codes [rows, cols_pad]."""
-    rows, width = packed.shape
-    cols = width * 8 // bits
-    low = unpack_q4(np.ascontiguousarray(packed[:, : cols // 2]))
-    if bits == 4:
-        return low
-    planes = packed[:, cols // 2:].reshape(rows, cols // CHUNK, -1)
-    if bits == 5:
-        words = np.ascontiguousarray(planes).view("<u4")  # [rows, chunks, 1]
-        high = (words >> _Q5_BITS) & 1
-    else:
-        high = np.stack([(planes >> s) & 3 for s in (0, 2, 4, 6)], axis=2)
-    return low | (high.reshape(rows, cols) << 4).astype(np.uint8)
-
-
-def dequantize(p: Packed) -> np.ndarray:
-    """The float32 values a packed tensor stands for (the slow, obvious reference)."""
-    if p.encoding == "f32":
-        return np.asarray(p.codes, dtype=np.float32).reshape(p.shape)
-    if p.encoding == "bf16":
-        return (np.asarray(p.codes, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(p.shape)
-    if p.encoding == "f16":
-        return np.asarray(p.codes, dtype=np.float16).astype(np.float32).reshape(p.shape)
-    rows, cols = p.shape
-    bits = QUANT_BITS[p.encoding]
-    if bits == 8:
-        q = np.asarray(p.codes, dtype=np.int8).astype(np.float32)
-    else:
-        q = unpack_codes(np.asarray(p.codes), bits).astype(np.float32) - 2.0 ** (bits - 1)
-    s = np.repeat(group_scales(p), p.group_size, axis=1)
-    return (q * s)[:, :cols]
-
-
 def crc32(buf, start: int = 0) -> int:
     """CRC-32 (zlib's) of buf, continuing from `start`: zlib-ng's, 8x the system zlib's speed here (20 against
     2.6 GB/s on one AVX2 core), as every expert is checked the first time the router picks it."""
@@ -201,111 +114,6 @@ def crc32_each(buffers: list) -> list[int]:
         return [crc32(b) for b in buffers]
     with ThreadPoolExecutor(min(len(buffers), os.cpu_count() or 1)) as pool:
         return list(pool.map(crc32, buffers))
-
-
-class LayoutWriter:
-    """Writes model.bin and experts.bin into `folder` and collects the manifest's records."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.tensors: dict[str, dict] = {}
-        self.experts: dict[str, list] = {}
-        self._files = {
-            MODEL_FILE: open(self.folder / MODEL_FILE, "wb"),
-            EXPERTS_FILE: open(self.folder / EXPERTS_FILE, "wb"),
-        }
-        self._run: tuple[int, int, int] | None = None  # (layer, expert, start offset) of the open expert run
-
-    def _write(self, fname: str, data: np.ndarray, alignment: int) -> int:
-        f = self._files[fname]
-        pos = f.tell()
-        start = align(pos, alignment)
-        if start > pos:
-            f.write(b"\0" * (start - pos))
-        f.write(memoryview(data).cast("B"))
-        return start
-
-    def add(self, name: str, p: Packed) -> None:
-        self.add_rows(name, p.encoding, p.shape, [p], p.group_size)
-
-    def add_rows(self, name: str, encoding: str, shape: tuple[int, ...], blocks, group_size: int = 0) -> None:
-        """Write one tensor given as consecutive blocks of whole rows (each a Packed), so a large tensor
-        never has to be in memory at once: the codes go straight to the file, the scales (a sixteenth
-        of the codes at most) are held until the codes are complete."""
-        fname = EXPERTS_FILE if self._run is not None else MODEL_FILE
-        if name in self.tensors:
-            raise MoeError(f"tensor {name} written twice; this is a bug in the converter", 1)
-        entry = {"file": fname, "encoding": encoding, "shape": list(shape)}
-        if encoding in QUANT_BITS:
-            entry["group_size"] = group_size
-        f = self._files[fname]
-        entry["offset"] = self._write(fname, np.empty(0, np.uint8), TENSOR_ALIGN)
-        checksum, supers, scales = 0, [], []
-        for p in blocks:
-            codes = np.ascontiguousarray(p.codes)
-            f.write(memoryview(codes).cast("B"))
-            checksum = crc32(memoryview(codes).cast("B"), checksum)
-            if p.scales is not None:
-                supers.append(np.ascontiguousarray(p.supers, dtype=np.uint16))
-                scales.append(np.ascontiguousarray(p.scales, dtype=np.int8))
-        nbytes, snbytes = expected_nbytes(entry)
-        if f.tell() - entry["offset"] != nbytes:
-            raise MoeError(f"tensor {name}: {f.tell() - entry['offset']} bytes of codes for {nbytes}; "
-                           "this is a bug in the converter", 1)
-        entry["crc32"] = checksum
-        if snbytes:
-            region = np.concatenate([np.concatenate(supers).view(np.uint8).ravel(), np.concatenate(scales).view(np.uint8).ravel()])
-            entry["scales_offset"] = self._write(fname, region, TENSOR_ALIGN)
-            entry["scales_crc32"] = crc32(region)
-        self.tensors[name] = entry
-
-    def begin_expert(self, layer: int, expert: int) -> None:
-        f = self._files[EXPERTS_FILE]
-        pos = f.tell()
-        start = align(pos, EXPERT_ALIGN)
-        f.write(b"\0" * (start - pos))
-        self._run = (layer, expert, start)
-
-    def end_expert(self) -> None:
-        layer, expert, start = self._run
-        f = self._files[EXPERTS_FILE]
-        end = f.tell()
-        f.flush()
-        with open(f.name, "rb") as r:
-            r.seek(start)
-            checksum = crc32(r.read(end - start))
-        runs = self.experts.setdefault(str(layer), [])
-        if len(runs) != expert:
-            raise MoeError(f"experts of layer {layer} written out of order; this is a bug in the converter", 1)
-        runs.append({"offset": start, "nbytes": end - start, "crc32": checksum})
-        self._run = None
-
-    def finish(self, manifest: dict) -> dict:
-        """Pad experts.bin to a whole page, close both files and write the manifest."""
-        files = {}
-        for fname, f in self._files.items():
-            if fname == EXPERTS_FILE:
-                pos = f.tell()
-                f.write(b"\0" * (align(pos, EXPERT_ALIGN) - pos))
-            f.flush()
-            os.fsync(f.fileno())
-            files[fname] = {"size": f.tell()}
-            f.close()
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            **manifest,
-            "files": files,
-            "tensors": self.tensors,
-            "experts": self.experts,
-        }
-        with open(self.folder / MANIFEST, "w") as f:
-            json.dump(manifest, f, separators=(",", ":"))  # compact: a tiny model's manifest is 5 % of it
-        return manifest
-
-    def abort(self) -> None:
-        for f in self._files.values():
-            f.close()
 
 
 @dataclass
@@ -402,21 +210,69 @@ def _checked_spans(e: dict) -> list[tuple[int, int, str, str]]:
     return [(e["offset"], nbytes, "crc32", "")] + ([(e["scales_offset"], snbytes, "scales_crc32", " scales")] if snbytes else [])
 
 
-def expected_nbytes(e: dict) -> tuple[int, int]:
-    """(codes bytes, scales bytes) of a tensor entry; each part starts TENSOR_ALIGN-aligned in its file."""
-    enc = e["encoding"]
-    shape = e["shape"]
-    if enc in _RAW_DTYPES:
-        return math.prod(shape) * np.dtype(_RAW_DTYPES[enc]).itemsize, 0
+def tensor_nbytes(encoding: str, shape, group_size: int = 0) -> tuple[int, int]:
+    """(codes bytes, scales bytes) of a tensor of `shape` stored in `encoding`: the layout's one size formula."""
+    if encoding in _RAW_DTYPES:
+        return math.prod(shape) * np.dtype(_RAW_DTYPES[encoding]).itemsize, 0
     rows, cols = shape
-    cp = padded_cols(cols, e["group_size"])
-    groups = cp // e["group_size"]
-    return rows * cp * QUANT_BITS[enc] // 8, rows * (2 * supers_of(groups) + groups)
+    cp = padded_cols(cols, group_size)
+    groups = cp // group_size
+    return rows * cp * QUANT_BITS[encoding] // 8, rows * (2 * supers_of(groups) + groups)
+
+
+def expected_nbytes(e: dict) -> tuple[int, int]:
+    """(codes bytes, scales bytes) of a tensor entry."""
+    return tensor_nbytes(e["encoding"], e["shape"], e.get("group_size", 0))
 
 
 def stored_nbytes(entry: dict) -> int:
     """Bytes a tensor's codes and scales take in its file (alignment padding excluded)."""
     return sum(expected_nbytes(entry))
+
+
+class Place(NamedTuple):
+    file: str
+    offset: int
+    scales_offset: int | None  # None: not quantized, no scales
+
+
+class Placement:
+    """Where the layout puts each part, in the order written: a tensor's codes, then its scales, each at the next
+    TENSOR_ALIGN boundary of its file (experts.bin inside an expert run, else model.bin); each expert run at the
+    next EXPERT_ALIGN boundary of experts.bin, which ends padded to one. LayoutWriter writes by it; `moe plan`
+    and the converter's disk-space check follow it without writing."""
+
+    def __init__(self):
+        self.ends = {MODEL_FILE: 0, EXPERTS_FILE: 0}  # bytes placed so far in each file
+        self.runs: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, expert) -> (offset, nbytes) of its run
+        self._run: tuple[int, int, int] | None = None  # (layer, expert, offset) of the open run
+
+    def tensor(self, encoding: str, shape, group_size: int = 0) -> Place:
+        fname = MODEL_FILE if self._run is None else EXPERTS_FILE
+        codes, scales = tensor_nbytes(encoding, shape, group_size)
+        offset = align(self.ends[fname], TENSOR_ALIGN)
+        self.ends[fname] = offset + codes
+        scales_offset = None
+        if scales:
+            scales_offset = align(self.ends[fname], TENSOR_ALIGN)
+            self.ends[fname] = scales_offset + scales
+        return Place(fname, offset, scales_offset)
+
+    def begin_run(self, layer: int, expert: int) -> int:
+        """Open an expert's run; its offset."""
+        start = self.ends[EXPERTS_FILE] = align(self.ends[EXPERTS_FILE], EXPERT_ALIGN)
+        self._run = (layer, expert, start)
+        return start
+
+    def end_run(self) -> tuple[int, int, int, int]:
+        """Close the open run; its (layer, expert, offset, nbytes)."""
+        layer, expert, start = self._run
+        self.runs[(layer, expert)] = (start, self.ends[EXPERTS_FILE] - start)
+        self._run = None
+        return layer, expert, start, self.ends[EXPERTS_FILE] - start
+
+    def file_sizes(self) -> dict[str, int]:
+        return {MODEL_FILE: self.ends[MODEL_FILE], EXPERTS_FILE: align(self.ends[EXPERTS_FILE], EXPERT_ALIGN)}
 
 
 def read_manifest(folder: Path) -> dict:

@@ -49,7 +49,8 @@ from .errors import MoeError
 from .files import load_json
 from .home import moe_home
 from .kernels import SOURCES_HASH
-from .layout import CHUNK, QUANT_BITS, LayoutWriter, Packed, padded_cols, supers_of
+from .layout import CHUNK, QUANT_BITS, Packed, padded_cols, supers_of
+from .layout_writer import LayoutWriter
 from .machine import drop_cached, open_read, open_uncached, preadv, uncache
 from .units import format_size
 

@@ -8,7 +8,8 @@ import torch
 from moe.convert import arch, convert
 from moe.convert.safetensors_io import Checkpoint
 from moe.convert.synthetic import write_synthetic_checkpoint
-from moe.runtime.layout import dequantize, open_layout, verify
+from moe.runtime.codec import dequantize
+from moe.runtime.layout import open_layout, verify
 from safetensors.torch import load_file
 from test_convert_quant import assert_nearest_values
 from tiny import make_checkpoint

@@ -9,7 +9,8 @@ import pytest
 from moe.convert.demo import DEMO_SOURCE
 from moe.convert.mxfp4 import decode
 from moe.convert.quant import quantize
-from moe.runtime.layout import QUANT_BITS, SUPER, dequantize, group_scales, pack_codes
+from moe.runtime.codec import dequantize, group_scales, pack_codes
+from moe.runtime.layout import QUANT_BITS, SUPER
 
 Q4 = [-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0, 6.0, 6.5, 7.0, 7.5]
 CANDIDATES = {4: Q4, 5: [2 * t for t in Q4], 6: [4 * t for t in Q4], 8: [-128.0, 127.0]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from moe.convert.quant import quantize
+from moe.runtime.codec import dequantize
 from moe.runtime.config import Rope
 from moe.runtime.kernels import rope
 from moe.runtime.kernels.attention import attend, temperature
@@ -13,7 +14,7 @@ from moe.runtime.kernels.expf import exp32
 from moe.runtime.kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from moe.runtime.kernels.norms import rmsnorm
 from moe.runtime.kernels.routing import group_by_expert, sigmoid_topk, softmax_topk, topk_softmax
-from moe.runtime.layout import QUANT_BITS, Packed, dequantize
+from moe.runtime.layout import QUANT_BITS, Packed
 from numba import njit
 
 rng = np.random.default_rng(0)

@@ -8,9 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from moe.runtime.codec import dequantize, pack_codes
 from moe.runtime.kernels import qmatmul, simd
 from moe.runtime.kernels.bits import bf16_to_f32, f16_to_f32, f16_to_f32_exact
-from moe.runtime.layout import CHUNK, QUANT_BITS, Packed, dequantize, pack_codes, padded_cols, supers_of
+from moe.runtime.layout import CHUNK, QUANT_BITS, Packed, padded_cols, supers_of
 from numba import njit
 from numba.core.codegen import get_host_cpu_features
 

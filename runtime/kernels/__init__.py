@@ -35,7 +35,7 @@ def _default_root() -> Path:
 def _sources_hash() -> str:
     here = Path(__file__).parent
     h = hashlib.sha256(metadata.version("numba").encode())
-    for src in sorted(here.glob("*.py")) + [here.parent / "layout.py"]:  # kernels read layout's CHUNK
+    for src in sorted(here.glob("*.py")) + [here.parent / "layout.py", here.parent / "codec.py"]:  # constants, q5_bit
         h.update(src.name.encode())
         h.update(src.read_bytes())
     return h.hexdigest()[:16]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .. import layout
+from .. import codec
 from ..layout import CHUNK, QUANT_BITS, SUPER, Packed
 from . import EXACT, FLAGS, PARALLEL, simd
 from .bits import bf16_to_f32, u32_as_f32, widen
@@ -96,7 +96,7 @@ def group_scale(srow, urow, g):
     return np.float32(srow[g]) * (bf16_to_f32(urow[g // SUPER]) * np.float32(simd.STEP))
 
 
-q5_bit = njit(inline="always", **FLAGS)(layout.q5_bit)  # the layout's one formula, compiled for the kernels
+q5_bit = njit(inline="always", **FLAGS)(codec.q5_bit)  # the layout's one formula, compiled for the kernels
 
 
 @njit(**FLAGS)
