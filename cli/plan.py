@@ -36,7 +36,7 @@ def plan(
     json: Json = False,
 ) -> None:
     """Size, RAM, smallest budget and predicted decode speed of a model, before downloading it."""
-    from moe.runtime.plan import assess
+    from moe.convert.plan import assess
 
     memory_bytes = None if memory is None else parse_size(memory, "--memory")
     with status("reading config.json and the safetensors headers..."):
@@ -52,7 +52,7 @@ def plan(
 
 
 def _rows(f: dict) -> list[tuple[str, str]]:
-    from moe.runtime.plan import tok_s_text
+    from moe.convert.plan import tok_s_text
 
     m, size = f["machine"], format_size
     rows = [
@@ -81,7 +81,7 @@ def _rows(f: dict) -> list[tuple[str, str]]:
 
 
 def _verdict(f: dict) -> str:
-    from moe.runtime.plan import tok_s_text
+    from moe.convert.plan import tok_s_text
 
     memory = f"{format_size(f['memory_bytes'])} of RAM"
     if f["verdict"] == "fits in RAM":

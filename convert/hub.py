@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.errors import MoeError
-from ..runtime.files import load_json
+from ..runtime.files import load_json, not_a_file
 from .safetensors_io import INDEX
 
 SMALL_FILES = ["config.json", "model.safetensors.index.json", "tokenizer*", "generation_config.json",
@@ -127,3 +127,15 @@ def _indexed_shards(folder: Path) -> list[str] | None:
         return sorted({f for f in weight_map.values() if isinstance(f, str)}) or None
     except (MoeError, KeyError, TypeError, AttributeError):
         return None
+
+
+def read_json(path: Path, required: bool = False) -> dict | None:
+    """A JSON object file of the source folder (config.json, generation_config.json...); None when absent."""
+    if not_a_file(path) == "missing":
+        if required:
+            raise MoeError(f"{path}: missing; a Hugging Face checkpoint folder needs its config.json")
+        return None
+    data = load_json(path, "re-download the model")
+    if not isinstance(data, dict):
+        raise MoeError(f"{path}: not a JSON object; re-download the model")
+    return data

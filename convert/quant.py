@@ -32,7 +32,7 @@ from numba import njit, prange
 
 from ..runtime.codec import pack_codes
 from ..runtime.kernels import EXACT
-from ..runtime.kernels.bits import bf16_to_f32, f32_bits, widen
+from ..runtime.kernels.bits import bf16_to_f32, f32_bits, weight_to_f32
 from ..runtime.layout import CHUNK, SUPER, Packed, padded_cols, supers_of
 
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
@@ -178,13 +178,13 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
 
 @njit(parallel=True, **EXACT)
 def _quantize(w, kind, gs, bits, inv_cands, codes, scales, supers, stats):
-    """Each row of w (floats, or 16-bit patterns of `kind`: see bits.widen) widened, padded and quantized."""
+    """Each row of w (floats, or 16-bit patterns of `kind`: see bits.weight_to_f32) widened, padded and quantized."""
     rows, cols = w.shape
     cp = scales.shape[1] * gs
     for r in prange(rows):
         x = np.zeros(cp, np.float32)
         for c in range(cols):
-            x[c] = widen(w[r, c], kind)
+            x[c] = weight_to_f32(w[r, c], kind)
         _quantize_row(x, gs, bits, inv_cands, codes[r], scales[r], supers[r], stats[r])
 
 

@@ -51,7 +51,7 @@ class TensorInfo:
         return self.end - self.begin
 
 
-def widen(raw: np.ndarray, dtype: str) -> np.ndarray:
+def raw_to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
     """float32 copy of a raw view: bf16 words shifted into the high half, f16 converted, f32 copied."""
     if dtype == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)

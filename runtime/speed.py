@@ -43,14 +43,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..convert.safetensors_io import TensorInfo
 from .budget import misses_from_disk
 from .errors import MoeError
 from .files import load_json
 from .home import moe_home
 from .kernels import SOURCES_HASH
 from .layout import CHUNK, QUANT_BITS, Packed, padded_cols, supers_of
-from .layout_writer import LayoutWriter
 from .machine import drop_cached, open_read, open_uncached, preadv, uncache
 from .units import format_size
 
@@ -58,20 +56,17 @@ HIT_EXPONENT = 2.5  # mean of the four trained models' fits (see above)
 PREFETCH_READS = 1.55  # expert reads with prefetch per miss without it (1.52 to 1.65 on the trained models)
 MACHINE_FILE = "machine.json"
 OVERHEAD_FILE = "plan-overheads.json"
-VERSION = f"5-{SOURCES_HASH}"  # kernels of other sources run at other speeds: measured again
+VERSION = f"6-{SOURCES_HASH}"  # kernels of other sources run at other speeds: measured again
 BANDWIDTH_BYTES = 256 << 20  # numpy sum over this much memory
 MATVEC_BYTES = 128 << 20  # weights cycled through per encoding, well beyond the CPU caches
 MATRIX_BYTES = 8 << 20  # one matrix of that set: its rows are a layer's, its calls few
 DISK_BYTES = 256 << 20  # the temporary file read back for the disk rate
 READ_CHUNK = 4 << 20  # expert-run-sized reads
 ENCODINGS = ("q4", "q5", "q6", "q8", "bf16", "f16", "f32")
-MINI_WIDTHS = {"hidden_size": 64, "head_dim": 16, "vocab_size": 256, "intermediate_size": 32,
-               "moe_intermediate_size": 32, "intermediate_size_mlp": 32, "shared_expert_intermediate_size": 32}
 # The clock of every measurement here. Benchmarks on a shared machine may swap in time.process_time
 # (single-threaded): CPU seconds leave out the time slices other processes take.
 clock = time.perf_counter
 MINI_TOKENS = 48  # decoded per timing of the miniature
-SMALL_MODEL_BYTES = 64 << 20  # a layout up to this size is its own miniature (random weights, full widths)
 
 
 def hit_rate(fraction: float) -> float:
@@ -220,28 +215,13 @@ def _disk_rate(name: str, fd: int, buf, size: int) -> float:
 # ---- the miniature: fixed cost per token and per miss
 
 
-def mini_config(hf: dict, shrink: bool = True) -> dict:
-    """hf's config with every width shrunk (MINI_WIDTHS); layers, heads, experts and top-k unchanged.
-    A multimodal config keeps only its text part. shrink=False keeps the widths: a small model is timed
-    at its own size, where narrow rows cost more per byte than the bandwidth figures say."""
-    if isinstance(hf.get("text_config"), dict):
-        text = hf["text_config"]
-        hf = {**text, "architectures": hf.get("architectures"), "model_type": text.get("model_type")}
-    if not shrink:
-        return dict(hf)
-    return {**hf, **{k: v for k, v in MINI_WIDTHS.items() if k in hf or k in ("hidden_size", "head_dim")}}
-
-
-def overhead(hf: dict, bits: int, group_size: int = 32, remeasure: bool = False, say=None,
-             layout_bytes: int | None = None) -> dict:
-    """The miniature's decode seconds per token with experts mapped, the paging path's seconds per expert
-    lookup and per miss (its read excluded), and its bytes touched per token by encoding; cached in
-    moe_home() by architecture and geometry."""
+def time_miniature(key: dict, write_miniature, remeasure: bool = False, say=None) -> dict:
+    """The decode seconds per token with experts mapped of the converted miniature `write_miniature(folder)` writes
+    (returning its plan figures), the paging path's seconds per expert lookup and per miss (its read excluded),
+    and its bytes touched per token by encoding; cached in moe_home() under `key` and the thread count."""
     import numba
 
-    mini = mini_config(hf, shrink=layout_bytes is None or layout_bytes > SMALL_MODEL_BYTES)
-    key = json.dumps({"config": mini, "bits": bits, "group_size": group_size, "threads": numba.get_num_threads(),
-                      "version": VERSION}, sort_keys=True)
+    key = json.dumps({**key, "threads": numba.get_num_threads(), "version": VERSION}, sort_keys=True)
     path = moe_home() / OVERHEAD_FILE
     cache = _read_json(path)
     if not remeasure and key in cache:
@@ -251,7 +231,7 @@ def overhead(hf: dict, bits: int, group_size: int = 32, remeasure: bool = False,
         say("timing a miniature of this model on this machine (once per architecture; cached)...")
     moe_home().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".moe-mini-", dir=moe_home()) as tmp:
-        fig = write_miniature(mini, bits, group_size, Path(tmp))
+        fig = write_miniature(Path(tmp))
         decode_s = min(_time_decode(Path(tmp), None)[0] for _ in range(3))  # the least disturbed of three
         missing_s, misses, _ = _time_decode(Path(tmp), fig["min_budget_bytes"])
         everything = fig["moe_layers"] * fig["experts"] * fig["slot_bytes"]
@@ -271,40 +251,6 @@ def overhead(hf: dict, bits: int, group_size: int = 32, remeasure: bool = False,
     cache[key] = entry
     _write_json(path, cache)
     return entry
-
-
-class _SixteenBitSource:
-    """Stands for a checkpoint whose every tensor is bf16: what encoding_for asks of one."""
-
-    def info(self, name: str) -> TensorInfo:
-        return TensorInfo(name, "BF16", (), 0, 0, Path(name))
-
-
-def write_miniature(mini: dict, bits: int, group_size: int, folder: Path) -> dict:
-    """A converted layout of random weights for the config `mini`, in the converter's encodings; its plan.sizes."""
-    from ..convert import arch as arch_registry
-    from ..convert.arch.common import Run
-    from ..convert.converter import encoding_for
-    from .plan import sizes
-
-    arch = arch_registry.for_config(mini)
-    p = arch.plan(arch.model_config(mini), set())
-    encodings = {o.name: encoding_for(o, _SixteenBitSource(), bits) for o in p.outs()}
-    rng = np.random.default_rng(0)
-    writer = LayoutWriter(folder)
-    try:
-        for item in p.items:
-            if isinstance(item, Run):
-                writer.begin_expert(item.layer, item.expert)
-            for o in item.outs if isinstance(item, Run) else (item,):
-                writer.add(o.name, random_packed(encodings[o.name], o.shape, group_size, rng))
-            if isinstance(item, Run):
-                writer.end_expert()
-        writer.finish({"architecture": p.config.architecture, "config": p.config.to_dict()})
-    except BaseException:
-        writer.abort()
-        raise
-    return sizes(p, encodings, group_size)
 
 
 def _time_decode(folder: Path, budget: int | None, passes: int = 1,

@@ -269,7 +269,7 @@ def test_synthetic_checkpoint_small_geometry(tmp_path):
 
 
 def test_tokenizer_facts_from_the_various_hub_styles(source, tmp_path):
-    from moe.convert.converter import tokenizer_info
+    from moe.convert.tokenizer_facts import tokenizer_info
 
     folder = tmp_path / "tok"
     folder.mkdir()

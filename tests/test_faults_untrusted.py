@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from moe.cli import main
 from moe.convert import convert
-from moe.convert.converter import TOKENIZER_FILES
+from moe.convert.tokenizer_facts import TOKENIZER_FILES
 from moe.convert.demo import DEMO_SOURCE
 from moe.runtime.errors import MoeError
 from moe.runtime.home import default_output, models_dir

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moe.convert import convert
 from moe.convert import converter as converter_module
-from moe.convert.converter import tokenizer_info
+from moe.convert.tokenizer_facts import tokenizer_info
 from moe.convert.demo import DEMO_SOURCE
 from moe.convert.safetensors_io import READABLE, Checkpoint, SafetensorsFile
 from moe.runtime.errors import MoeError

@@ -7,13 +7,14 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import moe.convert.miniature
 import moe.runtime.speed
 import numpy as np
 import pytest
 from huggingface_hub import constants
 from moe.cli import main
-from moe.convert import convert
-from moe.runtime import plan, speed
+from moe.convert import convert, miniature, plan
+from moe.runtime import speed
 from moe.runtime.errors import MoeError
 from moe.runtime.info import model_info
 from moe.runtime.layout import open_layout, stored_nbytes
@@ -270,7 +271,7 @@ def test_prediction_adds_up(checkpoints):
 def test_miniature_runs(checkpoints, tmp_path, arch):
     """The miniature keeps layers, experts and top-k, shrinks every width, and decodes."""
     hf = json.loads((checkpoints[arch] / "config.json").read_text())
-    fig = speed.write_miniature(speed.mini_config(hf), 4, 32, tmp_path)
+    fig = miniature.write_miniature(miniature.mini_config(hf), 4, 32, tmp_path)
     real = plan.figures(*plan.read_source(str(checkpoints[arch])))
     for key in ("layers", "moe_layers", "experts", "top_k"):
         assert fig[key] == real[key]
@@ -287,7 +288,7 @@ def test_small_model_is_timed_at_its_own_size(checkpoints, monkeypatch, isolated
     monkeypatch.setattr(speed, "_time_decode", lambda folder, budget, passes=1, prefetch=False: (1e-3, 1.0, 2.0))
     hf = json.loads((checkpoints["qwen3_moe"] / "config.json").read_text())
     real = plan.figures(*plan.read_source(str(checkpoints["qwen3_moe"])))
-    mini = speed.overhead(hf, 4, layout_bytes=layout_bytes)
+    mini = miniature.overhead(hf, 4, layout_bytes=layout_bytes)
     assert (mini["bytes_per_token_by_encoding"] == real["bytes_per_token_by_encoding"]) == whole
 
 
@@ -309,7 +310,7 @@ def test_read_rates_measure_a_temporary_file(tmp_path):
 
 def test_cli_plan_json_and_text(checkpoints, capsys, monkeypatch):
     monkeypatch.setattr(moe.runtime.speed, "machine", lambda remeasure=False, say=None: RATES)
-    monkeypatch.setattr(moe.runtime.speed, "overhead", lambda hf, bits, **options: MINI)
+    monkeypatch.setattr(moe.convert.miniature, "overhead", lambda hf, bits, **options: MINI)
     src = str(checkpoints["qwen3_moe"])
     assert main(["plan", src, "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)

@@ -1,5 +1,5 @@
-"""Scalar conversions of 16-bit float bit patterns to float32 (numba has no float16 type), and `widen`: any
-stored weight (a float, or bfloat16 / float16 bits) as float32."""
+"""Scalar conversions of 16-bit float bit patterns to float32 (numba has no float16 type), and
+`weight_to_f32`: any stored weight (a float, or bfloat16 / float16 bits) as float32."""
 
 from __future__ import annotations
 
@@ -98,18 +98,18 @@ def f16_to_f32(typingctx, h):
     return sig, codegen
 
 
-def widen(v, kind):
+def weight_to_f32(v, kind):
     """One stored weight as float32: a float as is; 16-bit patterns as bfloat16 (kind 1) or float16 (kind 2)."""
 
 
-@overload(widen)
-def _widen_typed(v, kind):
+@overload(weight_to_f32)
+def _weight_to_f32_typed(v, kind):
     if isinstance(v, types.Float):
         return lambda v, kind: np.float32(v)
 
-    def widen_bits(v, kind):
+    def bits_to_f32(v, kind):
         if kind == 1:
             return bf16_to_f32(v)
         return f16_to_f32(v)
 
-    return widen_bits
+    return bits_to_f32

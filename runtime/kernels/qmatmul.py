@@ -23,7 +23,7 @@ from numba import njit, prange
 from .. import codec
 from ..layout import CHUNK, QUANT_BITS, SUPER, Packed
 from . import EXACT, FLAGS, PARALLEL, simd
-from .bits import bf16_to_f32, u32_as_f32, widen
+from .bits import bf16_to_f32, u32_as_f32, weight_to_f32
 
 _QMAX = np.float32(127.0)
 # Whatever quantizes activations compiles without fast-math (EXACT; inlined code takes its caller's
@@ -317,7 +317,7 @@ def linear_quant(codes, scales, supers, gs, x, xq, xqa, xs, xsum, out, bits):
 
 @njit(**PARALLEL)
 def _matmul_float(w, x, out, kind):
-    """w [rows, cols] of kind `kind` (see bits.widen); tokens in tiles of 4, so each weight is widened once
+    """w [rows, cols] of kind `kind` (see bits.weight_to_f32); tokens in tiles of 4, so each weight is widened once
     per 4 tokens and the 4 sums run side by side."""
     rows, cols = w.shape
     T = x.shape[0]
@@ -327,7 +327,7 @@ def _matmul_float(w, x, out, kind):
             x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for c in range(cols):
-                v = widen(wrow[c], kind)
+                v = weight_to_f32(wrow[c], kind)
                 a0 += v * x0[c]
                 a1 += v * x1[c]
                 a2 += v * x2[c]
@@ -340,7 +340,7 @@ def _matmul_float(w, x, out, kind):
             xrow = x[t]
             acc = np.float32(0.0)
             for c in range(cols):
-                acc += widen(wrow[c], kind) * xrow[c]
+                acc += weight_to_f32(wrow[c], kind) * xrow[c]
             out[t, r] = acc
 
 

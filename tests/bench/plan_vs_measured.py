@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 from compare_llamacpp import read_through
-from moe.convert import convert
+from moe.convert import convert, miniature
+from moe.convert.plan import figures, read_source
 from moe.runtime import speed
 from moe.runtime.bench import bench
 from moe.runtime.model import load_model
 from moe.runtime.paging import available_ram, min_budget, slot_bytes
-from moe.runtime.plan import figures, read_source
 from moe.runtime.routing_stats import profile
 
 MODELS = Path(os.environ.get("MOE_SHARED_MODELS", Path(__file__).resolve().parents[3] / "shared" / "models"))
@@ -93,7 +93,7 @@ def compare(src: Path, converted: Path, budgets: dict[str, int | None], threads:
     hf, headers = read_source(str(src))
     fig = figures(hf, headers, 4)
     rates = speed.machine(remeasure=True, say=print)
-    mini = speed.overhead(hf, 4, remeasure=True, say=print, layout_bytes=fig["layout_bytes"])
+    mini = miniature.overhead(hf, 4, remeasure=True, say=print, layout_bytes=fig["layout_bytes"])
     rows = []
     for label, budget in budgets.items():
         predicted = speed.predict(fig, rates, mini, budget, available_ram())

@@ -10,21 +10,20 @@ architecture's plan, its encoding choice per tensor, and the layout writer's pla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..convert import arch as arch_registry
-from ..convert.arch.common import Plan, Run
-from ..convert.converter import check_options, check_plan, encoding_for, read_json
-from ..convert.hub import check_weights, hub_errors, local_folder
-from ..convert.safetensors_io import DTYPES, INDEX, Checkpoint, TensorInfo
-from .errors import MoeError
-from .tensors import kind_of
-from .layout import EXPERT_ALIGN, EXPERTS_FILE, MODEL_FILE, TENSOR_ALIGN, align, expected_nbytes
-from .model import DEFAULT_MAX_CONTEXT
-
-RUNTIME_BYTES = 300 * 10**6  # Python, numpy, numba and the kernels' buffers: peak RSS of a tiny model's decode
-F32 = 4
+from ..runtime import speed
+from ..runtime.errors import MoeError
+from ..runtime.machine import available_ram, use_threads
+from . import arch as arch_registry
+from . import miniature
+from .arch.common import Plan
+from .checks import check_options, check_plan
+from .encoding import encodings_for
+from .hub import check_weights, hub_errors, local_folder, read_json
+from .safetensors_io import DTYPES, INDEX, Checkpoint, TensorInfo
+from .sizes import sizes
 
 
 @dataclass
@@ -45,15 +44,6 @@ class Headers:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
-
-
-@dataclass
-class Placement:
-    """Where the converter would put every tensor: file sizes and each expert run's length."""
-
-    model_bytes: int  # model.bin
-    experts_bytes: int  # experts.bin, padded to a whole page
-    runs: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, expert) -> run bytes
 
 
 def read_source(src: str, revision: str | None = None) -> tuple[dict, Headers]:
@@ -116,38 +106,11 @@ def converter_plan(hf: dict, headers: Headers) -> Plan:
     return plan
 
 
-def place(plan: Plan, encodings: dict[str, str], group_size: int) -> Placement:
-    """LayoutWriter's placement, replayed: codes and scales each TENSOR_ALIGN-aligned, every expert run
-    EXPERT_ALIGN-aligned, experts.bin padded to a whole page."""
-    pos = {MODEL_FILE: 0, EXPERTS_FILE: 0}
-    runs = {}
-
-    def put(name: str, shape: tuple[int, ...], fname: str) -> None:
-        codes, scales = expected_nbytes({"encoding": encodings[name], "shape": list(shape), "group_size": group_size})
-        end = align(pos[fname], TENSOR_ALIGN) + codes
-        pos[fname] = align(end, TENSOR_ALIGN) + scales if scales else end
-
-    for item in plan.items:
-        if isinstance(item, Run):
-            start = pos[EXPERTS_FILE] = align(pos[EXPERTS_FILE], EXPERT_ALIGN)
-            for o in item.outs:
-                put(o.name, o.shape, EXPERTS_FILE)
-            runs[(item.layer, item.expert)] = pos[EXPERTS_FILE] - start
-        else:
-            put(item.name, item.shape, MODEL_FILE)
-    return Placement(pos[MODEL_FILE], align(pos[EXPERTS_FILE], EXPERT_ALIGN), runs)
-
-
-def kv_cache_bytes(cfg, context: int) -> int:
-    """f32 keys and values of every layer for `context` tokens."""
-    return 2 * F32 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context
-
-
 def figures(hf: dict, headers: Headers, bits: int = 4, group_size: int = 32) -> dict:
     """What the checkpoint becomes at `bits` (see `sizes`), with where it comes from."""
     check_options(bits, group_size)
     plan = converter_plan(hf, headers)
-    encodings = {o.name: encoding_for(o, headers, bits) for o in plan.outs()}
+    encodings = encodings_for(plan, headers, bits)
     return {
         "source": headers.source_id or headers.folder,
         "revision": headers.revision,
@@ -159,72 +122,6 @@ def figures(hf: dict, headers: Headers, bits: int = 4, group_size: int = 32) -> 
     }
 
 
-def sizes(plan: Plan, encodings: dict[str, str], group_size: int) -> dict:
-    """Parameters, the layout's size, bytes touched per generated token, RAM needs and the smallest budget.
-
-    Bytes touched per token: every non-expert tensor but the embedding table (one row of it), and
-    each MoE layer's top-k largest experts; the KV cache read by attention comes on top.
-    """
-    cfg = plan.config
-    placed = place(plan, encodings, group_size)
-
-    def stored(name: str, shape) -> int:
-        return sum(expected_nbytes({"encoding": encodings[name], "shape": list(shape), "group_size": group_size}))
-
-    params = expert_params = 0
-    touched: dict[str, int] = {}  # bytes touched per token, by encoding
-    layer_experts: dict[int, list[tuple[int, int, dict[str, int]]]] = {}  # layer -> [(params, run bytes, by enc)]
-    for item in plan.items:
-        outs = item.outs if isinstance(item, Run) else (item,)
-        n = sum(math.prod(o.shape) for o in outs)
-        params += n
-        if isinstance(item, Run):
-            expert_params += n
-            by_enc = {}
-            for o in outs:
-                by_enc[encodings[o.name]] = by_enc.get(encodings[o.name], 0) + stored(o.name, o.shape)
-            layer_experts.setdefault(item.layer, []).append((n, placed.runs[(item.layer, item.expert)], by_enc))
-        elif item.name != "embed" or cfg.tie_word_embeddings:
-            touched[encodings[item.name]] = touched.get(encodings[item.name], 0) + stored(item.name, item.shape)
-    active_expert_params = active_expert_bytes = 0
-    for experts in layer_experts.values():
-        for n, run, by_enc in sorted(experts, key=lambda e: -e[1])[: cfg.top_k]:
-            active_expert_params += n
-            active_expert_bytes += run
-            for enc, b in by_enc.items():
-                touched[enc] = touched.get(enc, 0) + b
-    slot = max(align(r, EXPERT_ALIGN) for r in placed.runs.values())
-    context = min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-    kv = kv_cache_bytes(cfg, context)
-    layout_bytes = placed.model_bytes + placed.experts_bytes
-    return {
-        "layers": cfg.num_layers,
-        "moe_layers": len(cfg.moe_layers()),
-        "experts": cfg.num_experts,
-        "top_k": cfg.top_k,
-        "total_params": params,
-        "expert_params": expert_params,
-        "active_params": params - expert_params + active_expert_params,
-        "layout_bytes": layout_bytes,
-        "model_bin_bytes": placed.model_bytes,
-        "experts_bin_bytes": placed.experts_bytes,
-        "expert_run_bytes": max(placed.runs.values()),
-        "slot_bytes": slot,
-        "bytes_per_token": sum(touched.values()),
-        "bytes_per_token_by_encoding": touched,
-        "expert_bytes_per_token": active_expert_bytes,
-        "context": context,
-        "kv_cache_bytes": kv,
-        "runtime_bytes": RUNTIME_BYTES,
-        # what a run needs: the weights, the KV cache at full context, and the runtime itself
-        "ram_bytes": layout_bytes + kv + RUNTIME_BYTES,
-        "min_budget_bytes": cfg.top_k * slot,  # paging's minimum: one layer's top-k experts in slots
-        "ram_bytes_at_min_budget": placed.model_bytes + cfg.top_k * slot + kv + RUNTIME_BYTES,
-        "quantization": {kind: sorted({e for n, e in encodings.items() if kind_of(n) == kind})
-                         for kind in sorted({kind_of(n) for n in encodings})},
-    }
-
-
 def assess(src: str, memory: int | None = None, bits: int = 4, revision: str | None = None,
            remeasure: bool = False, say=None) -> dict:
     """figures() plus this machine's rates, predicted decode speeds and the verdict.
@@ -232,14 +129,11 @@ def assess(src: str, memory: int | None = None, bits: int = 4, revision: str | N
     memory: the RAM moe may use (default: what is available now). What is left of it after the
     non-expert weights, the KV cache and the runtime is the expert budget it allows.
     """
-    from . import speed
-    from .machine import available_ram, use_threads
-
     use_threads()  # measured at the thread count a run uses by default
     hf, headers = read_source(src, revision)
     fig = figures(hf, headers, bits)
     rates = speed.machine(remeasure, say)
-    mini = speed.overhead(hf, bits, remeasure=remeasure, say=say, layout_bytes=fig["layout_bytes"])
+    mini = miniature.overhead(hf, bits, remeasure=remeasure, say=say, layout_bytes=fig["layout_bytes"])
     available = available_ram()
     memory = available if memory is None else memory
     in_ram = speed.predict(fig, rates, mini)

@@ -1,0 +1,129 @@
+"""The checks a conversion makes before writing: its options, its output, and the plan against the config and
+the checkpoint's headers (every tensor present with the shape the config implies, none left over)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..runtime.config import ModelConfig
+from ..runtime.errors import MoeError
+from ..runtime.layout import MANIFEST, QUANT_BITS, padded_cols
+from ..runtime.units import format_sizes
+from .arch.common import Plan, Src
+from .safetensors_io import Checkpoint
+
+BITS = (4, 8, 16)
+
+
+def check_options(bits: int, group_size: int) -> None:
+    if bits not in BITS:
+        raise MoeError(f"--bits {bits}: must be 4, 8 or 16")
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 32:
+        raise MoeError(f"--group-size {group_size}: must be a positive multiple of 32 (32, 64, 128...)")
+
+
+def check_group_size(group_size: int, plan: Plan, encodings: dict[str, str]) -> None:
+    """Rows are padded to whole groups: a group size may pad no quantized row more than 32 does (4096 on the
+    demo wrote 62 MB from a 12 MB source)."""
+    widths = sorted({o.shape[-1] for o in plan.outs() if encodings[o.name] in QUANT_BITS})
+    allowed = [g for g in range(32, max(widths, default=0) + 1, 32)
+               if all(padded_cols(w, g) == padded_cols(w, 32) for w in widths)]
+    if widths and group_size not in allowed:  # no widths: nothing quantized (--bits 16)
+        raise MoeError(f"--group-size {group_size}: pads this model's rows ({', '.join(map(str, widths))} columns) "
+                       f"more than --group-size 32 does; give one of {', '.join(map(str, allowed))}")
+
+
+def check_output(out: Path, force: bool) -> None:
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise MoeError(f"{out}: already exists; pass --force to replace it, or choose another output with -o")
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise MoeError(f"{out}: exists and is not a converted model; refusing to replace it even with --force")
+    if not out.is_dir():
+        raise MoeError(f"{out}: exists and is not a folder; refusing to replace it even with --force")
+
+
+def check_space(out: Path, need: int) -> None:
+    parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        has, needs = format_sizes(free, need)
+        raise MoeError(f"{parent}: {has} free, the converted model needs {needs}; free some space or choose another "
+                       "output with -o", 1)
+
+
+def plan_for(arch, hf: dict, ckpt: Checkpoint, config_json: Path) -> Plan:
+    """The architecture's plan for config.json, once its config is sound and its counts fit the weights."""
+    try:
+        cfg = arch.model_config(hf)
+        check_config(cfg, config_json)
+        check_counts(cfg, ckpt, config_json)
+        return arch.plan(cfg, set(ckpt.names()))
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        raise MoeError(f"{config_json}: malformed ({type(exc).__name__}: {exc}); re-download the model") from None
+
+
+def check_config(cfg: ModelConfig, config_json: Path) -> None:
+    try:
+        cfg.check()
+    except MoeError as exc:
+        raise MoeError(f"{config_json}: {exc.message.removeprefix('config: ')}; fix or re-download it") from None
+
+
+def check_counts(cfg: ModelConfig, ckpt: Checkpoint, config_json: Path) -> None:
+    """No more layers and experts than the weights can hold, before a plan of that many entries is built: each
+    layer has tensors of its own, each expert of each layer a tensor or a slice of a fused [E, ...] tensor."""
+    slots = len(ckpt.tensors) + sum(t.shape[0] for t in ckpt.tensors.values() if len(t.shape) >= 3)
+    runs = len(cfg.moe_layers()) * cfg.num_experts
+    if cfg.num_layers > len(ckpt.tensors) or runs > slots:
+        raise MoeError(f"{config_json}: {cfg.num_layers} layers of {cfg.num_experts} experts, more than the "
+                       f"{len(ckpt.tensors)} tensors of the weights can hold; config.json does not match the weights")
+
+
+def piece_shape(ckpt: Checkpoint, s: Src) -> tuple[int, ...]:
+    """The shape of one source piece after slicing, decoding and transposing, from the headers alone."""
+    if s.mxfp4:
+        blocks, scales = ckpt.info(s.name + "_blocks").shape, ckpt.info(s.name + "_scales").shape
+        if len(blocks) < 3 or blocks[-1] != 16 or blocks[:-1] != scales:
+            raise MoeError(f"{ckpt.folder}: {s.name}_blocks {list(blocks)} and _scales {list(scales)} are not MXFP4 "
+                           "(blocks [..., G, 16], scales [..., G])")
+        shape = (*blocks[:-2], blocks[-2] * 32)
+    else:
+        shape = ckpt.info(s.name).shape
+    if s.expert is not None:
+        if len(shape) < 2 or s.expert >= shape[0]:
+            raise MoeError(f"{ckpt.folder}: {s.name} {list(shape)} has no expert {s.expert}; "
+                           "config.json does not match the weights")
+        shape = shape[1:]
+    if s.transpose:
+        shape = shape[::-1]
+    return (len(range(s.start, shape[0], s.step)), *shape[1:]) if shape else shape
+
+
+def check_plan(plan: Plan, ckpt: Checkpoint, folder: Path) -> None:
+    """Every tensor the plan needs exists with the shape config.json implies, and every tensor is used or skipped."""
+    names = set(ckpt.names())
+    for o in plan.outs():
+        shapes = []
+        for s in o.srcs:
+            for n in s.sources():
+                if n not in names:
+                    raise MoeError(f"{folder}: tensor {n} is missing; the checkpoint is incomplete or its config.json "
+                                   "describes another model")
+                dtype = ckpt.info(n).dtype
+                if dtype not in (("U8",) if s.mxfp4 else ("BF16", "F16", "F32")):
+                    raise MoeError(f"{folder}: tensor {n} has dtype {dtype}, which moe cannot convert")
+            shapes.append(piece_shape(ckpt, s))
+        trailing = {sh[1:] for sh in shapes}
+        got = (sum(sh[0] for sh in shapes), *shapes[0][1:]) if len(trailing) == 1 and shapes[0] else None
+        if got != tuple(o.shape):
+            pieces = ", ".join(f"{s.name} {list(sh)}" for s, sh in zip(o.srcs, shapes, strict=True))
+            raise MoeError(f"{folder}: config.json implies {list(o.shape)} for {o.name}, the weights give {pieces}; "
+                           "config.json does not match the weights")
+    leftover = sorted(names - plan.used() - plan.skipped)
+    if leftover:
+        more = f" and {len(leftover) - 1} more" if len(leftover) > 1 else ""
+        raise MoeError(f"{folder}: tensor {leftover[0]}{more} not expected for a {plan.config.architecture} model "
+                       "with this config.json; the weights and config do not match")
