@@ -6,15 +6,12 @@ searched, not just max-abs: the group's largest value m is mapped to each of a g
 codes (q4: -9 to -5 and 6 to 7.5, where those beyond the code range clip the largest values to
 trade their error for a finer step everywhere else; q5 and q6 the same grid scaled by 2 and 4;
 q8: -128 and 127), then a least-squares refit d = sum(q x) / sum(q q) of the best is tried, and
-the scale of least squared error wins. Measured on the trained models (4-bit/16-bit perplexity,
-16k tokens), the clipping grid beat the max-abs candidates -8, -7.5, -7, 7 on all four (tinymix
-1.0116 -> 1.0079, gpt-oss 1.0008 -> 0.9989); a coarser clipping grid of 8 was worse than either,
-and weighting the error by |x| gained nothing.
+the scale of least squared error wins: the clipping grid beat max-abs candidates in perplexity on all four
+trained models (tests/bench/README.md: the quantizer).
 
-The quantizer compiles without fast-math (kernels.EXACT): with it, LLVM summed the errors in another order when
-it compiled the quantizer afresh than in the copy numba cached, and a near-tie between two candidate scales went
-the other way (tinyllama4: 3 rows of 8,192 expert rows). The same source must give the same bytes; it costs 93 ->
-122 ms per 2048 x 2048 tensor at q4.
+The quantizer compiles without fast-math (kernels.EXACT), so that the same source gives the same bytes whether
+numba compiled it afresh or took its cached copy (with fast-math a near-tie between two scales could go either
+way).
 
 Scales are stored in two levels (see layout): d = k * D / 127 with an int8 k per group and a
 bfloat16 D per layout.SUPER groups. A first pass finds each group's best scale freely; D is the

@@ -3,11 +3,8 @@
 Decode time per token = fixed cost + weight bytes / kernel rate + expert misses x miss cost:
 
 - the fixed cost (Python, kernel calls, routing) is measured on a miniature of the planned
-  model: same architecture, layers, experts and top-k, every width shrunk to a few dozen, random
-  weights; its own few weight bytes are taken back out. A model whose layout is at most
-  SMALL_MODEL_BYTES is timed whole instead (random weights, its own widths): its weights stay in
-  the CPU caches, and its narrow rows cost more per byte than any bandwidth says;
-- weight bytes touched per token (plan.figures) are read at the rate our matrix-vector kernels
+  model (moe.convert.miniature), its own few weight bytes taken back out;
+- weight bytes touched per token (moe.convert.sizes) are read at the rate our matrix-vector kernels
   reach on matrices that do not fit in the CPU caches, per encoding (q4, q8, ...); the plain memory
   bandwidth (numpy sum) is measured beside it for reference;
 - under a budget, every expert lookup costs the paging path's bookkeeping, and a miss reads one expert
@@ -18,18 +15,14 @@ Decode time per token = fixed cost + weight bytes / kernel rate + expert misses 
   Prefetch (on when misses come from disk, as load_model decides) applies each next layer's router
   ahead of time, measured on the miniature too, and reads what it predicts: it turns misses into
   hits but, wrong predictions included, reads PREFETCH_READS times as many experts as the misses it
-  would have had (measured on the trained models at 25 % and 50 % budgets); those reads are counted
-  in full, as the CPU they take.
+  would have had; those reads are counted in full, as the CPU they take.
 
 Hit rate under a budget holding a fraction f of all experts (slots / (MoE layers x experts)):
     hit(f) = 1 - (1 - f) ** HIT_EXPONENT
 A miss needs the expert to be absent from the cache; with routing independent and uniform that has
 probability 1 - f (exponent 1). Real routing reuses experts between neighbouring tokens and favours
-some of them, and the frequency policy keeps those: misses fall faster than 1 - f. The exponent is
-fitted (least squares on log(1 - hit) = p log(1 - f), f from 1/8 to 3/4) to the default expert
-cache decoding the evaluation text with the trained models of shared/models (tests/bench/
-plan_vs_measured.py): 2.9 tinymix (top-2 of 8), 2.75 tinyqwen3moe (top-4 of 32), 2.45 tinyllama4
-(top-1 of 8), 1.85 tinygptoss (top-4 of 16, the most even load); their mean is used.
+some of them, and the frequency policy keeps those: misses fall faster than 1 - f. The exponent and
+PREFETCH_READS are fitted on the trained models (tests/bench/README.md: the speed model's constants).
 """
 
 from __future__ import annotations
@@ -52,8 +45,8 @@ from .layout import CHUNK, QUANT_BITS, Packed, padded_cols, supers_of
 from .machine import drop_cached, open_read, open_uncached, preadv, uncache
 from .units import format_size
 
-HIT_EXPONENT = 2.5  # mean of the four trained models' fits (see above)
-PREFETCH_READS = 1.55  # expert reads with prefetch per miss without it (1.52 to 1.65 on the trained models)
+HIT_EXPONENT = 2.5  # mean of the four trained models' fits
+PREFETCH_READS = 1.55  # expert reads with prefetch per miss without it, on the trained models
 MACHINE_FILE = "machine.json"
 OVERHEAD_FILE = "plan-overheads.json"
 VERSION = f"6-{SOURCES_HASH}"  # kernels of other sources run at other speeds: measured again
