@@ -169,7 +169,7 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
     stats[0] = emax
     stats[1] = e2
     stats[2] = x2
-    for c in range(cp):  # q8: two's complement; q4-q6: q + 2**(bits-1), packed by layout.pack_codes
+    for c in range(cp):  # q8: two's complement; q4-q6: q + 2**(bits-1), packed by codec.pack_codes
         codes[c] = np.uint8((q[c] & 0xFF) if bits == 8 else q[c] - qmin)
 
 
