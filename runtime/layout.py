@@ -102,8 +102,8 @@ def supers_of(groups: int) -> int:
 
 
 def crc32(buf, start: int = 0) -> int:
-    """CRC-32 (zlib's) of buf, continuing from `start`: zlib-ng's, 8x the system zlib's speed here (20 against
-    2.6 GB/s on one AVX2 core), as every expert is checked the first time the router picks it."""
+    """CRC-32 (zlib's) of buf, continuing from `start`: zlib-ng's, much faster than the system zlib's, as every
+    expert is checked the first time the router picks it (tests/bench/README.md)."""
     return zlib_ng.crc32(buf, start) & 0xFFFFFFFF
 
 

@@ -54,7 +54,7 @@ V32I8, V16I16, V8I32 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorT
 V4I32, V16I8 = ir.VectorType(I32, 4), ir.VectorType(I8, 16)
 V8F32 = ir.VectorType(F32, 8)
 BLOCKS = 8  # blocks of 32 columns per loop step
-STEP = 1.0 / 127.0  # a group's scale is its int8 times super-scale * STEP (as float32: layout.group_scales)
+STEP = 1.0 / 127.0  # a group's scale is its int8 times super-scale * STEP (as float32: codec.group_scales)
 BITS = {"q4": 4, "q5": 5, "q6": 6, "q8": 8}
 OFFSETS = {"q4": 8, "q5": 16, "q6": 32}  # q4-q6 store q + 2**(bits - 1)
 HIGH_BYTES = {"q5": 4, "q6": 8}  # bytes of high bits per block
@@ -354,7 +354,7 @@ def _high_bits(builder, kind: str, step_words, k: int):
         low = builder.shl(words, ir.Constant(v4i64, [ir.Constant(I64, n) for n in (4, 2, 4, 2)]))
         high = builder.lshr(words, ir.Constant(v4i64, [ir.Constant(I64, n) for n in (0, 2, 0, 2)]))
         return [builder.and_(builder.bitcast(v, V32I8), _splat(V32I8, 0x30)) for v in (low, high)]
-    # q5: 4 bytes per block (layout.q5_bit): one variable shift per 32 bits brings each lane's bit to bit 4
+    # q5: 4 bytes per block (codec.q5_bit): one variable shift per 32 bits brings each lane's bit to bit 4
     words = builder.shuffle_vector(step_words, step_words, ir.Constant(V8I32, [2 * k] * 4 + [2 * k + 1] * 4))
     low = builder.lshr(words, ir.Constant(V8I32, [0, 1, 2, 3] * 2))  # columns 0..15: bits 8b + 4 + a
     high = builder.shl(words, ir.Constant(V8I32, [4, 3, 2, 1] * 2))  # columns 16..31: bits 8b + a
