@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .config import ModelConfig
 from .layout import EXPERTS_FILE, MODEL_FILE, Layout
 from .machine import available_ram
 from .paging import min_budget, slot_bytes, slot_count
@@ -55,7 +54,7 @@ def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | Non
     else:
         budget = parse_size(budget, "memory budget")
     if isinstance(pin, (str, os.PathLike)):
-        pins, pins_from = read_pins(pin, ModelConfig.from_dict(layout.config)), f"--pin {pin}"
+        pins, pins_from = read_pins(pin, layout.config), f"--pin {pin}"
     else:
         pins, pins_from = [(int(layer), int(expert)) for layer, expert in pin], "pin"
     if budget is None:
@@ -63,7 +62,7 @@ def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | Non
             notes.append(f"note: {pins_from} has no effect: every expert is mapped (give a --memory-budget)")
         return Memory(None, False, False, (), tuple(notes))
     uncached = misses_from_disk(sizes[EXPERTS_FILE], sizes[MODEL_FILE], budget, available)
-    slots, k = slot_count(layout, budget), layout.config["top_k"]
+    slots, k = slot_count(layout, budget), layout.config.top_k
     # Prefetch needs room beyond the layer being computed: more than two layers' top-k.
     prefetch = (uncached if prefetch is None else prefetch) and slots > 2 * k
     kept = min(int(PIN_SHARE * (budget // slot_bytes(layout))), max(0, slots - k))

@@ -45,12 +45,12 @@ class ExpertStore:
     def __init__(self, layout: Layout):
         self.layout = layout
         self.wants_prediction = False  # whether prefetch() does anything, so the model can skip predicting
-        self.checked = np.zeros((len(layout.config["layers"]), layout.config["num_experts"]), bool)  # CRC matched
+        self.checked = np.zeros((layout.config.num_layers, layout.config.num_experts), bool)  # CRC matched
         self.reset_counters()
 
     def reset_counters(self) -> None:
         """Per layer: cache hits and misses, bytes read, prefetch hits and prediction accuracy, all zero."""
-        n_layers = len(self.layout.config["layers"])
+        n_layers = self.layout.config.num_layers
         self.hits = np.zeros(n_layers, np.int64)
         self.misses = np.zeros(n_layers, np.int64)
         self.bytes_read = np.zeros(n_layers, np.int64)

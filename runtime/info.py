@@ -6,15 +6,15 @@ import math
 
 from . import paging
 from .home import resolve_model
-from .layout import EXPERTS_FILE, MODEL_FILE, Layout, read_manifest, stored_nbytes
+from .layout import EXPERTS_FILE, MODEL_FILE, read_layout, stored_nbytes
 from .tensors import PARTS, expert_key, part_of
 
 
 def model_info(path) -> dict:
     """Architecture, sizes by part, parameters (total and active per token), quantization and RAM needs."""
     folder = resolve_model(str(path))
-    m = read_manifest(folder)
-    cfg = m["config"]
+    layout = read_layout(folder)
+    m, cfg = layout.manifest, layout.config
     tensors = m["tensors"]
     size = {p: 0 for p in PARTS}
     encodings = {p: set() for p in PARTS}
@@ -29,12 +29,12 @@ def model_info(path) -> dict:
         key = expert_key(name)
         if key is not None:
             expert_params[key[:2]] = expert_params.get(key[:2], 0) + n
-    top_k = cfg["top_k"]
+    top_k = cfg.top_k
     active_expert_params = 0
     for layer, runs in m["experts"].items():
         per_expert = sorted((expert_params.get((int(layer), j), 0) for j in range(len(runs))), reverse=True)
         active_expert_params += sum(per_expert[:top_k])
-    min_budget = paging.min_budget(Layout(folder, m)) if m["experts"] else 0  # what the expert cache enforces
+    min_budget = paging.min_budget(layout) if m["experts"] else 0  # what the expert cache enforces
     files = {k: v["size"] for k, v in m["files"].items()}
     total = sum(params.values())
     return {
@@ -42,13 +42,13 @@ def model_info(path) -> dict:
         "architecture": m.get("architecture"),
         "hf_architecture": m.get("source", {}).get("hf_architecture"),
         "source": m.get("source", {}).get("id"),
-        "layers": cfg["num_layers"],
-        "moe_layers": sum(1 for spec in cfg["layers"] if spec["moe"]),
-        "experts": cfg["num_experts"],
+        "layers": cfg.num_layers,
+        "moe_layers": len(cfg.moe_layers()),
+        "experts": cfg.num_experts,
         "top_k": top_k,
-        "shared_expert": cfg.get("shared_expert_intermediate_size", 0) > 0,
-        "hidden_size": cfg["hidden_size"],
-        "vocab_size": cfg["vocab_size"],
+        "shared_expert": cfg.shared_expert_intermediate_size > 0,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
         "total_params": total,
         "active_params": total - params["experts"] + active_expert_params,
         "size_bytes": sum(files.values()),

@@ -118,16 +118,14 @@ def crc32_each(buffers: list) -> list[int]:
 
 @dataclass
 class Layout:
-    """A converted model opened for reading: the validated manifest and its memory-mapped files."""
+    """A converted model opened for reading: the validated manifest, its config parsed once, and its
+    memory-mapped files (none when only read by read_layout)."""
 
     folder: Path
     manifest: dict
+    config: ModelConfig
     maps: dict[str, mmap.mmap] = field(default_factory=dict)
     _by_expert: dict[tuple[int, int], dict[str, dict]] = field(default_factory=dict)
-
-    @property
-    def config(self) -> dict:
-        return self.manifest["config"]
 
     def has(self, name: str) -> bool:
         return name in self.manifest["tensors"]
@@ -277,6 +275,11 @@ class Placement:
 
 def read_manifest(folder: Path) -> dict:
     """Parse and validate manifest.json; every offset and length must lie inside its file."""
+    return read_layout(folder).manifest
+
+
+def read_layout(folder: Path) -> Layout:
+    """The validated manifest (read_manifest) and its typed config, no file mapped."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -299,8 +302,7 @@ def read_manifest(folder: Path) -> dict:
         _validate(folder, m)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MoeError(f"{path}: malformed manifest ({type(exc).__name__}: {exc}); reconvert the model") from None
-    _check_config(path, m)
-    return m
+    return Layout(folder, m, _check_config(path, m))
 
 
 def _check_int(v, what: str) -> int:
@@ -363,7 +365,7 @@ def _validate(folder: Path, m: dict) -> None:
             raise MoeError(f"{path}: tensor {name} lies outside its expert's run; reconvert the model")
 
 
-def _check_config(path: Path, m: dict) -> None:
+def _check_config(path: Path, m: dict) -> ModelConfig:
     """The tensors and expert runs are exactly those the manifest's config implies, 1-D tensors f32: the runtime
     sizes its buffers from the config, so a tensor of another shape would be read past its end."""
     try:
@@ -384,13 +386,13 @@ def _check_config(path: Path, m: dict) -> None:
         if tuple(e["shape"]) != shape or (len(shape) == 1 and e["encoding"] != "f32"):
             raise MoeError(f"{path}: tensor {name} is {e['encoding']} {e['shape']}, the config implies "
                            f"{list(shape)}{' f32' if len(shape) == 1 else ''}; reconvert the model")
+    return cfg
 
 
 def open_layout(folder) -> Layout:
     """Validate the manifest and map model.bin and experts.bin read-only."""
     folder = Path(folder)
-    m = read_manifest(folder)
-    layout = Layout(folder, m)
+    layout = read_layout(folder)
     for fname in (MODEL_FILE, EXPERTS_FILE):
         with open(folder / fname, "rb") as f:
             size = os.fstat(f.fileno()).st_size

@@ -137,7 +137,7 @@ class Model:
 
     def __init__(self, layout: Layout, experts: ExpertStore, memory: Memory, max_context: int):
         self.layout = layout
-        self.config = cfg = ModelConfig.from_dict(layout.config)
+        self.config = cfg = layout.config
         self.experts = experts
         self.memory = memory  # how the experts are held, and what to tell the user about it
         self.max_context = max_context
@@ -433,7 +433,7 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
     use_threads(threads)
     layout = open_layout(folder)
     layout.check_tensors()  # every non-expert tensor is used by the first token; experts as they are first chosen
-    cfg = ModelConfig.from_dict(layout.config)
+    cfg = layout.config
     if max_context is None:
         max_context = min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     elif not 1 <= max_context <= cfg.max_position_embeddings:

@@ -43,7 +43,7 @@ def slot_bytes(layout: Layout) -> int:
 
 def min_budget(layout: Layout) -> int:
     """The smallest workable budget: one layer's top-k experts resident at once."""
-    return layout.config["top_k"] * slot_bytes(layout)
+    return layout.config.top_k * slot_bytes(layout)
 
 
 def slot_count(layout: Layout, budget: int) -> int:
@@ -77,7 +77,7 @@ class PagedExperts(ExpertStore):
         self.slot_bytes = slot_bytes(layout)
         minimum = min_budget(layout)
         if budget < minimum:
-            k, (given, least) = layout.config["top_k"], format_sizes(budget, minimum)
+            k, (given, least) = layout.config.top_k, format_sizes(budget, minimum)
             raise MoeError(
                 f"memory budget {given} is below this model's minimum of {least} "
                 f"({k} experts of {format_size(self.slot_bytes)} for one layer's top-{k}); give at least that"
@@ -85,14 +85,13 @@ class PagedExperts(ExpertStore):
         self.n_slots = slot_count(layout, budget)
         self.policy = policy
         self.pool = _allocate_pool(self.n_slots, self.slot_bytes, budget)  # pages committed as slots fill
-        n_layers = len(layout.config["layers"])
-        n_experts = layout.config["num_experts"]
+        n_layers, n_experts = layout.config.num_layers, layout.config.num_experts
         self.slot_of = np.full((n_layers, n_experts), -1, np.int64)  # (L, E) -> slot or -1
         self.key = np.full((self.n_slots, 2), -1, np.int64)  # slot -> (layer, expert)
         self.state = np.zeros(self.n_slots, np.int8)
         self.last_use = np.zeros(self.n_slots, np.int64)
         self.freq = np.zeros((n_layers, n_experts), np.float64)
-        self._next = NextUse(n_layers, n_experts, layout.config["top_k"]) if policy == "next" else None
+        self._next = NextUse(n_layers, n_experts, layout.config.top_k) if policy == "next" else None
         self.prefetched = np.zeros(self.n_slots, bool)  # filled by prefetch, not used yet
         self.queued = np.zeros(self.n_slots, bool)  # read as its layer's miss (counted then), not used yet
         self._prediction: dict[int, set[int]] = {}
@@ -110,7 +109,7 @@ class PagedExperts(ExpertStore):
         self.wants_prediction = prefetch
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="moe-prefetch") if prefetch else None
         # A layer's misses are read side by side, several reads in flight, as soon as its router has run.
-        self._readers = ThreadPoolExecutor(min(layout.config["top_k"], 8), thread_name_prefix="moe-read")
+        self._readers = ThreadPoolExecutor(min(layout.config.top_k, 8), thread_name_prefix="moe-read")
         self.read = preadv  # the one read call; tests replace it to read slowly or fail
         self.pinned: set[int] = set()  # slots of pinned experts: read once, never evicted
         for layer, expert in pins:

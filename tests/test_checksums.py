@@ -94,7 +94,7 @@ def test_each_expert_is_checked_once_and_results_are_unchanged(model_path, monke
 def test_cli_run_on_a_damaged_expert_is_one_line(model_path, tmp_path, capsys):
     folder = shutil.copytree(model_path, tmp_path / "all-damaged")
     layout = open_layout(folder)
-    runs = [layout.expert_record(0, e) for e in range(layout.config["num_experts"])]
+    runs = [layout.expert_record(0, e) for e in range(layout.config.num_experts)]
     layout.close()
     with open(folder / EXPERTS_FILE, "r+b") as f:
         for run in runs:  # whichever expert the prompt picks first

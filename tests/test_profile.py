@@ -8,6 +8,7 @@ import pytest
 from moe.cli import main
 from moe.convert import convert
 from moe.runtime.errors import MoeError
+from moe.runtime.layout import open_layout
 from moe.runtime.model import load_model
 from moe.runtime.paging import min_budget
 from moe.runtime.routing_stats import profile, read_pins, usage
@@ -98,7 +99,7 @@ def test_pinned_runs_give_the_same_logits(model_path, tmp_path):
 
 
 def test_bad_profiles_are_one_line(model_path, tmp_path):
-    config = load_model(model_path).config
+    config = open_layout(model_path).config
     with pytest.raises(MoeError, match="no such file; make one with `moe profile MODEL FILE -o nope.json`"):
         read_pins(tmp_path / "nope.json", config)
     (tmp_path / "bad.json").write_text("{}")
@@ -140,7 +141,6 @@ def test_cli_profile_then_pin(model_path, tmp_path, capsys):
 
 def test_pins_fill_at_most_a_quarter_of_the_slots(model_path, tmp_path):
     from moe.runtime.budget import PIN_SHARE, decide
-    from moe.runtime.layout import open_layout
     from moe.runtime.paging import slot_bytes
 
     pairs = [[0, e] for e in range(8)] + [[2, e] for e in range(8)]
@@ -149,4 +149,4 @@ def test_pins_fill_at_most_a_quarter_of_the_slots(model_path, tmp_path):
     slot = slot_bytes(layout)
     kept = decide(layout, 20 * slot, pin=tmp_path / "p.json").pins
     assert list(kept) == [tuple(p) for p in pairs[: int(PIN_SHARE * 20)]]
-    assert len(read_pins(tmp_path / "p.json", load_model(model_path).config)) == 16
+    assert len(read_pins(tmp_path / "p.json", layout.config)) == 16
