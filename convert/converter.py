@@ -65,7 +65,7 @@ def convert(src, out=None, bits: int = 4, group_size: int = 32, revision: str | 
         tokenizer = tokenizer_info(source.folder)
         encodings = encodings_for(plan, ckpt, bits)
         check_group_size(group_size, plan, encodings)
-        check_space(out, sum(place(plan, encodings, group_size).file_sizes().values()))
+        check_space(out, output_bytes(plan, encodings, group_size, source.folder, tokenizer))
         manifest = {
             "architecture": cfg.architecture,
             "config": cfg.to_dict(),
@@ -76,6 +76,20 @@ def convert(src, out=None, bits: int = 4, group_size: int = 32, revision: str | 
         }
         write_layout(out, force, plan, ckpt, encodings, group_size, manifest, source.folder, started)
     return out
+
+
+# A manifest record (one tensor's or one expert run's place, encoding and checksums) takes less than this.
+MANIFEST_RECORD_BYTES = 256
+
+
+def output_bytes(plan: Plan, encodings: dict[str, str], group_size: int, folder: Path, tokenizer: dict) -> int:
+    """The most the converted folder takes: the layout's two files exactly (the writer's placement), the
+    tokenizer files as the source has them (tokenizer.json is written without its indentation) and the
+    manifest's records, with the chat template it holds."""
+    layout = sum(place(plan, encodings, group_size).file_sizes().values())
+    tokenizer_files = sum((folder / f).stat().st_size for f in tokenizer["files"])
+    records = len(encodings) + sum(isinstance(item, Run) for item in plan.items)
+    return layout + tokenizer_files + MANIFEST_RECORD_BYTES * records + len(tokenizer["chat_template"] or "")
 
 
 def first_architecture(hf: dict) -> str | None:
