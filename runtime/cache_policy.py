@@ -1,33 +1,30 @@
-"""The `next` expert-cache policy: evict the expert whose next use is expected farthest away.
+"""The `next` expert-cache policy: evict the slot expected to serve the fewest hits per step it stays.
 
 One pool serves every layer, and decode visits the layers in a cycle (0..L-1 for a token, then the
 next token), so while layer l computes, an expert of layer m is wanted at the earliest at m's next
-visit, d = (m - l - 1) % L + 1 layer steps away. p, the chance it is chosen at that visit, comes from
-the routing seen so far: how often a token's successor chose it in that layer after the experts the
-layer chose at its last visit (counts of consecutive tokens), smoothed toward q, its decayed share of
-recent tokens; later visits choose it with chance q each. The expected wait, d + L (1 - p) / q layer
-steps, ranks the slots: the longest goes (ties: the least recently used). Belady's optimum does the
-same with the true next use.
+visit, d = (m - l - 1) % L + 1 layer steps away, then at d + L, d + 2L, ... p, the chance it is chosen
+at that next visit, comes from the routing seen so far: how often a token's successor chose it in that
+layer after the experts the layer chose at its last visit (counts of consecutive tokens), smoothed
+toward q, its decayed share of recent tokens; later visits choose it with chance q each. A slot's
+worth is its expected hits per step of waiting for them, p / d + q * sum over the HORIZON visits after
+of 1 / (d + jL): the lowest goes (ties: the least recently used).
 
-On the trained models' routing (tests/bench/policy.py, 4096 tokens, a pool of 25 % of the experts) the hit
-rate goes from 0.44-0.55 (`freq`) to 0.48-0.58, 17-21 % of the way to Belady's 0.62-0.73; at 12.5 and
-50 % it is never below `freq`. Of the gain, the layer distance with q alone gives about two thirds,
-the counts of consecutive tokens the rest. What did not pay: the experts layer l chose
-predicting layer l+1's (co-occurrence counts, alone, mixed in, or chained through every layer: within
-±0.01); the model's own next-layer router guess (0.47-0.85 right, +0.002: even a perfect guess of
-the same token's later layers would add only 0.03-0.05; the rest of the gap is the next token's
-routing, which no history foretells); a longer memory (DECAY 0.98 as `freq`: -0.006 to -0.019); a
-shorter one for `freq` itself (0.9: -0.01 to +0.01); ranking by p alone, without
-the distance (-0.03 to -0.01).
+On the trained models' routing (tests/bench/policy.py, 4096 tokens, a pool of 25 % of the experts) this
+takes 0.20-0.22 of the way from `freq` to Belady where ranking by expected wait (d + L (1 - p) / q) took
+0.10-0.20; the constants were chosen on the first half of the text and hold on the second. What did not pay:
+an online logistic mix of recency, three decayed counts and p, for the next visit and the next 4-16
+(within ±0.01); ranking by the chance of use within a fixed horizon (-0.01 to -0.1). Even the true
+next-visit choice in place of p closes only 0.41-0.85 of the gap: the rest is routing further ahead.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-DECAY = 0.9  # per token, of the use counts behind q: recent tokens predict the next ones best
+DECAY = 0.9  # per token, of the use counts behind q: 0.8 and 0.95 both did worse on every model's first half
 PRIOR = 1.0  # weight, in tokens seen, of q in p: the counts of a rarely seen predecessor fall back to q
 SMOOTH = 0.1  # a count every expert starts with, so one never seen has q = top_k / E, not 0
+HORIZON = 4  # later visits counted in a slot's worth: 2 to 4 measured alike, 0 (p / d + q / (d + L)) a little worse
 
 
 class NextUse:
@@ -68,7 +65,13 @@ class NextUse:
         """Index into keys ((n, 2): layer, expert per candidate slot) of the one to evict."""
         n_layers = len(self.last)
         layers, experts = keys[:, 0], keys[:, 1]
-        distance = (layers - self.layer - 1) % n_layers + 1
-        q = np.maximum(self.share()[layers, experts], 1e-3)
-        wait = distance + n_layers * (1.0 - self.p[layers, experts]) / q
-        return int(np.lexsort((last_use, -wait))[0])
+        now = self.layer
+        # The layer observed last keeps its chosen experts until it is done: when one is offered, the next
+        # layer's router has run and its misses are being placed before paging reports its choice.
+        if self.last[now] is not None and np.isin(experts[layers == now], self.last[now]).any():
+            now = (now + 1) % n_layers
+        distance = (layers - now - 1) % n_layers + 1  # (n,) layer steps to the next visit
+        q = self.share()[layers, experts]
+        later = sum(1.0 / (distance + j * n_layers) for j in range(1, HORIZON + 1))
+        worth = self.p[layers, experts] / distance + q * later  # expected hits per step
+        return int(np.lexsort((last_use, worth))[0])

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent / "lib"))
 from trained import TRAINED, converted, eval_text  # noqa: E402  (a folder of these scripts', not a package)
 
 SHARES = (0.125, 0.25, 0.5)
+PARTS = ("whole", "first half", "second half")  # the cache policy's constants were chosen on the first
 
 
 def routing(model, ids: list[int], ctx: int) -> tuple[list[int], np.ndarray]:
@@ -34,21 +35,31 @@ def routing(model, ids: list[int], ctx: int) -> tuple[list[int], np.ndarray]:
     return layers, np.concatenate([np.stack([w[layer][0] for layer in layers], axis=1) for w in windows])
 
 
-def replay(store: PagedExperts, layers: list[int], chosen: np.ndarray) -> float:
-    """Hit rate of the store fed `chosen` (T, layers, k) as decode asks for experts."""
-    for token in chosen:
+def rates(hits: np.ndarray, lookups: np.ndarray) -> list[float]:
+    """Hit rates of the whole text, its first half and its second half from hits and lookups per token."""
+    half = len(hits) // 2
+    return [round(float(h.sum() / n.sum()), 4) for h, n in
+            ((hits, lookups), (hits[:half], lookups[:half]), (hits[half:], lookups[half:]))]
+
+
+def replay(store: PagedExperts, layers: list[int], chosen: np.ndarray) -> list[float]:
+    """Hit rates (whole, first half, second half) of the store fed `chosen` (T, layers, k) as decode asks."""
+    hits, lookups = np.zeros(len(chosen)), np.zeros(len(chosen))
+    for t, token in enumerate(chosen):
+        before = store.hits.sum(), store.misses.sum()
         for layer, experts in zip(layers, token, strict=True):
             experts = sorted(set(experts.tolist()))
             store.begin_layer(layer, experts)
             for e in experts:
                 store.get(layer, e)
         store.end_token()
-    hits, misses = int(store.hits.sum()), int(store.misses.sum())
-    return hits / (hits + misses)
+        hits[t] = store.hits.sum() - before[0]
+        lookups[t] = hits[t] + store.misses.sum() - before[1]
+    return rates(hits, lookups)
 
 
-def belady(layers: list[int], chosen: np.ndarray, capacity: int) -> float:
-    """Hit rate of Belady's optimum: on a miss, evict the resident expert whose next use is farthest away,
+def belady(layers: list[int], chosen: np.ndarray, capacity: int) -> list[float]:
+    """Hit rates (whole, first half, second half) of Belady's optimum: on a miss, evict the resident expert whose next use is farthest away,
     never one the layer being computed chose."""
     steps = [(layer, sorted(set(experts.tolist())))
              for token in chosen for layer, experts in zip(layers, token, strict=True)]
@@ -59,16 +70,18 @@ def belady(layers: list[int], chosen: np.ndarray, capacity: int) -> float:
         next_use[i] = [following.get((layer, e), np.inf) for e in experts]
         following.update({(layer, e): i for e in experts})
     resident: dict[tuple[int, int], float] = {}  # (layer, expert) -> step of its next use
-    hits = 0
-    for (layer, experts), uses in zip(steps, next_use, strict=True):
+    hits, lookups = np.zeros(len(chosen)), np.zeros(len(chosen))
+    for i, ((layer, experts), uses) in enumerate(zip(steps, next_use, strict=True)):
         needed = {(layer, e) for e in experts}
+        t = i // len(layers)
+        lookups[t] += len(experts)
         for e, use in zip(experts, uses, strict=True):
             if (layer, e) in resident:
-                hits += 1
+                hits[t] += 1
             elif len(resident) >= capacity:
                 del resident[max(resident.keys() - needed, key=resident.__getitem__)]
             resident[(layer, e)] = use
-    return hits / sum(len(experts) for _, experts in steps)
+    return rates(hits, lookups)
 
 
 def main() -> None:
@@ -87,23 +100,29 @@ def main() -> None:
             capacity = max(model.config.top_k, round(share * n_experts))
             row = {"model": name, "budget": f"{share:.1%}", "slots": capacity, "experts": n_experts,
                    "tokens": len(chosen)}
+            measured = {}  # policy -> hit rates (whole, first half, second half)
             for policy in POLICIES:
                 store = PagedExperts(model.layout, capacity * slot_bytes(model.layout), policy, prefetch=False)
-                row[policy] = round(replay(store, layers, chosen), 4)
+                measured[policy] = replay(store, layers, chosen)
                 store.close()
-            row["belady"] = round(belady(layers, chosen, capacity), 4)
-            gap = row["belady"] - row["freq"]
-            row["gap_closed"] = {p: round((row[p] - row["freq"]) / gap, 3) if gap > 0 else None for p in POLICIES}
+            measured["belady"] = belady(layers, chosen, capacity)
+            for i, part in enumerate(PARTS):
+                rate = {p: r[i] for p, r in measured.items()}
+                gap = rate["belady"] - rate["freq"]
+                closed = {p: round((rate[p] - rate["freq"]) / gap, 3) if gap > 0 else None for p in POLICIES}
+                row[part] = {**rate, "gap_closed": closed}
             rows.append(row)
             print(json.dumps(row), flush=True)
         model.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
     print(f"{'model':14}{'budget':>8}{'slots':>7}" + "".join(f"{p:>8}" for p in (*POLICIES, "belady"))
-          + f"{'next: gap closed':>18}")
+          + "   next: gap closed (whole, 1st half, 2nd half)")
     for r in rows:
-        print(f"{r['model']:14}{r['budget']:>8}{r['slots']:>7}" + "".join(f"{r[p]:8.3f}" for p in (*POLICIES, "belady"))
-              + f"{r['gap_closed']['next']:18.2f}")
+        closed = [r[part]["gap_closed"]["next"] for part in PARTS]
+        print(f"{r['model']:14}{r['budget']:>8}{r['slots']:>7}"
+              + "".join(f"{r['whole'][p]:8.3f}" for p in (*POLICIES, "belady"))
+              + "   " + "  ".join("-" if c is None else f"{c:.2f}" for c in closed))
 
 
 if __name__ == "__main__":
