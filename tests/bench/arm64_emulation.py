@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 # fast-math kernels vectorize their reductions by the CPU model's costs)
 CPUS = {"dotprod": ("apple-m1", ""), "portable": ("apple-m1", "-dotprod")}
 PROMPT = "def fibonacci(n):"
-KERNEL_TESTS = ["tests/test_qmatmul.py", "tests/test_arm64_asm.py"]
+# per path: test_arm64_asm reads the IR compiled by llvmlite for apple-m1, the same whatever numba compiles for
+KERNEL_TESTS = {"dotprod": ["tests/test_qmatmul.py", "tests/test_arm64_asm.py"], "portable": ["tests/test_qmatmul.py"]}
 
 
 def missing() -> str | None:
@@ -49,9 +50,9 @@ def missing() -> str | None:
     return None
 
 
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+def run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
     print("$", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, check=True, **kw)
+    return subprocess.run(cmd, check=check, **kw)
 
 
 def pins() -> list[str]:
@@ -92,11 +93,11 @@ def install_tree() -> None:
     run(["chroot", str(ROOT), "/venv/bin/pip", "install", "-q", "--no-deps", "/src"])
 
 
-def in_root(isa: str, *args: str, **kw) -> subprocess.CompletedProcess:
+def in_root(isa: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     cpu, features = CPUS[isa]
     env = ["HOME=/root", f"NUMBA_CPU_NAME={cpu}", f"NUMBA_CPU_FEATURES={features}", f"NUMBA_CACHE_DIR=/root/numba-cache-{isa}",
            "MOE_HOME=/root/moe"]
-    return run(["chroot", str(ROOT), "/usr/bin/env", *env, "sh", "-c", "cd /src && " + " ".join(args)], **kw)
+    return run(["chroot", str(ROOT), "/usr/bin/env", *env, "sh", "-c", "cd /src && " + " ".join(args)], check)
 
 
 def logits(out: str) -> None:
@@ -118,8 +119,9 @@ def compare(name: str, a: dict, b: dict) -> None:
         x, y = a[part], b[part]
         same = np.array_equal(x.view(np.uint32), y.view(np.uint32))
         argmax = np.array_equal(x.argmax(axis=1), y.argmax(axis=1))
-        print(f"{name:32} {part:6} identical {str(same):5}  max |diff| {np.abs(x - y).max():.3g}  "
-              f"greedy tokens agree {argmax}")
+        diff = np.abs(x - y).max()
+        print(f"{name:32} {part:6} identical {str(same):5}  max |diff| {diff:.3g}  "
+              f"relative to max |logit| {diff / np.abs(y).max():.3g}  greedy tokens agree {argmax}")
 
 
 def main() -> int:
@@ -138,8 +140,6 @@ def main() -> int:
         print(f"skipped: {reason}")
         return 0
     install_tree()
-    if not args.no_tests:
-        in_root("dotprod", "/venv/bin/python -m pytest -q -p no:cacheprovider", *KERNEL_TESTS)
     results = {}
     for isa in CPUS:
         in_root(isa, f"/venv/bin/python tests/bench/arm64_emulation.py --logits /tmp/logits-{isa}.npz")
@@ -150,7 +150,13 @@ def main() -> int:
     results["x86"] = dict(np.load(host))
     compare("arm64 dotprod vs arm64 portable", results["arm64 dotprod"], results["arm64 portable"])
     compare("arm64 dotprod vs x86 " + str(results["x86"]["isa"]), results["arm64 dotprod"], results["x86"])
-    return 0
+    if args.no_tests:
+        return 0
+    # after the logits, and each path whatever the other gave: a failing test still leaves every figure
+    failed = [isa for isa in CPUS if in_root(isa, "/venv/bin/python -m pytest -q -p no:cacheprovider",
+                                             *KERNEL_TESTS[isa], check=False).returncode]
+    print("kernel tests under emulation:", f"failed on {', '.join(failed)}" if failed else "passed on both paths")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
