@@ -29,7 +29,7 @@ from numba import njit, prange
 
 from ..runtime.codec import pack_codes
 from ..runtime.kernels import EXACT
-from ..runtime.kernels.bits import bf16_to_f32, f32_bits, weight_to_f32
+from ..runtime.kernels.bits import BF16_BITS, FLOAT, bf16_to_f32, f32_bits, weight_to_f32
 from ..runtime.layout import CHUNK, SUPER, Packed, padded_cols, supers_of
 
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
@@ -196,10 +196,10 @@ def quantize(w: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[Pac
     supers = np.empty((rows, supers_of(cp // group_size)), np.uint16)
     stats = np.zeros((rows, 3), np.float64)
     if dtype == "BF16":
-        _quantize(np.ascontiguousarray(w), 1, group_size, bits, _CANDIDATES[bits], codes, scales, supers, stats)
+        _quantize(np.ascontiguousarray(w), BF16_BITS, group_size, bits, _CANDIDATES[bits], codes, scales, supers, stats)
     else:
         w32 = np.ascontiguousarray(w, dtype=np.float32)
-        _quantize(w32, 0, group_size, bits, _CANDIDATES[bits], codes, scales, supers, stats)
+        _quantize(w32, FLOAT, group_size, bits, _CANDIDATES[bits], codes, scales, supers, stats)
     packed = Packed(f"q{bits}", (rows, cols), codes.view(np.int8) if bits == 8 else pack_codes(codes, bits), scales,
                     group_size, supers)
     err = QuantError(float(stats[:, 0].max(initial=0.0)), float(stats[:, 1].sum()), float(stats[:, 2].sum()))

@@ -231,29 +231,29 @@ class Model:
         ids = self._check(ids)
         T = ids.shape[0]
         pos0 = self.pos
-        B = self._buffers(T)
+        bufs = self._buffers(T)
         eps = self.config.rms_norm_eps
-        embed(self.embed, ids, B.x)
+        embed(self.embed, ids, bufs.x)
         for i, layer in enumerate(self.layers):
-            rmsnorm(B.x3, layer.attn_norm, eps, B.xn3)
-            self._attention(i, layer, B, pos0)
-            np.add(B.x, B.y, out=B.x)
-            rmsnorm(B.x3, layer.ffn_norm, eps, B.xn3)
+            rmsnorm(bufs.x3, layer.attn_norm, eps, bufs.xn3)
+            self._attention(i, layer, bufs, pos0)
+            np.add(bufs.x, bufs.y, out=bufs.x)
+            rmsnorm(bufs.x3, layer.ffn_norm, eps, bufs.xn3)
             if layer.spec.moe:
-                self._moe(i, layer, B)
+                self._moe(i, layer, bufs)
             else:
-                self._mlp(layer.mlp, B.xn, B.y, B)
-            np.add(B.x, B.y, out=B.x)
+                self._mlp(layer.mlp, bufs.xn, bufs.y, bufs)
+            np.add(bufs.x, bufs.y, out=bufs.x)
         self._ids[pos0: pos0 + T] = ids
         self.pos = pos0 + T
         self._tokens += T
         self.experts.end_token(T)
         if last_only:
-            rows, logits = slice(T - 1, T), B.logits
+            rows, logits = slice(T - 1, T), bufs.logits
         else:
             rows, logits = slice(0, T), np.empty((T, self.config.vocab_size), F32)
-        rmsnorm(B.x3[rows], self.norm, eps, B.xn3[rows])
-        linear(self.lm_head, B.xn[rows], logits, self._scratch)
+        rmsnorm(bufs.x3[rows], self.norm, eps, bufs.xn3[rows])
+        linear(self.lm_head, bufs.xn[rows], logits, self._scratch)
         return logits
 
     def generate_tokens(self, ids, **options):
@@ -296,81 +296,81 @@ class Model:
             self._prefill = _Buffers(self.config, T, self._widths)
         return self._prefill
 
-    def _attention(self, i: int, layer: _Layer, B: _Buffers, pos0: int) -> None:
+    def _attention(self, i: int, layer: _Layer, bufs: _Buffers, pos0: int) -> None:
         cfg, spec = self.config, layer.spec
         eps = cfg.rms_norm_eps
-        linear(layer.qkv, B.xn, B.qkv, self._scratch)
+        linear(layer.qkv, bufs.xn, bufs.qkv, self._scratch)
         if layer.qkv_bias is not None:
-            np.add(B.qkv, layer.qkv_bias, out=B.qkv)
+            np.add(bufs.qkv, layer.qkv_bias, out=bufs.qkv)
         if spec.qk_norm == "head":
-            rmsnorm(B.q, layer.q_norm, eps, B.q)
-            rmsnorm(B.k, layer.k_norm, eps, B.k)
+            rmsnorm(bufs.q, layer.q_norm, eps, bufs.q)
+            rmsnorm(bufs.k, layer.k_norm, eps, bufs.k)
         elif spec.qk_norm == "full":
-            rmsnorm(B.q_flat, layer.q_norm, eps, B.q_flat)
-            rmsnorm(B.k_flat, layer.k_norm, eps, B.k_flat)
+            rmsnorm(bufs.q_flat, layer.q_norm, eps, bufs.q_flat)
+            rmsnorm(bufs.k_flat, layer.k_norm, eps, bufs.k_flat)
         if cfg.clip_qkv is not None:
-            np.clip(B.qkv, -cfg.clip_qkv, cfg.clip_qkv, out=B.qkv)
+            np.clip(bufs.qkv, -cfg.clip_qkv, cfg.clip_qkv, out=bufs.qkv)
         if spec.rope:
-            rope.rotate(B.q, pos0, self._cos, self._sin, cfg.rope.interleaved)
-            rope.rotate(B.k, pos0, self._cos, self._sin, cfg.rope.interleaved)
+            rope.rotate(bufs.q, pos0, self._cos, self._sin, cfg.rope.interleaved)
+            rope.rotate(bufs.k, pos0, self._cos, self._sin, cfg.rope.interleaved)
         if spec.qk_norm == "l2":
-            rmsnorm(B.q, self._ones, eps, B.q)
-            rmsnorm(B.k, self._ones, eps, B.k)
+            rmsnorm(bufs.q, self._ones, eps, bufs.q)
+            rmsnorm(bufs.k, self._ones, eps, bufs.k)
         if spec.attn_temperature:
-            temperature(B.q, pos0, cfg.attn_scale, cfg.floor_scale)
-        end = pos0 + B.T
+            temperature(bufs.q, pos0, cfg.attn_scale, cfg.floor_scale)
+        end = pos0 + bufs.T
         k_cache, v_cache = self._k[i], self._v[i]  # (nkv, P, hd)
-        k_cache[:, pos0:end] = B.k.transpose(1, 0, 2)
-        v_cache[:, pos0:end] = B.v.transpose(1, 0, 2)
+        k_cache[:, pos0:end] = bufs.k.transpose(1, 0, 2)
+        v_cache[:, pos0:end] = bufs.v.transpose(1, 0, 2)
         window = spec.window if spec.attention == "sliding" else 0
         chunk = spec.window if spec.attention == "chunked" else 0
         sinks = self._no_sinks if layer.sinks is None else layer.sinks
-        attend(B.q, k_cache, v_cache, pos0, cfg.head_dim**-0.5, window, chunk, sinks, layer.sinks is not None, B.attn)
-        linear(layer.o, B.attn.reshape(B.T, -1), B.y, self._scratch)
+        attend(bufs.q, k_cache, v_cache, pos0, cfg.head_dim**-0.5, window, chunk, sinks, layer.sinks is not None, bufs.attn)
+        linear(layer.o, bufs.attn.reshape(bufs.T, -1), bufs.y, self._scratch)
         if layer.o_bias is not None:
-            np.add(B.y, layer.o_bias, out=B.y)
+            np.add(bufs.y, layer.o_bias, out=bufs.y)
 
-    def _moe(self, i: int, layer: _Layer, B: _Buffers) -> None:
+    def _moe(self, i: int, layer: _Layer, bufs: _Buffers) -> None:
         """Router (f32) and top-k, then each chosen expert once over the tokens routed to it."""
         cfg = self.config
         k = cfg.top_k
-        linear(layer.router, B.xn, B.router, self._scratch)
+        linear(layer.router, bufs.xn, bufs.router, self._scratch)
         if layer.router_bias is not None:
-            np.add(B.router, layer.router_bias, out=B.router)
+            np.add(bufs.router, layer.router_bias, out=bufs.router)
         if cfg.router == "softmax_topk":
-            softmax_topk(B.router, k, cfg.norm_topk_prob, B.idx, B.w)
+            softmax_topk(bufs.router, k, cfg.norm_topk_prob, bufs.idx, bufs.w)
         elif cfg.router == "topk_softmax":
-            topk_softmax(B.router, k, B.idx, B.w)
+            topk_softmax(bufs.router, k, bufs.idx, bufs.w)
         else:
-            sigmoid_topk(B.router, k, B.idx, B.w)
+            sigmoid_topk(bufs.router, k, bufs.idx, bufs.w)
         if self.routing_trace is not None:
-            self.routing_trace.append((i, B.idx.copy(), B.w.copy()))
-        n_active = group_by_expert(B.idx, cfg.num_experts, B.offsets, B.order, B.active, self._uses[i])
-        self.experts.begin_layer(i, B.active[:n_active].tolist())
-        if B.T == 1 and self.experts.wants_prediction and self._next_moe[i] >= 0:
-            self._predict(self._next_moe[i], B)
+            self.routing_trace.append((i, bufs.idx.copy(), bufs.w.copy()))
+        n_active = group_by_expert(bufs.idx, cfg.num_experts, bufs.offsets, bufs.order, bufs.active, self._uses[i])
+        self.experts.begin_layer(i, bufs.active[:n_active].tolist())
+        if bufs.T == 1 and self.experts.wants_prediction and self._next_moe[i] >= 0:
+            self._predict(self._next_moe[i], bufs)
         if layer.shared is not None:
-            self._mlp(layer.shared, B.xn, B.y, B)
+            self._mlp(layer.shared, bufs.xn, bufs.y, bufs)
         else:
-            B.y[:] = 0.0
+            bufs.y[:] = 0.0
         scale_input = cfg.router == "sigmoid_topk"  # Llama 4 weighs the expert's input, the others its output
-        active = B.active[:n_active].tolist()
-        if B.T == 1 and n_active == k:  # decode: the k experts side by side, one pair each
+        active = bufs.active[:n_active].tolist()
+        if bufs.T == 1 and n_active == k:  # decode: the k experts side by side, one pair each
             groups = [(active, 0, k)]
         else:  # each chosen expert once, over the tokens routed to it
-            groups = [([e], int(B.offsets[e]), int(B.offsets[e + 1])) for e in active]
+            groups = [([e], int(bufs.offsets[e]), int(bufs.offsets[e + 1])) for e in active]
         for experts, lo, hi in groups:
-            self._experts_ffn(i, experts, lo, hi, B, scale_input)
+            self._experts_ffn(i, experts, lo, hi, bufs, scale_input)
 
-    def _experts_ffn(self, i: int, experts: list[int], lo: int, hi: int, B: _Buffers, scale_input: bool) -> None:
+    def _experts_ffn(self, i: int, experts: list[int], lo: int, hi: int, bufs: _Buffers, scale_input: bool) -> None:
         """The (token, slot) pairs order[lo:hi] through layer i's `experts`: one expert over all of them, or
-        expert j on pair j (one compiled call per projection for a token's k experts); added into B.y."""
+        expert j on pair j (one compiled call per projection for a token's k experts); added into bufs.y."""
         cfg, n = self.config, hi - lo
         ws = [self.experts.get(i, e) for e in experts]
         rows = [slice(j, j + 1) for j in range(n)] if len(ws) > 1 else [slice(0, n)]  # each expert's, for biases
-        gate_up_buf, act_buf = B.hidden[cfg.expert_intermediate_size]
-        xe, ye, gate_up, act = B.xe[:n], B.ye[:n], gate_up_buf[:n], act_buf[:n]
-        gather(B.xn, B.order, cfg.top_k, lo, hi, B.w, scale_input, xe)
+        gate_up_buf, act_buf = bufs.hidden[cfg.expert_intermediate_size]
+        xe, ye, gate_up, act = bufs.xe[:n], bufs.ye[:n], gate_up_buf[:n], act_buf[:n]
+        gather(bufs.xn, bufs.order, cfg.top_k, lo, hi, bufs.w, scale_input, xe)
         self._project([w.gate_up for w in ws], xe, gate_up)
         if ws[0].gate_up_bias is not None:
             for r, w in zip(rows, ws, strict=True):
@@ -383,7 +383,7 @@ class Model:
         if ws[0].down_bias is not None:
             for r, w in zip(rows, ws, strict=True):
                 np.add(ye[r], w.down_bias, out=ye[r])
-        scatter_add(ye, B.order, cfg.top_k, lo, hi, B.w, not scale_input, B.y)
+        scatter_add(ye, bufs.order, cfg.top_k, lo, hi, bufs.w, not scale_input, bufs.y)
 
     def _project(self, weights: list[Packed], x: np.ndarray, out: np.ndarray) -> None:
         """One weight over every row of x, or weight j on row j."""
@@ -392,20 +392,20 @@ class Model:
         else:
             linear_each(weights, x, out, self._scratch)
 
-    def _predict(self, j: int, B: _Buffers) -> None:
+    def _predict(self, j: int, bufs: _Buffers) -> None:
         """Layer j's router applied to the current hidden state: the experts to read while this layer computes."""
         layer = self.layers[j]
-        rmsnorm(B.x3, layer.ffn_norm, self.config.rms_norm_eps, self._guess_xn.reshape(1, 1, -1))
+        rmsnorm(bufs.x3, layer.ffn_norm, self.config.rms_norm_eps, self._guess_xn.reshape(1, 1, -1))
         linear(layer.router, self._guess_xn, self._guess, self._scratch)
         if layer.router_bias is not None:
             np.add(self._guess, layer.router_bias, out=self._guess)
         k = self.config.top_k
         self.experts.prefetch(j, np.argpartition(-self._guess[0], k - 1)[:k].tolist())
 
-    def _mlp(self, weights: tuple[Packed, Packed], x: np.ndarray, out: np.ndarray, B: _Buffers) -> None:
+    def _mlp(self, weights: tuple[Packed, Packed], x: np.ndarray, out: np.ndarray, bufs: _Buffers) -> None:
         """A SwiGLU MLP (dense layer or shared expert) over all T tokens: out = down(silu(gate x) * up x)."""
         gate_up, down = weights
-        gate_up_buf, act_buf = (h[: x.shape[0]] for h in B.hidden[gate_up.shape[0] // 2])
+        gate_up_buf, act_buf = (h[: x.shape[0]] for h in bufs.hidden[gate_up.shape[0] // 2])
         linear(gate_up, x, gate_up_buf, self._scratch)
         swiglu(gate_up_buf, act_buf)
         linear(down, act_buf, out, self._scratch)

@@ -36,7 +36,7 @@ def routed(model, ids) -> dict[int, tuple[np.ndarray, np.ndarray]]:
 
 
 def trace(model, ids: list[int]) -> dict:
-    """The experts each token chose in each MoE layer, heaviest first (SPEC's `moe trace --json`)."""
+    """The experts each token chose in each MoE layer, heaviest first (the records of `moe trace --json`)."""
     chosen = routed(model, ids)
     tokens = []
     for t, token in enumerate(ids):

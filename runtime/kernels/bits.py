@@ -98,8 +98,12 @@ def f16_to_f32(typingctx, h):
     return sig, codegen
 
 
+# What a stored weight is, for weight_to_f32: a float, or the 16-bit pattern of a bfloat16 or a float16.
+FLOAT, BF16_BITS, F16_BITS = 0, 1, 2
+
+
 def weight_to_f32(v, kind):
-    """One stored weight as float32: a float as is; 16-bit patterns as bfloat16 (kind 1) or float16 (kind 2)."""
+    """One stored weight as float32: a float as is; 16-bit patterns as kind (BF16_BITS or F16_BITS) says."""
 
 
 @overload(weight_to_f32)
@@ -108,7 +112,7 @@ def _weight_to_f32_typed(v, kind):
         return lambda v, kind: np.float32(v)
 
     def bits_to_f32(v, kind):
-        if kind == 1:
+        if kind == BF16_BITS:
             return bf16_to_f32(v)
         return f16_to_f32(v)
 

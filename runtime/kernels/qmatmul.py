@@ -23,7 +23,7 @@ from numba import njit, prange
 from .. import codec
 from ..layout import CHUNK, QUANT_BITS, SUPER, Packed
 from . import EXACT, FLAGS, PARALLEL, simd
-from .bits import bf16_to_f32, u32_as_f32, weight_to_f32
+from .bits import BF16_BITS, F16_BITS, FLOAT, bf16_to_f32, u32_as_f32, weight_to_f32
 
 _QMAX = np.float32(127.0)
 # Whatever quantizes activations compiles without fast-math (EXACT; inlined code takes its caller's
@@ -347,19 +347,19 @@ def _matmul_float(w, x, out, kind):
 @njit(**FLAGS)
 def matmul_f32(w, x, out):
     """w f32 [rows, cols]."""
-    _matmul_float(w, x, out, 0)
+    _matmul_float(w, x, out, FLOAT)
 
 
 @njit(**FLAGS)
 def matmul_bf16(w, x, out):
     """w u16 [rows, cols] (bfloat16 bits)."""
-    _matmul_float(w, x, out, 1)
+    _matmul_float(w, x, out, BF16_BITS)
 
 
 @njit(**FLAGS)
 def matmul_f16(w, x, out):
     """w u16 [rows, cols] (float16 bits)."""
-    _matmul_float(w, x, out, 2)
+    _matmul_float(w, x, out, F16_BITS)
 
 
 class Scratch:
