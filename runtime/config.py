@@ -87,12 +87,14 @@ class ModelConfig:
     norm_topk_prob: bool = True
     router_bias: bool = False
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(shared.gate x) (Qwen2-MoE)
     dense_intermediate_size: int = 0  # dense (non-MoE) layers' MLP width
     activation: str = "silu"  # silu (SwiGLU) | gpt_oss (clamped: (u+1)*g*sigmoid(alpha*g))
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
     expert_bias: bool = False
-    attention_bias: bool = False  # qkv_bias and o_bias present
+    attention_bias: bool = False  # qkv_bias present, and o_bias unless attention_output_bias is False
+    attention_output_bias: bool = True  # Qwen2-MoE biases q, k and v only
     attention_sinks: bool = False
     clip_qkv: float | None = None
     attn_scale: float = 0.1

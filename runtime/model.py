@@ -56,6 +56,7 @@ class _Layer:
     router_bias: np.ndarray | None = None  # (E,)
     shared_gate_up: Packed | None = None  # [2F, H]
     shared_down: Packed | None = None  # [H, F]
+    shared_gate: Packed | None = None  # [1, H]
     mlp_gate_up: Packed | None = None  # dense layer
     mlp_down: Packed | None = None
 
@@ -95,6 +96,7 @@ class _Buffers:
         self.k_flat = _view(self.qkv[:, qd: qd + kvd], (T, 1, kvd))
         self.attn = np.zeros((T, nh, hd), F32)
         self.router = np.zeros((T, E), F32)
+        self.shared_gate = np.zeros((T, 1), F32)
         self.idx = np.zeros((T, k), np.int64)
         self.w = np.zeros((T, k), F32)
         self.offsets = np.zeros(E + 1, np.int64)
@@ -351,6 +353,9 @@ class Model:
             self._predict(self._next_moe[i], bufs)
         if layer.shared is not None:
             self._mlp(layer.shared, bufs.xn, bufs.y, bufs)
+            if layer.shared_gate is not None:
+                linear(layer.shared_gate, bufs.xn, bufs.shared_gate, self._scratch)
+                bufs.y *= 1.0 / (1.0 + np.exp(-bufs.shared_gate))
         else:
             bufs.y[:] = 0.0
         scale_input = cfg.router == "sigmoid_topk"  # Llama 4 weighs the expert's input, the others its output

@@ -73,7 +73,8 @@ LAYER = {t.short: t for t in (
     Tensor("attn.qkv_bias", BIASES, "attention", lambda c, s: (c.q_dim + 2 * c.kv_dim,),
            lambda c, s: c.attention_bias),
     Tensor("attn.o", ATTENTION_OUTPUT, "attention", lambda c, s: (c.hidden_size, c.q_dim)),
-    Tensor("attn.o_bias", BIASES, "attention", lambda c, s: (c.hidden_size,), lambda c, s: c.attention_bias),
+    Tensor("attn.o_bias", BIASES, "attention", lambda c, s: (c.hidden_size,),
+           lambda c, s: c.attention_bias and c.attention_output_bias),
     # per head ([hd]) or over the whole projection ([q] and [kv])
     Tensor("attn.q_norm", NORMS, "attention", _qk_norm_width(lambda c: c.q_dim),
            lambda c, s: s.qk_norm in ("head", "full")),
@@ -87,6 +88,9 @@ LAYER = {t.short: t for t in (
            lambda c, s: (2 * c.shared_expert_intermediate_size, c.hidden_size), _shared),
     Tensor("shared.down", SHARED_EXPERT, "other",
            lambda c, s: (c.hidden_size, c.shared_expert_intermediate_size), _shared),
+    # one row: a token's shared-expert output is scaled by sigmoid(its dot product with x); exact, as routers are
+    Tensor("shared.gate", ROUTER, "routers", lambda c, s: (1, c.hidden_size),
+           lambda c, s: _shared(c, s) and c.shared_expert_gate),
     Tensor("mlp.gate_up", DENSE_MLP, "other", lambda c, s: (2 * c.dense_intermediate_size, c.hidden_size),
            lambda c, s: not s.moe),
     Tensor("mlp.down", DENSE_MLP, "other", lambda c, s: (c.hidden_size, c.dense_intermediate_size),

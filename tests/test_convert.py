@@ -12,9 +12,7 @@ from moe.runtime.codec import dequantize
 from moe.runtime.layout import open_layout, verify
 from safetensors.torch import load_file
 from test_convert_quant import assert_nearest_values
-from tiny import make_checkpoint
-
-ARCHS = ["mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss"]
+from tiny import ARCHS, make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +59,8 @@ def reference(name_of_arch, sd, name):
         key = {"mixtral": p + "block_sparse_moe.gate.weight", "gpt_oss": ff + "router.weight",
                "llama4": ff + "router.weight"}.get(name_of_arch.removesuffix("_multimodal"), ff + "gate.weight")
         return sd[key.replace("weight", "bias") if rest == "router_bias" else key]
+    if rest == "shared.gate":
+        return sd[ff + "shared_expert_gate.weight"]
     if parts[2] in ("shared", "mlp"):
         q = ff + ("shared_expert." if parts[2] == "shared" else "")
         if parts[3] == "gate_up":
@@ -70,7 +70,7 @@ def reference(name_of_arch, sd, name):
     if name_of_arch == "mixtral":
         e = f"{p}block_sparse_moe.experts.{j}."
         return torch.cat([sd[e + "w1.weight"], sd[e + "w3.weight"]]) if what == "gate_up" else sd[e + "w2.weight"]
-    if name_of_arch in ("qwen3_moe", "olmoe"):
+    if name_of_arch in ("qwen3_moe", "olmoe", "qwen2_moe"):
         e = f"{ff}experts.{j}."
         if what == "gate_up":
             return torch.cat([sd[e + "gate_proj.weight"], sd[e + "up_proj.weight"]])

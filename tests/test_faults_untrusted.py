@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from moe.cli import main
 from moe.convert import convert
-from moe.convert.tokenizer_facts import TOKENIZER_FILES
 from moe.convert.demo import DEMO_SOURCE
+from moe.convert.tokenizer_facts import TOKENIZER_FILES
 from moe.runtime.errors import MoeError
 from moe.runtime.home import default_output, models_dir
 from moe.runtime.layout import EXPERTS_FILE, MANIFEST, MODEL_FILE, read_manifest

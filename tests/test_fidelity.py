@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from moe.convert import convert
 from moe.runtime import load_model
-from tiny import make_checkpoint
+from tiny import MODELS, make_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "gpt_oss")
+ARCHS = MODELS
 PROMPT = 21
 NEW_TOKENS = 12
 

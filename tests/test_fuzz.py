@@ -26,18 +26,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moe.convert import convert
 from moe.convert import converter as converter_module
-from moe.convert.tokenizer_facts import tokenizer_info
 from moe.convert.demo import DEMO_SOURCE
 from moe.convert.safetensors_io import READABLE, Checkpoint, SafetensorsFile
+from moe.convert.tokenizer_facts import tokenizer_info
 from moe.runtime.errors import MoeError
 from moe.runtime.layout import EXPERTS_FILE, MANIFEST, MODEL_FILE, read_manifest, verify
 from moe.runtime.model import load_model
 from moe.runtime.tokenizer import Tokenizer, render_chat_template
-from tiny import make_checkpoint
+from tiny import ARCHS, make_checkpoint
 
 EXAMPLES = int(os.environ.get("MOE_FUZZ_EXAMPLES", "80"))
 SECONDS = float(os.environ.get("MOE_FUZZ_SECONDS", "120"))  # one input taking longer than this is a hang
-ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss")
 fuzz = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 OUTCOMES: dict[str, Counter] = {}

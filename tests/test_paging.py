@@ -15,9 +15,9 @@ from moe.runtime.cache_policy import NextUse
 from moe.runtime.errors import MoeError
 from moe.runtime.model import load_model
 from moe.runtime.paging import POLICIES, PagedExperts, min_budget, slot_bytes
-from tiny import make_checkpoint
+from tiny import MODELS, make_checkpoint
 
-ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "gpt_oss")
+ARCHS = MODELS
 IDS = np.random.default_rng(0).integers(4, 4096, 24)
 
 

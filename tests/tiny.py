@@ -20,7 +20,8 @@ import numpy as np
 from moe.convert.demo import DEMO_SOURCE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss")
+ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss", "qwen2_moe")
+MODELS = tuple(a for a in ARCHS if a != "llama4_multimodal")  # one per architecture: llama4 is llama4_multimodal's
 
 _COMMON = dict(
     vocab_size=4096, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
@@ -41,6 +42,11 @@ _CONFIGS = {
                    attn_temperature_tuning=True, use_qk_norm=True,
                    rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # layers: 0 MoE with a shared expert and its gate, 1 dense, 2 MoE
+    "qwen2_moe": dict(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=40,
+                      shared_expert_intermediate_size=48, intermediate_size=96, mlp_only_layers=[1],
+                      decoder_sparse_step=1, norm_topk_prob=False, qkv_bias=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
     "gpt_oss": dict(num_hidden_layers=3, head_dim=24, num_local_experts=4, num_experts_per_tok=2,
                     intermediate_size=40, sliding_window=8, max_position_embeddings=131072,
                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
@@ -52,6 +58,7 @@ _CLASSES = {  # arch -> (config class, model class) names in transformers
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM"),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
 }
 FP4_VALUES = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0.0, -.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
 

@@ -157,8 +157,9 @@ def attention(cfg: ModelConfig, i: int, p: str) -> list[Out]:
     out = [tensor(cfg, i, "attn.qkv", *(Src(f"{p}{x}_proj.weight") for x in "qkv")),
            tensor(cfg, i, "attn.o", Src(f"{p}o_proj.weight"))]
     if tensors.LAYER["attn.qkv_bias"].present(cfg, spec):
-        out += [tensor(cfg, i, "attn.qkv_bias", *(Src(f"{p}{x}_proj.bias") for x in "qkv")),
-                tensor(cfg, i, "attn.o_bias", Src(f"{p}o_proj.bias"))]
+        out.append(tensor(cfg, i, "attn.qkv_bias", *(Src(f"{p}{x}_proj.bias") for x in "qkv")))
+    if tensors.LAYER["attn.o_bias"].present(cfg, spec):
+        out.append(tensor(cfg, i, "attn.o_bias", Src(f"{p}o_proj.bias")))
     if tensors.LAYER["attn.q_norm"].present(cfg, spec):
         out += [tensor(cfg, i, "attn.q_norm", Src(f"{p}q_norm.weight")),
                 tensor(cfg, i, "attn.k_norm", Src(f"{p}k_norm.weight"))]
