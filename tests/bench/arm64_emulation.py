@@ -78,6 +78,14 @@ def setup() -> None:
         run(["chroot", str(ROOT), "/usr/bin/python3", "-m", "venv", "/venv"])
 
 
+def mount_kernel_filesystems() -> None:
+    """/proc and /sys in the root: psutil reads available memory from /proc/meminfo, the budget cgroup limits
+    from /sys/fs/cgroup (mounts do not outlive a reboot, so this is done on every run, not by --setup)."""
+    for kind, where in (("proc", "proc"), ("sysfs", "sys")):
+        if not os.path.ismount(ROOT / where):
+            run(["mount", "-t", kind, kind, str(ROOT / where)])
+
+
 def install_tree() -> None:
     """This working tree (tracked and new files) into the root at /src, installed into its venv."""
     src = ROOT / "src"
@@ -139,6 +147,7 @@ def main() -> int:
     if reason:
         print(f"skipped: {reason}")
         return 0
+    mount_kernel_filesystems()
     install_tree()
     results = {}
     for isa in CPUS:
