@@ -7,24 +7,18 @@ at that next visit, comes from the routing seen so far: how often a token's succ
 layer after the experts the layer chose at its last visit (counts of consecutive tokens), smoothed
 toward q, its decayed share of recent tokens; later visits choose it with chance q each. A slot's
 worth is its expected hits per step of waiting for them, p / d + q * sum over the HORIZON visits after
-of 1 / (d + jL): the lowest goes (ties: the least recently used).
-
-On the trained models' routing (tests/bench/policy.py, 4096 tokens, a pool of 25 % of the experts) this
-takes 0.20-0.22 of the way from `freq` to Belady where ranking by expected wait (d + L (1 - p) / q) took
-0.10-0.20; the constants were chosen on the first half of the text and hold on the second. What did not pay:
-an online logistic mix of recency, three decayed counts and p, for the next visit and the next 4-16
-(within ±0.01); ranking by the chance of use within a fixed horizon (-0.01 to -0.1). Even the true
-next-visit choice in place of p closes only 0.41-0.85 of the gap: the rest is routing further ahead.
+of 1 / (d + jL): the lowest goes (ties: the least recently used). Why this rule and these constants, measured
+on the trained models' routing: tests/bench/README.md.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-DECAY = 0.9  # per token, of the use counts behind q: 0.8 and 0.95 both did worse on every model's first half
+DECAY = 0.9  # per token, of the use counts behind q
 PRIOR = 1.0  # weight, in tokens seen, of q in p: the counts of a rarely seen predecessor fall back to q
 SMOOTH = 0.1  # a count every expert starts with, so one never seen has q = top_k / E, not 0
-HORIZON = 4  # later visits counted in a slot's worth: 2 to 4 measured alike, 0 (p / d + q / (d + L)) a little worse
+HORIZON = 4  # later visits counted in a slot's worth
 
 
 class NextUse:
@@ -65,12 +59,7 @@ class NextUse:
         """Index into keys ((n, 2): layer, expert per candidate slot) of the one to evict."""
         n_layers = len(self.last)
         layers, experts = keys[:, 0], keys[:, 1]
-        now = self.layer
-        # The layer observed last keeps its chosen experts until it is done: when one is offered, the next
-        # layer's router has run and its misses are being placed before paging reports its choice.
-        if self.last[now] is not None and np.isin(experts[layers == now], self.last[now]).any():
-            now = (now + 1) % n_layers
-        distance = (layers - now - 1) % n_layers + 1  # (n,) layer steps to the next visit
+        distance = (layers - self.layer - 1) % n_layers + 1  # (n,) layer steps to the next visit
         q = self.share()[layers, experts]
         later = sum(1.0 / (distance + j * n_layers) for j in range(1, HORIZON + 1))
         worth = self.p[layers, experts] / distance + q * later  # expected hits per step

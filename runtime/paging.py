@@ -127,6 +127,10 @@ class PagedExperts(ExpertStore):
             self.predicted[layer] += len(guess)
             self.predicted_right[layer] += len(guess & chosen)
         with self._lock:
+            # the policy learns this layer's choice before it picks the slots this layer's misses go to
+            self.freq[layer, list(chosen)] += 1.0
+            if self._next is not None:
+                self._next.observe(layer, list(chosen))
             self._protected = {int(self.slot_of[layer, e]) for e in chosen if self.slot_of[layer, e] >= 0}
             missing = [e for e in experts if self.slot_of[layer, e] < 0]
             if len(missing) > 1 and len(chosen) <= self.n_slots - len(self.pinned):
@@ -138,9 +142,6 @@ class PagedExperts(ExpertStore):
                     self.queued[slot] = True
                     self._protected.add(slot)
                     self._loads[slot] = self._readers.submit(self._fill, slot, layer, e)
-            self.freq[layer, list(chosen)] += 1.0
-            if self._next is not None:
-                self._next.observe(layer, list(chosen))
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         """The expert's weights in its slot, read from disk on a miss; valid until the next get()."""

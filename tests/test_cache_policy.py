@@ -89,17 +89,3 @@ def test_victim_is_always_one_of_the_candidates():
         n = int(rng.integers(1, 6))
         keys = np.stack([rng.integers(0, N_LAYERS, n), rng.integers(0, N_EXPERTS, n)], axis=1)
         assert 0 <= policy.victim(keys, rng.permutation(n)) < n
-
-
-def test_a_layers_misses_placed_before_its_choice_is_reported():
-    """paging places a layer's misses before it reports that layer's choice. The experts the previous layer
-    chose, once offered for eviction, say it is done: the new layer's unchosen experts are then needed last."""
-    policy = NextUse(N_LAYERS, N_EXPERTS, TOP_K)
-    for _ in range(20):
-        for layer in range(N_LAYERS):
-            policy.observe(layer, [0, 1])
-        policy.end_token()
-    policy.observe(0, [0, 1])
-    unchosen = np.array([[1, 5], [2, 5]])
-    assert policy.victim(unchosen, np.zeros(2)) == 1  # layer 0 computing: layer 2 comes back last
-    assert policy.victim(np.vstack([unchosen, [0, 1]]), np.zeros(3)) == 0  # layer 1 starting: its own comes back last
