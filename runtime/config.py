@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import MoeError
 
-ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_topk")
+ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_group_topk")
 ACTIVATIONS = ("silu", "gpt_oss")
 ATTENTIONS = ("full", "sliding", "chunked")
 QK_NORMS = ("none", "head", "full", "l2")
@@ -36,11 +36,14 @@ class Rope:
     truncate: bool = True
     mscale: float | None = None
     mscale_all_dim: float | None = None
+    partial_rotary_factor: float = 1.0  # GLM-4.5 rotates only each head's first hd * this dims (0.5)
 
     def problem(self) -> str | None:
         """What makes the frequency formulas (moe.runtime.kernels.rope) divide by zero or take a bad log."""
         if self.kind not in ROPE_KINDS:
             return f"rope kind {self.kind!r} is not one of {', '.join(ROPE_KINDS)}"
+        if not 0 < self.partial_rotary_factor <= 1:
+            return f"partial_rotary_factor must be in (0, 1], not {self.partial_rotary_factor!r}"
         if not self.theta > 1:
             return f"rope theta must be above 1, not {self.theta!r}"
         if self.kind == "llama3" and not (self.factor > 0 and self.low_freq_factor > 0 and self.high_freq_factor > 0
@@ -82,9 +85,15 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     # router: softmax_topk (softmax over E, then top-k; renormalize if norm_topk_prob),
     # topk_softmax (gpt-oss: top-k of logits + bias, softmax over the k),
-    # sigmoid_topk (Llama 4: sigmoid of the top-k logits scales the expert *input*)
+    # sigmoid_topk (Llama 4: sigmoid of the top-k logits scales the expert *input*),
+    # sigmoid_group_topk (GLM-4.5, DeepSeek-V3: sigmoid scores plus `router_correction` choose, within the
+    # topk_group best of n_group expert groups, the top-k; their uncorrected scores, renormalized if norm_topk_prob,
+    # times routed_scaling_factor, are the weights)
     router: str = "softmax_topk"
     norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
     router_bias: bool = False
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(shared.gate x) (Qwen2-MoE)
@@ -143,6 +152,8 @@ class ModelConfig:
             return f"num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads ({self.num_kv_heads})"
         if self.head_dim % 2:
             return f"head_dim ({self.head_dim}) must be even for rotary embeddings"
+        if self.rotary_dim % 2 or self.rotary_dim == 0:
+            return f"the rotated part of a head ({self.rotary_dim} of {self.head_dim} dims) must be even and not empty"
         if len(self.layers) != self.num_layers:
             return f"{len(self.layers)} layer specs for {self.num_layers} layers"
         if any(layer.moe for layer in self.layers) and self.expert_intermediate_size <= 0:
@@ -160,7 +171,23 @@ class ModelConfig:
                 return f"layer {i}: attention {layer.attention!r} or qk_norm {layer.qk_norm!r} is unknown"
             if layer.window < 0 or (layer.attention != "full" and layer.window == 0):
                 return f"layer {i}: {layer.attention} attention needs a positive window, not {layer.window}"
-        return self.rope.problem()
+        return self._group_problem() or self.rope.problem()
+
+    def _group_problem(self) -> str | None:
+        """Group-limited routing needs groups of at least 2 experts (each is scored by its best two) that hold k."""
+        if self.router != "sigmoid_group_topk":
+            return None
+        E, groups, kept = self.num_experts, self.n_group, self.topk_group
+        if groups <= 0 or E % groups or E // groups < 2:
+            return f"{E} experts do not split into n_group {groups} groups of at least 2"
+        if not 0 < kept <= groups or self.top_k > kept * (E // groups):
+            return f"topk_group {kept} of {groups} groups must be positive and hold the {self.top_k} experts per token"
+        return None
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's leading dims RoPE rotates."""
+        return int(self.head_dim * self.rope.partial_rotary_factor)
 
     @property
     def q_dim(self) -> int:

@@ -28,7 +28,7 @@ from .kernels.embed import embed
 from .kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from .kernels.norms import rmsnorm
 from .kernels.qmatmul import Scratch, linear, linear_each
-from .kernels.routing import group_by_expert, sigmoid_topk, softmax_topk, topk_softmax
+from .kernels.routing import group_by_expert, sigmoid_group_topk, sigmoid_topk, softmax_topk, topk_softmax
 from .layout import MANIFEST, Layout, Packed, open_layout
 from .machine import peak_rss, use_threads
 from .paging import PagedExperts
@@ -54,6 +54,7 @@ class _Layer:
     sinks: np.ndarray | None = None  # (nh,)
     router: Packed | None = None  # [E, H] in the source's encoding (exact)
     router_bias: np.ndarray | None = None  # (E,)
+    router_correction: np.ndarray | None = None  # (E,)
     shared_gate_up: Packed | None = None  # [2F, H]
     shared_down: Packed | None = None  # [H, F]
     shared_gate: Packed | None = None  # [1, H]
@@ -152,8 +153,8 @@ class Model:
         self.lm_head = layout.packed("lm_head") if layout.has("lm_head") else self.embed
         self.norm = layout.packed("norm").codes
         self.layers = [_Layer.load(layout, i, spec) for i, spec in enumerate(cfg.layers)]
-        freq, attention_factor = rope.inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-        self._cos, self._sin = rope.tables(freq, attention_factor, max_context)  # (P, hd/2)
+        freq, attention_factor = rope.inv_freq(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings)
+        self._cos, self._sin = rope.tables(freq, attention_factor, max_context)  # (P, rotary_dim/2)
         kv_shape = (cfg.num_layers, cfg.num_kv_heads, max_context, cfg.head_dim)
         self._k = _lazy_zeros(kv_shape)  # pages are committed only as positions fill
         self._v = _lazy_zeros(kv_shape)
@@ -343,6 +344,9 @@ class Model:
             softmax_topk(bufs.router, k, cfg.norm_topk_prob, bufs.idx, bufs.w)
         elif cfg.router == "topk_softmax":
             topk_softmax(bufs.router, k, bufs.idx, bufs.w)
+        elif cfg.router == "sigmoid_group_topk":
+            sigmoid_group_topk(bufs.router, layer.router_correction, k, cfg.n_group, cfg.topk_group,
+                               cfg.norm_topk_prob, cfg.routed_scaling_factor, bufs.idx, bufs.w)
         else:
             sigmoid_topk(bufs.router, k, bufs.idx, bufs.w)
         if self.routing_trace is not None:
@@ -404,6 +408,8 @@ class Model:
         linear(layer.router, self._guess_xn, self._guess, self._scratch)
         if layer.router_bias is not None:
             np.add(self._guess, layer.router_bias, out=self._guess)
+        if layer.router_correction is not None:  # sigmoid_group_topk chooses by score + correction
+            self._guess[:] = 1.0 / (1.0 + np.exp(-self._guess)) + layer.router_correction
         k = self.config.top_k
         self.experts.prefetch(j, np.argpartition(-self._guess[0], k - 1)[:k].tolist())
 

@@ -83,6 +83,9 @@ LAYER = {t.short: t for t in (
     Tensor("attn.sinks", BIASES, "attention", lambda c, s: (c.num_heads,), lambda c, s: c.attention_sinks),
     Tensor("router", ROUTER, "routers", lambda c, s: (c.num_experts, c.hidden_size), _moe),
     Tensor("router_bias", BIASES, "routers", lambda c, s: (c.num_experts,), lambda c, s: s.moe and c.router_bias),
+    # added to the sigmoid scores only to choose the experts (sigmoid_group_topk), f32 as in the source
+    Tensor("router_correction", BIASES, "routers", lambda c, s: (c.num_experts,),
+           lambda c, s: s.moe and c.router == "sigmoid_group_topk"),
     # a SwiGLU MLP's gate_up holds F gate rows, then F up rows
     Tensor("shared.gate_up", SHARED_EXPERT, "other",
            lambda c, s: (2 * c.shared_expert_intermediate_size, c.hidden_size), _shared),

@@ -59,10 +59,13 @@ def reference(name_of_arch, sd, name):
         key = {"mixtral": p + "block_sparse_moe.gate.weight", "gpt_oss": ff + "router.weight",
                "llama4": ff + "router.weight"}.get(name_of_arch.removesuffix("_multimodal"), ff + "gate.weight")
         return sd[key.replace("weight", "bias") if rest == "router_bias" else key]
+    if rest == "router_correction":
+        return sd[ff + "gate.e_score_correction_bias"]
     if rest == "shared.gate":
         return sd[ff + "shared_expert_gate.weight"]
     if parts[2] in ("shared", "mlp"):
-        q = ff + ("shared_expert." if parts[2] == "shared" else "")
+        shared = "shared_experts." if name_of_arch == "glm4_moe" else "shared_expert."
+        q = ff + (shared if parts[2] == "shared" else "")
         if parts[3] == "gate_up":
             return torch.cat([sd[q + "gate_proj.weight"], sd[q + "up_proj.weight"]])
         return sd[q + "down_proj.weight"]
@@ -70,7 +73,7 @@ def reference(name_of_arch, sd, name):
     if name_of_arch == "mixtral":
         e = f"{p}block_sparse_moe.experts.{j}."
         return torch.cat([sd[e + "w1.weight"], sd[e + "w3.weight"]]) if what == "gate_up" else sd[e + "w2.weight"]
-    if name_of_arch in ("qwen3_moe", "olmoe", "qwen2_moe"):
+    if name_of_arch in ("qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe"):
         e = f"{ff}experts.{j}."
         if what == "gate_up":
             return torch.cat([sd[e + "gate_proj.weight"], sd[e + "up_proj.weight"]])

@@ -13,7 +13,13 @@ from moe.runtime.kernels.embed import embed
 from moe.runtime.kernels.expf import exp32
 from moe.runtime.kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from moe.runtime.kernels.norms import rmsnorm
-from moe.runtime.kernels.routing import group_by_expert, sigmoid_topk, softmax_topk, topk_softmax
+from moe.runtime.kernels.routing import (
+    group_by_expert,
+    sigmoid_group_topk,
+    sigmoid_topk,
+    softmax_topk,
+    topk_softmax,
+)
 from moe.runtime.layout import QUANT_BITS, Packed
 from numba import njit
 
@@ -101,13 +107,16 @@ def test_rope_frequencies_match_transformers(params, ours, hd):
 
 
 def naive_rotate(x, pos0, cos, sin, interleaved):
-    T, n, hd = x.shape
+    """The first rd = 2 * cos.shape[1] dims of each head rotated, the rest unchanged."""
+    T = x.shape[0]
+    rd = 2 * cos.shape[1]
     c, s = cos[pos0: pos0 + T, None, :], sin[pos0: pos0 + T, None, :]
+    head, rest = x[..., :rd], x[..., rd:]
     if interleaved:
-        z = (x[..., 0::2] + 1j * x[..., 1::2]) * (c + 1j * s)
-        return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
-    a, b = x[..., : hd // 2], x[..., hd // 2:]
-    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+        z = (head[..., 0::2] + 1j * head[..., 1::2]) * (c + 1j * s)
+        return np.concatenate([np.stack([z.real, z.imag], axis=-1).reshape(head.shape), rest], axis=-1)
+    a, b = head[..., : rd // 2], head[..., rd // 2:]
+    return np.concatenate([a * c - b * s, b * c + a * s, rest], axis=-1)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -117,6 +126,16 @@ def test_rotate(interleaved):
     want = naive_rotate(x, 7, cos, sin, interleaved)
     rope.rotate(x, 7, cos, sin, interleaved)
     np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-6)
+
+
+def test_rotate_partial():
+    """GLM-4.5: tables for 8 of 16 dims rotate those (in halves of 4), the last 8 pass unchanged."""
+    cos, sin = rope.tables(*rope.inv_freq(Rope("default", 1e4), 8, 4096), 40)
+    x = np.random.default_rng(1).standard_normal((6, 3, 16)).astype(np.float32)
+    want = naive_rotate(x, 7, cos, sin, False)
+    rope.rotate(x, 7, cos, sin, False)
+    np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(x[..., 8:], want[..., 8:])
 
 
 def test_tables_scale_by_attention_factor():
@@ -216,6 +235,38 @@ def test_sigmoid_topk():
     sigmoid_topk(logits, 1, idx, w)
     np.testing.assert_array_equal(idx, want_idx)
     np.testing.assert_allclose(w, 1 / (1 + np.exp(-np.take_along_axis(logits, want_idx, 1))), rtol=1e-6)
+
+
+def naive_sigmoid_group_topk(logits, correction, k, n_group, topk_group, renormalize, scale):
+    """transformers' Glm4MoeTopkRouter after its linear layer, in numpy."""
+    T, E = logits.shape
+    scores = (1 / (1 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+    choice = scores + correction
+    groups = np.sort(choice.reshape(T, n_group, -1), axis=-1)[..., -2:].sum(-1)  # (T, n_group)
+    kept = naive_topk(groups, topk_group)
+    masked = np.full_like(choice, -np.inf).reshape(T, n_group, -1)
+    for t in range(T):
+        masked[t, kept[t]] = choice.reshape(T, n_group, -1)[t, kept[t]]
+    idx = naive_topk(masked.reshape(T, E), k)
+    w = np.take_along_axis(scores, idx, 1)
+    if renormalize:
+        w = w / (w.sum(1, keepdims=True) + 1e-20)
+    return idx, w * np.float32(scale)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2), (8, 3)])
+def test_sigmoid_group_topk(renormalize, n_group, topk_group):
+    own = np.random.default_rng(2)  # not the module's generator, whose draws the later tests are tuned to
+    logits = (2.0 * own.standard_normal((9, 16))).astype(np.float32)
+    correction = (0.3 * own.standard_normal(16)).astype(np.float32)
+    want_idx, want_w = naive_sigmoid_group_topk(logits, correction, 4, n_group, topk_group, renormalize, 2.5)
+    idx, w = np.zeros((9, 4), np.int64), np.zeros((9, 4), np.float32)
+    sigmoid_group_topk(logits, correction, 4, n_group, topk_group, renormalize, 2.5, idx, w)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(w, want_w, rtol=1e-6)
+    if n_group > 1:  # only the kept groups' experts
+        assert all(len({e // (16 // n_group) for e in row}) <= topk_group for row in idx)
 
 
 def test_group_by_expert():

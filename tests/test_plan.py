@@ -35,10 +35,12 @@ def checkpoints(tmp_path_factory):
         "gpt_oss": make_checkpoint("gpt_oss", root / "gptoss", mxfp4=True, hidden_size=64, intermediate_size=64),
         "llama4_multimodal": make_checkpoint("llama4_multimodal", root / "llama4mm"),
         "mixtral": make_checkpoint("mixtral", root / "mix", dtype="f16"),
+        "glm4_moe": make_checkpoint("glm4_moe", root / "glm"),
     }
 
 
-@pytest.mark.parametrize("arch,bits", [("qwen3_moe", 4), ("gpt_oss", 4), ("llama4_multimodal", 8), ("mixtral", 16)])
+@pytest.mark.parametrize("arch,bits", [("qwen3_moe", 4), ("gpt_oss", 4), ("llama4_multimodal", 8), ("mixtral", 16),
+                                       ("glm4_moe", 4)])
 def test_figures_equal_the_converted_model(checkpoints, tmp_path, arch, bits):
     src = checkpoints[arch]
     hf, headers = plan.read_source(str(src))
@@ -267,7 +269,7 @@ def test_prediction_adds_up(checkpoints):
         speed.predict(fig, RATES, MINI, fig["min_budget_bytes"] - 1)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "llama4_multimodal"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "llama4_multimodal", "glm4_moe"])
 def test_miniature_runs(checkpoints, tmp_path, arch):
     """The miniature keeps layers, experts and top-k, shrinks every width, and decodes."""
     hf = json.loads((checkpoints[arch] / "config.json").read_text())

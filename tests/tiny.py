@@ -20,7 +20,7 @@ import numpy as np
 from moe.convert.demo import DEMO_SOURCE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss", "qwen2_moe")
+ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss", "qwen2_moe", "glm4_moe")
 MODELS = tuple(a for a in ARCHS if a != "llama4_multimodal")  # one per architecture: llama4 is llama4_multimodal's
 
 _COMMON = dict(
@@ -47,6 +47,13 @@ _CONFIGS = {
                       shared_expert_intermediate_size=48, intermediate_size=96, mlp_only_layers=[1],
                       decoder_sparse_step=1, norm_topk_prob=False, qkv_bias=True,
                       rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    # layers: 0 dense, 1-2 MoE (4 groups of 2 experts, the best 2 groups kept, 3 experts per token, scaled 2.5) with
+    # two shared experts; q/k norms; RoPE on half of each head (12 of 24 dims)
+    "glm4_moe": dict(num_hidden_layers=3, head_dim=24, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
+                     topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=2,
+                     moe_intermediate_size=40, intermediate_size=96, first_k_dense_replace=1, attention_bias=True,
+                     use_qk_norm=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}),
     "gpt_oss": dict(num_hidden_layers=3, head_dim=24, num_local_experts=4, num_experts_per_tok=2,
                     intermediate_size=40, sliding_window=8, max_position_embeddings=131072,
                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
@@ -59,6 +66,7 @@ _CLASSES = {  # arch -> (config class, model class) names in transformers
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM"),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
 }
 FP4_VALUES = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0.0, -.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
 
@@ -112,6 +120,9 @@ def _randomize(model, seed: int) -> None:
                 p.copy_(3.0 * r / math.sqrt(p.shape[1]))
             else:
                 p.copy_(r / math.sqrt(p.shape[1]))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # GLM's router correction: a buffer, zeros at init
+                b.copy_(0.2 * torch.randn(b.shape, generator=g))
 
 
 def _mxfp4_fits(config) -> bool:
@@ -182,6 +193,8 @@ def make_checkpoint(arch: str, folder, *, dtype: str = "bf16", shards: int = 1, 
         }
     if arch == "llama4_multimodal":
         tensors, config = _multimodal(tensors, config, torch_dtype)
+    if arch == "glm4_moe":
+        tensors.update(_mtp_layer(config, torch_dtype))
     if config_style == "legacy":
         config = _legacy(config)
     elif config_style != "v5":
@@ -259,6 +272,18 @@ def _multimodal(tensors: dict, text_config: dict, torch_dtype) -> tuple[dict, di
     return out, config
 
 
+def _mtp_layer(config: dict, torch_dtype) -> dict:
+    """The Hub's multi-token prediction layer after GLM's last (layer 46 of GLM-4.5-Air), which transformers ignores:
+    a few of its tensors, enough to be recognized."""
+    import torch
+
+    H, p = config["hidden_size"], f"model.layers.{config['num_hidden_layers']}."
+    g = torch.Generator().manual_seed(2)
+    shapes = {"eh_proj.weight": (H, 2 * H), "enorm.weight": (H,), "hnorm.weight": (H,),
+              "shared_head.norm.weight": (H,), "input_layernorm.weight": (H,)}
+    return {p + name: torch.randn(shape, generator=g).to(torch_dtype) for name, shape in shapes.items()}
+
+
 def _legacy(config: dict) -> dict:
     """Rewrite a transformers-5 config the way older Hub repos have it."""
     if "text_config" in config:
@@ -266,6 +291,8 @@ def _legacy(config: dict) -> dict:
     config = dict(config)
     rope = dict(config.pop("rope_parameters"))
     config["rope_theta"] = rope.pop("rope_theta")
+    if "partial_rotary_factor" in rope:  # GLM-4.5's Hub configs keep it at the top level
+        config["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
     config["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
     if config["model_type"] == "qwen3_moe":
         config["num_experts"] = config.pop("num_local_experts")

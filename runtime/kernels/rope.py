@@ -17,7 +17,8 @@ from . import FLAGS
 
 
 def inv_freq(rope: Rope, head_dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
-    """(inverse frequencies f32 [hd/2], attention factor) for rope.kind default | llama3 | yarn."""
+    """(inverse frequencies f32 [hd/2], attention factor) for rope.kind default | llama3 | yarn; head_dim is the
+    rotated width (ModelConfig.rotary_dim), as transformers' formulas take it."""
     dim = head_dim
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     base = np.float32(rope.theta) ** exponents  # (hd/2,) f32
@@ -85,9 +86,10 @@ def tables(freq: np.ndarray, attention_factor: float, positions: int) -> tuple[n
 
 @njit(**FLAGS)
 def rotate(x, pos0, cos, sin, interleaved):
-    """Rotate x (T, n, hd) in place; token t sits at position pos0 + t; cos/sin (P, hd/2)."""
+    """Rotate x (T, n, hd) in place; token t sits at position pos0 + t; cos/sin (P, rd/2) rotate each head's
+    first rd dims (partial RoPE: rd < hd), the rest pass unchanged."""
     T, n, hd = x.shape
-    half = hd // 2
+    half = cos.shape[1]
     for t in range(T):
         c = cos[pos0 + t]
         s = sin[pos0 + t]

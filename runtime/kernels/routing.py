@@ -90,6 +90,49 @@ def sigmoid_topk(logits, k, idx, weights):
 
 
 @njit(**FLAGS)
+def sigmoid_group_topk(logits, correction, k, n_group, topk_group, renormalize, scale, idx, weights):
+    """GLM-4.5, DeepSeek-V3: scores sigmoid(logits) (T, E); the choice values are score + correction (E,).
+    Each of n_group groups of consecutive experts is rated by the sum of its best two choice values; within the
+    topk_group best groups, the k best choice values pick the experts. Their weight is their uncorrected score,
+    divided by the k scores' sum (+ 1e-20, as transformers) when `renormalize`, times `scale`.
+    logits is overwritten by the scores."""
+    T, E = logits.shape
+    size = E // n_group
+    choice = np.empty(E, np.float32)
+    group_scores = np.empty(n_group, np.float32)
+    kept = np.empty(topk_group, np.int64)
+    for t in range(T):
+        row = logits[t]
+        for e in range(E):
+            row[e] = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-row[e])))
+            choice[e] = row[e] + correction[e]
+        for g in range(n_group):
+            first = np.float32(-np.inf)
+            second = np.float32(-np.inf)
+            for e in range(g * size, (g + 1) * size):
+                v = choice[e]
+                if v > first:
+                    second = first
+                    first = v
+                elif v > second:
+                    second = v
+            group_scores[g] = first + second
+        _topk(group_scores, topk_group, kept)
+        for g in range(n_group):
+            if not (kept == g).any():
+                choice[g * size: (g + 1) * size] = -np.inf
+        _topk(choice, k, idx[t])
+        norm = np.float32(0.0)
+        for s in range(k):
+            weights[t, s] = row[idx[t, s]]
+            norm += weights[t, s]
+        for s in range(k):
+            if renormalize:
+                weights[t, s] = weights[t, s] / (norm + np.float32(1e-20))
+            weights[t, s] = weights[t, s] * np.float32(scale)
+
+
+@njit(**FLAGS)
 def group_by_expert(idx, n_experts, offsets, order, active, uses):
     """Sort the (token, slot) pairs of idx (T, k) by expert, tokens in order within an expert.
 
