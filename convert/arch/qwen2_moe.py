@@ -7,7 +7,7 @@ default `layer_types`: even layers below `max_window_layers`)."""
 from __future__ import annotations
 
 from ...runtime.config import LayerSpec, ModelConfig
-from . import common
+from . import common, qwen3_moe
 
 NAME = "qwen2_moe"
 HF_ARCHITECTURES = ("Qwen2MoeForCausalLM",)
@@ -51,19 +51,13 @@ def model_config(hf: dict) -> ModelConfig:
 
 
 def _layer(cfg: ModelConfig, i: int, p: str):
-    tensors = common.attention(cfg, i, p + "self_attn.") + common.norms(cfg, i, p)
-    mlp = p + "mlp."
-    if not cfg.layers[i].moe:
-        tensors += common.swiglu(cfg, i, "mlp", mlp + "gate_proj.weight", mlp + "up_proj.weight",
-                                 mlp + "down_proj.weight")
-        return tensors, []
-    tensors.append(common.tensor(cfg, i, "router", common.Src(mlp + "gate.weight")))
-    shared = mlp + "shared_expert."
-    tensors += common.swiglu(cfg, i, "shared", shared + "gate_proj.weight", shared + "up_proj.weight",
-                             shared + "down_proj.weight")
-    tensors.append(common.tensor(cfg, i, "shared.gate", common.Src(mlp + "shared_expert_gate.weight")))
-    experts = common.separate_experts(cfg, i, mlp + "experts.", "gate_proj.weight", "up_proj.weight",
-                                      "down_proj.weight")
+    """Qwen3-MoE's layer, plus the shared expert and its gate in MoE layers."""
+    tensors, experts = qwen3_moe._layer(cfg, i, p)
+    if cfg.layers[i].moe:
+        mlp, shared = p + "mlp.", p + "mlp.shared_expert."
+        tensors += common.swiglu(cfg, i, "shared", shared + "gate_proj.weight", shared + "up_proj.weight",
+                                 shared + "down_proj.weight")
+        tensors.append(common.tensor(cfg, i, "shared.gate", common.Src(mlp + "shared_expert_gate.weight")))
     return tensors, experts
 
 
