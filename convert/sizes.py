@@ -16,8 +16,8 @@ F32 = 4
 
 
 def kv_cache_bytes(cfg, context: int) -> int:
-    """f32 keys and values of every layer for `context` tokens."""
-    return 2 * F32 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context
+    """f32 keys and values (or latents) of every layer for `context` tokens."""
+    return F32 * cfg.num_layers * cfg.kv_cache_width * context
 
 
 def sizes(plan: Plan, encodings: dict[str, str], group_size: int) -> dict:

@@ -15,6 +15,7 @@ from .errors import MoeError
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_group_topk")
 ACTIVATIONS = ("silu", "gpt_oss")
 ATTENTIONS = ("full", "sliding", "chunked")
+ATTENTION_KINDS = ("gqa", "mla")
 QK_NORMS = ("none", "head", "full", "l2")
 ROPE_KINDS = ("default", "llama3", "yarn")
 
@@ -88,7 +89,7 @@ class ModelConfig:
     # sigmoid_topk (Llama 4: sigmoid of the top-k logits scales the expert *input*),
     # sigmoid_group_topk (GLM-4.5, DeepSeek-V3: sigmoid scores plus `router_correction` choose, within the
     # topk_group best of n_group expert groups, the top-k; their uncorrected scores, renormalized if norm_topk_prob,
-    # times routed_scaling_factor, are the weights)
+    # times routed_scaling_factor, are the weights); softmax_topk's weights are scaled by it too (DeepSeek-V2)
     router: str = "softmax_topk"
     norm_topk_prob: bool = True
     n_group: int = 1
@@ -105,6 +106,17 @@ class ModelConfig:
     attention_bias: bool = False  # qkv_bias present, and o_bias unless attention_output_bias is False
     attention_output_bias: bool = True  # Qwen2-MoE biases q, k and v only
     attention_sinks: bool = False
+    # attention_kind mla (DeepSeek-V2/V3's multi-head latent attention): q through a rank-q_lora_rank bottleneck
+    # (0: one q matrix); k and v of every head expanded (kv_b) from one normalized latent of kv_lora_rank dims per
+    # position, which is what the cache holds, beside a RoPE key part shared by the heads (head_dim wide); a
+    # head's q and k are qk_nope_head_dim dims without RoPE, then head_dim with it; its v is v_head_dim
+    attention_kind: str = "gqa"
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    latent_norm_eps: float = 1e-6  # q_a_norm's and kv_a_norm's: transformers' RMSNorm default, not rms_norm_eps
+    attention_scale: float | None = None  # the softmax's; None: head_dim ** -0.5
     clip_qkv: float | None = None
     attn_scale: float = 0.1
     floor_scale: float = 8192.0
@@ -166,6 +178,13 @@ class ModelConfig:
             return f"rms_norm_eps must be positive, not {self.rms_norm_eps!r}"
         if self.clip_qkv is not None and not self.clip_qkv > 0:
             return f"clip_qkv must be positive, not {self.clip_qkv!r}"
+        if self.attention_kind not in ATTENTION_KINDS:
+            return f"attention_kind {self.attention_kind!r} is not one of {', '.join(ATTENTION_KINDS)}"
+        if self.attention_kind == "mla" and not (self.kv_lora_rank > 0 and self.qk_nope_head_dim > 0
+                                                 and self.v_head_dim > 0 and self.q_lora_rank >= 0):
+            return "latent attention needs positive kv_lora_rank, qk_nope_head_dim and v_head_dim"
+        if self.attention_scale is not None and not self.attention_scale > 0:
+            return f"attention_scale must be positive, not {self.attention_scale!r}"
         for i, layer in enumerate(self.layers):
             if layer.attention not in ATTENTIONS or layer.qk_norm not in QK_NORMS:
                 return f"layer {i}: attention {layer.attention!r} or qk_norm {layer.qk_norm!r} is unknown"
@@ -188,6 +207,25 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """How many of each head's leading dims RoPE rotates."""
         return int(self.head_dim * self.rope.partial_rotary_factor)
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.head_dim**-0.5 if self.attention_scale is None else self.attention_scale
+
+    @property
+    def qk_head_dim(self) -> int:
+        """A head's query and key width: its RoPE part (head_dim) after the latent attention's unrotated part."""
+        return self.qk_nope_head_dim + self.head_dim
+
+    @property
+    def attn_out_dim(self) -> int:
+        """The attention output's width, o's input: nh * v_head_dim under latent attention, else q_dim."""
+        return self.num_heads * (self.v_head_dim if self.attention_kind == "mla" else self.head_dim)
+
+    @property
+    def kv_cache_width(self) -> int:
+        """f32 values cached per position and layer: the latent and the RoPE key, or every kv head's k and v."""
+        return self.kv_lora_rank + self.head_dim if self.attention_kind == "mla" else 2 * self.kv_dim
 
     @property
     def q_dim(self) -> int:

@@ -23,7 +23,7 @@ from .config import LayerSpec, ModelConfig
 from .errors import MoeError
 from .experts import ExpertStore, MappedExperts
 from .kernels import rope
-from .kernels.attention import attend, temperature
+from .kernels.attention import attend, per_head, temperature
 from .kernels.embed import embed
 from .kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from .kernels.norms import rmsnorm
@@ -45,8 +45,8 @@ class _Layer:
     spec: LayerSpec
     attn_norm: np.ndarray  # (H,)
     ffn_norm: np.ndarray  # (H,)
-    qkv: Packed  # [nh*hd + 2*nkv*hd, H]
-    o: Packed  # [H, nh*hd]
+    o: Packed  # [H, nh*hd], or [H, nh*v] under latent attention
+    qkv: Packed | None = None  # [nh*hd + 2*nkv*hd, H]
     qkv_bias: np.ndarray | None = None
     o_bias: np.ndarray | None = None
     q_norm: np.ndarray | None = None  # (hd,) per head or (nh*hd,) full width
@@ -60,6 +60,16 @@ class _Layer:
     shared_gate: Packed | None = None  # [1, H]
     mlp_gate_up: Packed | None = None  # dense layer
     mlp_down: Packed | None = None
+    # latent attention: nq = nh * (nope + rope), r = kv_lora_rank, rq = q_lora_rank
+    q: Packed | None = None  # [nq, H]
+    q_a: Packed | None = None  # [rq, H]
+    q_a_norm: np.ndarray | None = None  # (rq,)
+    q_b: Packed | None = None  # [nq, rq]
+    kv_a: Packed | None = None  # [r + rope, H]
+    kv_a_norm: np.ndarray | None = None  # (r,)
+    kv_b: Packed | None = None  # [nh * (nope + v), r]
+    absorb_q: np.ndarray | None = None  # (nh, r, nope) f32: kv_b's k rows per head, transposed
+    absorb_o: np.ndarray | None = None  # (nh, v, r) f32: kv_b's v rows per head
 
     @classmethod
     def load(cls, layout: Layout, i: int, spec: LayerSpec) -> _Layer:
@@ -89,13 +99,16 @@ class _Buffers:
         self.x = np.zeros((T, H), F32)  # the residual stream
         self.xn = np.zeros((T, H), F32)  # its normalized copy, input of attention and FFN
         self.y = np.zeros((T, H), F32)  # a block's output, added to x
-        self.qkv = np.zeros((T, qd + 2 * kvd), F32)
-        self.q = _view(self.qkv[:, :qd], (T, nh, hd))
-        self.k = _view(self.qkv[:, qd: qd + kvd], (T, nkv, hd))
-        self.v = _view(self.qkv[:, qd + kvd:], (T, nkv, hd))
-        self.q_flat = _view(self.qkv[:, :qd], (T, 1, qd))  # OLMoE's full-width q/k norms
-        self.k_flat = _view(self.qkv[:, qd: qd + kvd], (T, 1, kvd))
-        self.attn = np.zeros((T, nh, hd), F32)
+        if cfg.attention_kind == "mla":
+            self.latent = _LatentBuffers(cfg, T)
+        else:
+            self.qkv = np.zeros((T, qd + 2 * kvd), F32)
+            self.q = _view(self.qkv[:, :qd], (T, nh, hd))
+            self.k = _view(self.qkv[:, qd: qd + kvd], (T, nkv, hd))
+            self.v = _view(self.qkv[:, qd + kvd:], (T, nkv, hd))
+            self.q_flat = _view(self.qkv[:, :qd], (T, 1, qd))  # OLMoE's full-width q/k norms
+            self.k_flat = _view(self.qkv[:, qd: qd + kvd], (T, 1, kvd))
+            self.attn = np.zeros((T, nh, hd), F32)
         self.router = np.zeros((T, E), F32)
         self.shared_gate = np.zeros((T, 1), F32)
         self.idx = np.zeros((T, k), np.int64)
@@ -116,6 +129,19 @@ class _Buffers:
     @property
     def xn3(self) -> np.ndarray:
         return self.xn.reshape(self.T, 1, -1)
+
+
+class _LatentBuffers:
+    """Latent attention's activations: r = kv_lora_rank, nope + rope a head's q width, v its value width."""
+
+    def __init__(self, cfg: ModelConfig, T: int):
+        nh, r, rd, v = cfg.num_heads, cfg.kv_lora_rank, cfg.head_dim, cfg.v_head_dim  # rd: the RoPE part
+        self.q_lat = np.zeros((T, max(cfg.q_lora_rank, 1)), F32)  # q's bottleneck
+        self.q = np.zeros((T, nh, cfg.qk_head_dim), F32)
+        self.kv_a = np.zeros((T, r + rd), F32)  # the latent, then the RoPE key: one cache row
+        self.q_abs = np.zeros((T, nh, r + rd), F32)  # q in the cache row's space
+        self.attn_lat = np.zeros((T, nh, r + rd), F32)  # attention over cache rows; [..., :r] used
+        self.attn = np.zeros((T, nh, v), F32)
 
 
 def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
@@ -155,9 +181,12 @@ class Model:
         self.layers = [_Layer.load(layout, i, spec) for i, spec in enumerate(cfg.layers)]
         freq, attention_factor = rope.inv_freq(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings)
         self._cos, self._sin = rope.tables(freq, attention_factor, max_context)  # (P, rotary_dim/2)
-        kv_shape = (cfg.num_layers, cfg.num_kv_heads, max_context, cfg.head_dim)
-        self._k = _lazy_zeros(kv_shape)  # pages are committed only as positions fill
-        self._v = _lazy_zeros(kv_shape)
+        if cfg.attention_kind == "mla":  # one row per position, the keys; its latent part is also the values
+            self._k = self._v = _lazy_zeros((cfg.num_layers, 1, max_context, cfg.kv_cache_width))
+        else:
+            kv_shape = (cfg.num_layers, cfg.num_kv_heads, max_context, cfg.head_dim)
+            self._k = _lazy_zeros(kv_shape)  # pages are committed only as positions fill
+            self._v = _lazy_zeros(kv_shape)
         self._ones = np.ones(cfg.head_dim, F32)  # Llama 4's L2 norm is an RMSNorm without weight
         self._no_sinks = np.zeros(cfg.num_heads, F32)
         self._uses = np.zeros((cfg.num_layers, cfg.num_experts), np.int64)
@@ -165,6 +194,9 @@ class Model:
             mlp[0].shape[0] // 2 for layer in self.layers for mlp in (layer.shared, layer.mlp) if mlp
         }
         self._scratch = Scratch()  # grows to the largest call once, then is reused
+        for layer in self.layers:
+            if layer.kv_b is not None:
+                self._absorb(layer)
         self._decode = _Buffers(cfg, 1, self._widths)
         moe_layers = cfg.moe_layers()
         self._next_moe = [next((j for j in moe_layers if j > i), -1) for i in range(cfg.num_layers)]
@@ -299,8 +331,22 @@ class Model:
             self._prefill = _Buffers(self.config, T, self._widths)
         return self._prefill
 
+    def _absorb(self, layer: _Layer) -> None:
+        """kv_b as two f32 per-head stacks (the weights as linear reads them: kv_b times the identity), so latent
+        attention never expands the cached latents into keys and values."""
+        cfg = self.config
+        nh, r, nope = cfg.num_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim
+        w = np.zeros((r, layer.kv_b.shape[0]), F32)
+        linear(layer.kv_b, np.eye(r, dtype=F32), w, self._scratch)  # (r, nh * (nope + v)) = kv_b^T
+        w = w.T.reshape(nh, nope + cfg.v_head_dim, r)
+        layer.absorb_q = np.ascontiguousarray(w[:, :nope].transpose(0, 2, 1))
+        layer.absorb_o = np.ascontiguousarray(w[:, nope:])
+
     def _attention(self, i: int, layer: _Layer, bufs: _Buffers, pos0: int) -> None:
         cfg, spec = self.config, layer.spec
+        if cfg.attention_kind == "mla":
+            self._latent_attention(i, layer, bufs, pos0)
+            return
         eps = cfg.rms_norm_eps
         linear(layer.qkv, bufs.xn, bufs.qkv, self._scratch)
         if layer.qkv_bias is not None:
@@ -328,10 +374,35 @@ class Model:
         window = spec.window if spec.attention == "sliding" else 0
         chunk = spec.window if spec.attention == "chunked" else 0
         sinks = self._no_sinks if layer.sinks is None else layer.sinks
-        attend(bufs.q, k_cache, v_cache, pos0, cfg.head_dim**-0.5, window, chunk, sinks, layer.sinks is not None, bufs.attn)
+        attend(bufs.q, k_cache, v_cache, pos0, cfg.softmax_scale, window, chunk, sinks, layer.sinks is not None, bufs.attn)
         linear(layer.o, bufs.attn.reshape(bufs.T, -1), bufs.y, self._scratch)
         if layer.o_bias is not None:
             np.add(bufs.y, layer.o_bias, out=bufs.y)
+
+    def _latent_attention(self, i: int, layer: _Layer, bufs: _Buffers, pos0: int) -> None:
+        """Multi-head latent attention in its absorbed form, prefill and decode alike: a head's unrotated q is taken
+        into the latent's space through kv_b's k rows, so all heads attend over the cached rows (latent, RoPE key)
+        as one shared kv head, and their latent outputs leave through kv_b's v rows."""
+        cfg, m, scratch = self.config, bufs.latent, self._scratch
+        r, nope = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+        if layer.q_a is not None:
+            linear(layer.q_a, bufs.xn, m.q_lat, scratch)
+            rmsnorm(m.q_lat[:, None], layer.q_a_norm, cfg.latent_norm_eps, m.q_lat[:, None])
+            linear(layer.q_b, m.q_lat, m.q.reshape(bufs.T, -1), scratch)
+        else:
+            linear(layer.q, bufs.xn, m.q.reshape(bufs.T, -1), scratch)
+        linear(layer.kv_a, bufs.xn, m.kv_a, scratch)
+        latent, k_rope = m.kv_a[:, None, :r], m.kv_a[:, None, r:]  # (T, 1, r), (T, 1, rope)
+        rmsnorm(latent, layer.kv_a_norm, cfg.latent_norm_eps, latent)
+        rope.rotate(m.q[:, :, nope:], pos0, self._cos, self._sin, cfg.rope.interleaved)
+        rope.rotate(k_rope, pos0, self._cos, self._sin, cfg.rope.interleaved)
+        per_head(m.q[:, :, :nope], layer.absorb_q, m.q_abs[:, :, :r])
+        m.q_abs[:, :, r:] = m.q[:, :, nope:]
+        cache = self._k[i]  # (1, P, r + rope)
+        cache[0, pos0: pos0 + bufs.T] = m.kv_a
+        attend(m.q_abs, cache, cache, pos0, cfg.softmax_scale, 0, 0, self._no_sinks, False, m.attn_lat)
+        per_head(m.attn_lat[:, :, :r], layer.absorb_o, m.attn)
+        linear(layer.o, m.attn.reshape(bufs.T, -1), bufs.y, scratch)
 
     def _moe(self, i: int, layer: _Layer, bufs: _Buffers) -> None:
         """Router (f32) and top-k, then each chosen expert once over the tokens routed to it."""
@@ -342,6 +413,8 @@ class Model:
             np.add(bufs.router, layer.router_bias, out=bufs.router)
         if cfg.router == "softmax_topk":
             softmax_topk(bufs.router, k, cfg.norm_topk_prob, bufs.idx, bufs.w)
+            if cfg.routed_scaling_factor != 1.0:  # DeepSeek-V2
+                bufs.w *= np.float32(cfg.routed_scaling_factor)
         elif cfg.router == "topk_softmax":
             topk_softmax(bufs.router, k, bufs.idx, bufs.w)
         elif cfg.router == "sigmoid_group_topk":

@@ -54,6 +54,18 @@ def _moe(cfg: ModelConfig, spec: LayerSpec) -> bool:
     return spec.moe
 
 
+def _gqa(cfg: ModelConfig, spec: LayerSpec) -> bool:
+    return cfg.attention_kind == "gqa"
+
+
+def _mla(cfg: ModelConfig, spec: LayerSpec) -> bool:
+    return cfg.attention_kind == "mla"
+
+
+def _q_lora(cfg: ModelConfig, spec: LayerSpec) -> bool:
+    return _mla(cfg, spec) and cfg.q_lora_rank > 0
+
+
 def _shared(cfg: ModelConfig, spec: LayerSpec) -> bool:
     return spec.moe and cfg.shared_expert_intermediate_size > 0
 
@@ -69,10 +81,21 @@ LAYER = {t.short: t for t in (
     Tensor("attn_norm", NORMS, "other", lambda c, s: (c.hidden_size,)),
     Tensor("ffn_norm", NORMS, "other", lambda c, s: (c.hidden_size,)),
     # q rows, then k, then v
-    Tensor("attn.qkv", ATTENTION, "attention", lambda c, s: (c.q_dim + 2 * c.kv_dim, c.hidden_size)),
+    Tensor("attn.qkv", ATTENTION, "attention", lambda c, s: (c.q_dim + 2 * c.kv_dim, c.hidden_size), _gqa),
     Tensor("attn.qkv_bias", BIASES, "attention", lambda c, s: (c.q_dim + 2 * c.kv_dim,),
            lambda c, s: c.attention_bias),
-    Tensor("attn.o", ATTENTION_OUTPUT, "attention", lambda c, s: (c.hidden_size, c.q_dim)),
+    # latent attention (attention_kind mla): q (or q_a, its norm, q_b) gives each head's nope then RoPE dims;
+    # kv_a the latent's kv_lora_rank rows then the shared RoPE key's head_dim; kv_b each head's k_nope then v rows
+    Tensor("attn.q", ATTENTION, "attention", lambda c, s: (c.num_heads * c.qk_head_dim, c.hidden_size),
+           lambda c, s: _mla(c, s) and not c.q_lora_rank),
+    Tensor("attn.q_a", ATTENTION, "attention", lambda c, s: (c.q_lora_rank, c.hidden_size), _q_lora),
+    Tensor("attn.q_a_norm", NORMS, "attention", lambda c, s: (c.q_lora_rank,), _q_lora),
+    Tensor("attn.q_b", ATTENTION, "attention", lambda c, s: (c.num_heads * c.qk_head_dim, c.q_lora_rank), _q_lora),
+    Tensor("attn.kv_a", ATTENTION, "attention", lambda c, s: (c.kv_lora_rank + c.head_dim, c.hidden_size), _mla),
+    Tensor("attn.kv_a_norm", NORMS, "attention", lambda c, s: (c.kv_lora_rank,), _mla),
+    Tensor("attn.kv_b", ATTENTION, "attention",
+           lambda c, s: (c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank), _mla),
+    Tensor("attn.o", ATTENTION_OUTPUT, "attention", lambda c, s: (c.hidden_size, c.attn_out_dim)),
     Tensor("attn.o_bias", BIASES, "attention", lambda c, s: (c.hidden_size,),
            lambda c, s: c.attention_bias and c.attention_output_bias),
     # per head ([hd]) or over the whole projection ([q] and [kv])

@@ -48,7 +48,10 @@ def reference(name_of_arch, sd, name):
     a = p + "self_attn."
     plain = {"attn_norm": p + "input_layernorm.weight", "ffn_norm": p + "post_attention_layernorm.weight",
              "attn.o": a + "o_proj.weight", "attn.o_bias": a + "o_proj.bias", "attn.q_norm": a + "q_norm.weight",
-             "attn.k_norm": a + "k_norm.weight", "attn.sinks": a + "sinks"}
+             "attn.k_norm": a + "k_norm.weight", "attn.sinks": a + "sinks", "attn.q": a + "q_proj.weight",
+             "attn.q_a": a + "q_a_proj.weight", "attn.q_a_norm": a + "q_a_layernorm.weight",
+             "attn.q_b": a + "q_b_proj.weight", "attn.kv_a": a + "kv_a_proj_with_mqa.weight",
+             "attn.kv_a_norm": a + "kv_a_layernorm.weight", "attn.kv_b": a + "kv_b_proj.weight"}
     if rest in plain:
         return sd[plain[rest]]
     if rest in ("attn.qkv", "attn.qkv_bias"):
@@ -64,7 +67,7 @@ def reference(name_of_arch, sd, name):
     if rest == "shared.gate":
         return sd[ff + "shared_expert_gate.weight"]
     if parts[2] in ("shared", "mlp"):
-        shared = "shared_experts." if name_of_arch == "glm4_moe" else "shared_expert."
+        shared = "shared_experts." if name_of_arch in ("glm4_moe", "deepseek_v3", "deepseek_v2") else "shared_expert."
         q = ff + (shared if parts[2] == "shared" else "")
         if parts[3] == "gate_up":
             return torch.cat([sd[q + "gate_proj.weight"], sd[q + "up_proj.weight"]])
@@ -73,7 +76,7 @@ def reference(name_of_arch, sd, name):
     if name_of_arch == "mixtral":
         e = f"{p}block_sparse_moe.experts.{j}."
         return torch.cat([sd[e + "w1.weight"], sd[e + "w3.weight"]]) if what == "gate_up" else sd[e + "w2.weight"]
-    if name_of_arch in ("qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe"):
+    if name_of_arch in ("qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "deepseek_v3", "deepseek_v2"):
         e = f"{ff}experts.{j}."
         if what == "gate_up":
             return torch.cat([sd[e + "gate_proj.weight"], sd[e + "up_proj.weight"]])

@@ -8,7 +8,7 @@ from moe.convert.quant import quantize
 from moe.runtime.codec import dequantize
 from moe.runtime.config import Rope
 from moe.runtime.kernels import rope
-from moe.runtime.kernels.attention import attend, temperature
+from moe.runtime.kernels.attention import attend, per_head, temperature
 from moe.runtime.kernels.embed import embed
 from moe.runtime.kernels.expf import exp32
 from moe.runtime.kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
@@ -189,6 +189,16 @@ def test_temperature():
     want = q * (1 + 0.1 * np.log1p(np.floor((np.arange(3, 8) + 1) / 4.0)))[:, None, None]
     temperature(q, 3, 0.1, 4.0)
     np.testing.assert_allclose(q, want, rtol=1e-6)
+
+
+def test_per_head():
+    x, w = randn(5, 3, 10), randn(3, 7, 8)
+    out = np.zeros((5, 3, 7), np.float32)
+    per_head(x[:, :, 2:], w, out)  # a strided view, as latent attention passes q's unrotated part
+    np.testing.assert_allclose(out, np.einsum("thd,hjd->thj", x[:, :, 2:], w), rtol=1e-5, atol=1e-6)
+    one = np.zeros((1, 3, 7), np.float32)
+    per_head(x[3:4, :, 2:], w, one)
+    np.testing.assert_array_equal(one[0], out[3])  # a row is the same whatever else is in the call
 
 
 # -- routing ---------------------------------------------------------------------------------------

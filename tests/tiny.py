@@ -20,7 +20,8 @@ import numpy as np
 from moe.convert.demo import DEMO_SOURCE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss", "qwen2_moe", "glm4_moe")
+ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss", "qwen2_moe", "glm4_moe",
+         "deepseek_v3", "deepseek_v2")
 MODELS = tuple(a for a in ARCHS if a != "llama4_multimodal")  # one per architecture: llama4 is llama4_multimodal's
 
 _COMMON = dict(
@@ -54,6 +55,21 @@ _CONFIGS = {
                      moe_intermediate_size=40, intermediate_size=96, first_k_dense_replace=1, attention_bias=True,
                      use_qk_norm=True,
                      rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}),
+    # layers: 0 dense, 1-2 MoE routed as GLM-4.5's; latent attention: q through rank 24, a latent of 32 dims,
+    # heads of 16 unrotated + 8 rotated (interleaved) q/k dims and 20 v dims; yarn RoPE with mscale_all_dim
+    "deepseek_v3": dict(num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3,
+                        n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1, moe_intermediate_size=40,
+                        intermediate_size=96, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=32,
+                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=20, rope_interleave=True,
+                        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "beta_fast": 32.0,
+                                         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                         "original_max_position_embeddings": 128}),
+    # DeepSeek-V3's geometry with one q matrix, softmax routing scaled by 1.5, default RoPE
+    "deepseek_v2": dict(num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3,
+                        routed_scaling_factor=1.5, topk_method="greedy", n_shared_experts=2, moe_intermediate_size=40,
+                        intermediate_size=96, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
+                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=20,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
     "gpt_oss": dict(num_hidden_layers=3, head_dim=24, num_local_experts=4, num_experts_per_tok=2,
                     intermediate_size=40, sliding_window=8, max_position_embeddings=131072,
                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
@@ -67,6 +83,8 @@ _CLASSES = {  # arch -> (config class, model class) names in transformers
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
 }
 FP4_VALUES = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0.0, -.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
 
@@ -193,7 +211,7 @@ def make_checkpoint(arch: str, folder, *, dtype: str = "bf16", shards: int = 1, 
         }
     if arch == "llama4_multimodal":
         tensors, config = _multimodal(tensors, config, torch_dtype)
-    if arch == "glm4_moe":
+    if arch in ("glm4_moe", "deepseek_v3"):
         tensors.update(_mtp_layer(config, torch_dtype))
     if config_style == "legacy":
         config = _legacy(config)
@@ -273,8 +291,8 @@ def _multimodal(tensors: dict, text_config: dict, torch_dtype) -> tuple[dict, di
 
 
 def _mtp_layer(config: dict, torch_dtype) -> dict:
-    """The Hub's multi-token prediction layer after GLM's last (layer 46 of GLM-4.5-Air), which transformers ignores:
-    a few of its tensors, enough to be recognized."""
+    """The Hub's multi-token prediction layer after the last (GLM-4.5-Air's 46, DeepSeek-V3's 61), which transformers
+    ignores: a few of its tensors, enough to be recognized."""
     import torch
 
     H, p = config["hidden_size"], f"model.layers.{config['num_hidden_layers']}."

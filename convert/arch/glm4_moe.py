@@ -41,13 +41,16 @@ def model_config(hf: dict) -> ModelConfig:
         dense_intermediate_size=int(common.get(hf, "intermediate_size", default=10944)),
         layers=[LayerSpec(moe=i >= first_moe, qk_norm=qk_norm) for i in range(L)],
         rope=rope,
-        router="sigmoid_group_topk",
-        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-        n_group=int(common.get(hf, "n_group", default=1)),
-        topk_group=int(common.get(hf, "topk_group", default=1)),
-        routed_scaling_factor=float(common.get(hf, "routed_scaling_factor", default=1.0)),
+        **group_router(hf),
         **base,
     )
+
+
+def group_router(hf: dict) -> dict:
+    """The sigmoid group-limited router's ModelConfig fields (DeepSeek-V3 routes the same way)."""
+    return dict(router="sigmoid_group_topk", norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+                n_group=int(common.get(hf, "n_group", default=1)), topk_group=int(common.get(hf, "topk_group", default=1)),
+                routed_scaling_factor=float(common.get(hf, "routed_scaling_factor", default=1.0)))
 
 
 def _layer(cfg: ModelConfig, i: int, p: str):
@@ -63,9 +66,14 @@ def _layer(cfg: ModelConfig, i: int, p: str):
     return tensors, experts
 
 
-def plan(cfg: ModelConfig, names: set[str]) -> common.Plan:
-    """Skipped: the multi-token prediction layers after the last one, known by their `eh_proj` (so weights of
-    more layers than config.json says still fail the check)."""
+def mtp_layers(names: set[str]) -> set[str]:
+    """The multi-token prediction layers after the last one, known by their `eh_proj` (so weights of more layers
+    than config.json says still fail the check)."""
     mtp = tuple(n.removesuffix("eh_proj.weight") for n in names
                 if n.startswith("model.layers.") and n.endswith(".eh_proj.weight"))
-    return common.build_plan(cfg, names, _layer, skipped={n for n in names if n.startswith(mtp)})
+    return {n for n in names if n.startswith(mtp)}
+
+
+def plan(cfg: ModelConfig, names: set[str]) -> common.Plan:
+    """Skipped: the multi-token prediction layers."""
+    return common.build_plan(cfg, names, _layer, skipped=mtp_layers(names))

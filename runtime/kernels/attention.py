@@ -106,3 +106,19 @@ def temperature(q, pos0, attn_scale, floor_scale):
         for h in range(nh):
             for d in range(hd):
                 q[t, h, d] *= f
+
+
+@njit(**PARALLEL)
+def per_head(x, w, out):
+    """out[t, h] = w[h] @ x[t, h] for x (T, nh, d), w (nh, n, d), out (T, nh, n): each head its own matrix
+    (latent attention's absorbed kv_b); a row's sums run in one fixed order, whatever T is."""
+    T, nh, d = x.shape
+    n = w.shape[1]
+    for item in prange(T * nh):
+        t = item // nh
+        h = item % nh
+        for j in range(n):
+            s = np.float32(0.0)
+            for i in range(d):
+                s += w[h, j, i] * x[t, h, i]
+            out[t, h, j] = s
