@@ -318,13 +318,15 @@ def linear_quant(codes, scales, supers, gs, x, xq, xqa, xs, xsum, out, bits):
 @njit(**PARALLEL)
 def _matmul_float(w, x, out, kind):
     """w [rows, cols] of kind `kind` (see bits.weight_to_f32); tokens in tiles of 4, so each weight is widened once
-    per 4 tokens and the 4 sums run side by side."""
+    per 4 tokens and the 4 sums run side by side. A last tile of fewer tokens repeats its last token: every token
+    goes through the same loop, whose summation order the compiler chooses, so a token's row is the same bits
+    however the tokens are split across calls (a one-token loop of its own was vectorized differently)."""
     rows, cols = w.shape
     T = x.shape[0]
     for r in prange(rows):
         wrow = w[r]
-        for t in range(0, T - T % 4, 4):
-            x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
+        for t in range(0, T, 4):
+            x0, x1, x2, x3 = x[t], x[min(t + 1, T - 1)], x[min(t + 2, T - 1)], x[min(t + 3, T - 1)]
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for c in range(cols):
                 v = weight_to_f32(wrow[c], kind)
@@ -333,15 +335,12 @@ def _matmul_float(w, x, out, kind):
                 a2 += v * x2[c]
                 a3 += v * x3[c]
             out[t, r] = a0
-            out[t + 1, r] = a1
-            out[t + 2, r] = a2
-            out[t + 3, r] = a3
-        for t in range(T - T % 4, T):
-            xrow = x[t]
-            acc = np.float32(0.0)
-            for c in range(cols):
-                acc += weight_to_f32(wrow[c], kind) * xrow[c]
-            out[t, r] = acc
+            if t + 1 < T:
+                out[t + 1, r] = a1
+            if t + 2 < T:
+                out[t + 2, r] = a2
+            if t + 3 < T:
+                out[t + 3, r] = a3
 
 
 @njit(**FLAGS)
