@@ -29,6 +29,7 @@ class Memory:
     budget: int | None  # bytes the expert cache may hold; None: every expert comes from the memory map
     prefetch: bool  # read the next layer's predicted experts while this layer computes
     uncached: bool  # drop what a miss read from the page cache once it is in its slot
+    hold_weights: bool  # model.bin copied into the process's own memory, out of the page cache's reach
     pins: tuple[tuple[int, int], ...]  # (layer, expert) kept resident, hottest first
     notes: tuple[str, ...]  # lines for the user (stderr), in order
 
@@ -60,13 +61,14 @@ def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | Non
     if budget is None:
         if pins:
             notes.append(f"note: {pins_from} has no effect: every expert is mapped (give a --memory-budget)")
-        return Memory(None, False, False, (), tuple(notes))
+        return Memory(None, False, False, False, (), tuple(notes))
     uncached = misses_from_disk(sizes[EXPERTS_FILE], sizes[MODEL_FILE], budget, available)
     slots, k = slot_count(layout, budget), layout.config.top_k
     # Prefetch needs room beyond the layer being computed: more than two layers' top-k.
     prefetch = (uncached if prefetch is None else prefetch) and slots > 2 * k
     kept = min(int(PIN_SHARE * (budget // slot_bytes(layout))), max(0, slots - k))
-    return Memory(budget, prefetch, uncached, tuple(pins[:kept]), tuple(notes))
+    # Misses from disk churn the page cache: the weights every token reads must not be what it drops.
+    return Memory(budget, prefetch, uncached, uncached, tuple(pins[:kept]), tuple(notes))
 
 
 def misses_from_disk(experts_bytes: int, resident_bytes: int, budget: int, available: int | None = None) -> bool:

@@ -56,7 +56,7 @@ from zlib_ng import zlib_ng
 from .config import ModelConfig
 from .errors import MoeError
 from .files import load_json, not_a_file
-from .machine import open_read, pread
+from .machine import anonymous, drop_cached, open_read, pread, preadv
 from .tensors import expert_key, implied
 
 FORMAT = "moe-layout"
@@ -169,6 +169,29 @@ class Layout:
                 if key is not None:
                     self._by_expert.setdefault(key[:2], {})[key[2]] = e
         return self._by_expert.get((layer, expert), {})
+
+    def hold(self, fname: str) -> None:
+        """Copy a mapped file into private anonymous memory and use the copy: its pages are then the process's own,
+        never the page cache's to evict when the expert reads of a model larger than RAM churn it. Call before any
+        view of the file is taken."""
+        size = len(self.maps[fname])
+        if not size:
+            return
+        held = anonymous(size)
+        fd = open_read(self.folder / fname)
+        try:
+            got = 0
+            while got < size:
+                n = preadv(fd, [memoryview(held)[got:]], got)
+                if n <= 0:
+                    raise MoeError(f"{self.folder / fname}: the file ended after {got} of {size} bytes; reconvert the "
+                                   "model", 1)
+                got += n
+            drop_cached(fd)  # read once into the copy: a second copy in the page cache would only crowd it
+        finally:
+            os.close(fd)
+        self.maps[fname].close()
+        self.maps[fname] = held
 
     def close(self) -> None:
         for m in self.maps.values():

@@ -10,6 +10,7 @@ uncached open for measuring the disk (O_DIRECT on Linux, F_NOCACHE on macOS).
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import threading
@@ -150,6 +151,14 @@ def _numba():
 
 
 # ---- reading files
+
+
+def anonymous(n: int) -> mmap.mmap:
+    """n bytes of private anonymous memory, page-aligned, zero until written: the process's own pages, which the
+    OS reclaims only by swapping (never by dropping them, as it drops a mapped file's)."""
+    if hasattr(mmap, "MAP_ANONYMOUS"):
+        return mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, max(n, 1))  # Windows: backed by the paging file, private to this process
 
 
 def open_read(path) -> int:

@@ -29,7 +29,7 @@ from .kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from .kernels.norms import rmsnorm
 from .kernels.qmatmul import Scratch, linear, linear_each
 from .kernels.routing import group_by_expert, sigmoid_group_topk, sigmoid_topk, softmax_topk, topk_softmax
-from .layout import MANIFEST, Layout, Packed, open_layout
+from .layout import MANIFEST, MODEL_FILE, Layout, Packed, open_layout
 from .machine import peak_rss, use_threads
 from .paging import PagedExperts
 
@@ -516,13 +516,15 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
         folder = resolve_model(str(path))
     use_threads(threads)
     layout = open_layout(folder)
-    layout.check_tensors()  # every non-expert tensor is used by the first token; experts as they are first chosen
     cfg = layout.config
     if max_context is None:
         max_context = min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     elif not 1 <= max_context <= cfg.max_position_embeddings:
         raise MoeError(f"max_context {max_context} must be between 1 and the model's {cfg.max_position_embeddings}")
     memory = decide(layout, memory_budget, prefetch, pin)
+    if memory.hold_weights:
+        layout.hold(MODEL_FILE)
+    layout.check_tensors()  # every non-expert tensor is used by the first token; experts as they are first chosen
     if memory.paged:
         experts: ExpertStore = PagedExperts(layout, memory.budget, cache_policy, memory.prefetch, memory.pins,
                                             memory.uncached)

@@ -32,7 +32,7 @@ class ScriptedModel:
         self.prompt_len = 0
         self.forwards: list[int] = []  # T of every forward call
         self.stats = {"hits": 0, "misses": 0, "bytes_read": 0}
-        self.memory = Memory(None, False, False, (), ())  # every expert mapped, nothing to say
+        self.memory = Memory(None, False, False, False, (), ())  # every expert mapped, nothing to say
         self.closed = False
 
     def reset(self, pos: int = 0) -> None:

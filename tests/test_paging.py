@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 
 import moe.runtime.budget
+import moe.runtime.layout
 import moe.runtime.paging
 import numpy as np
 import pytest
 from moe.convert import convert
 from moe.runtime.cache_policy import NextUse
 from moe.runtime.errors import MoeError
+from moe.runtime.layout import MODEL_FILE
 from moe.runtime.model import load_model
 from moe.runtime.paging import POLICIES, PagedExperts, min_budget, slot_bytes
 from tiny import MODELS, make_checkpoint
@@ -116,6 +119,34 @@ def test_misses_from_disk_leave_the_page_cache_to_the_rest(converted, monkeypatc
     assert np.array_equal(_decode_logits(model, IDS), want)
     runs = {(r["offset"], r["nbytes"]) for runs in model.layout.manifest["experts"].values() for r in runs}
     assert dropped and set(dropped) <= runs and sum(n for _, n in dropped) == model.experts.bytes_read.sum()
+
+
+def test_misses_from_disk_hold_the_weights_out_of_the_page_cache(converted, monkeypatch, tmp_path):
+    """When expert reads churn the page cache, model.bin is copied into the process's own memory: the same logits,
+    and nothing read through the file any more (overwriting it changes nothing)."""
+    src = converted["qwen3_moe"]
+    path = tmp_path / "copy"
+    shutil.copytree(src, path)
+    want = _decode_logits(load_model(path), IDS)
+    budget = 6 * slot_bytes(load_model(path).layout)
+    assert not load_model(path, memory_budget=budget).memory.hold_weights  # model.bin stays in the page cache
+    monkeypatch.setattr(moe.runtime.budget, "available_ram", lambda: budget)  # no room left beside the pool
+    model = load_model(path, memory_budget=budget)
+    assert model.memory.hold_weights
+    size = (path / MODEL_FILE).stat().st_size
+    with open(path / MODEL_FILE, "r+b") as f:
+        f.write(bytes(size))
+    assert np.array_equal(_decode_logits(model, IDS), want)
+
+
+def test_weights_file_ending_early_while_held_is_an_error(converted, monkeypatch, tmp_path):
+    path = tmp_path / "copy"
+    shutil.copytree(converted["qwen3_moe"], path)
+    budget = 6 * slot_bytes(load_model(path).layout)
+    monkeypatch.setattr(moe.runtime.budget, "available_ram", lambda: budget)
+    monkeypatch.setattr(moe.runtime.layout, "preadv", lambda fd, buffers, offset: 0)
+    with pytest.raises(MoeError, match=r"model\.bin: the file ended after 0 of \d+ bytes"):
+        load_model(path, memory_budget=budget)
 
 
 def test_slow_reads_never_serve_half_an_expert(converted):
