@@ -6,8 +6,8 @@ expert's run from experts.bin into a slot with one positioned read (no mmap resi
 budget holds whatever the OS does with its page cache), and checks its CRC-32 the first time
 that expert is read. As soon as a layer's router has run, all of that layer's misses are read side
 by side (several reads in flight). When experts.bin cannot stay in the page cache beside the pool,
-what a miss read is dropped from the page cache once in its slot, which leaves that memory to
-model.bin and the process. Eviction picks, among slots no one is using, the one whose next use is
+a miss is read from the device straight into its slot, around the page cache (or dropped from it
+once read, where the OS cannot read around it), which leaves that memory to the process. Eviction picks, among slots no one is using, the one whose next use is
 expected farthest away (`next`, the default: cache_policy.py), the one whose expert has the
 lowest decayed use count (`freq`), or the least recently used one (`lru`). With prefetch, a
 background thread reads the experts the next layer is predicted to need while this layer
@@ -27,13 +27,22 @@ from .cache_policy import NextUse
 from .errors import MoeError
 from .experts import ExpertStore, ExpertWeights, weights_in
 from .layout import EXPERT_ALIGN, EXPERTS_FILE, Layout, align, crc32
-from .machine import available_ram, drop_cached, open_read, preadv, read_around_cache
+from .machine import (
+    anonymous,
+    available_ram,
+    drop_cached,
+    open_read,
+    open_uncached,
+    preadv,
+    read_around_cache,
+)
 from .units import format_size, format_sizes
 
 POLICIES = ("next", "freq", "lru")
 DECAY = 0.98  # per token: an expert's use count halves over ~35 tokens of not being chosen
 
 _EMPTY, _LOADING, _READY = 0, 1, 2
+DIRECT_ALIGN = 4096  # O_DIRECT reads: lengths (and offsets, buffers: the runs and slots are aligned wider) in blocks
 
 
 def slot_bytes(layout: Layout) -> int:
@@ -55,9 +64,10 @@ def _allocate_pool(n_slots: int, slot_bytes: int, budget: int) -> np.ndarray:
     """The slots' memory, refused when it could not all be resident: filling it would swap, or be killed."""
     available = available_ram()
     if n_slots * slot_bytes <= available:
-        try:
-            return np.empty((n_slots, slot_bytes), np.uint8)
-        except MemoryError:
+        try:  # page-aligned, as reads that bypass the page cache need
+            return np.frombuffer(anonymous(n_slots * slot_bytes), np.uint8)[: n_slots * slot_bytes].reshape(
+                n_slots, slot_bytes)
+        except (MemoryError, OSError):
             pass
     raise MoeError(
         f"memory budget {format_size(budget)} does not fit in the {format_size(available)} of RAM available "
@@ -101,9 +111,11 @@ class PagedExperts(ExpertStore):
         self._lock = threading.Lock()
         self._loads: dict[int, Future] = {}
         self._fd = open_read(layout.folder / EXPERTS_FILE)
-        # When experts.bin cannot stay in the page cache anyway, the pages a miss reads are dropped once in
-        # their slot: cached twice, they would push out model.bin and the rest of the process instead.
-        self._drop_after_read = uncached and not read_around_cache(self._fd)
+        # When experts.bin cannot stay in the page cache anyway, a miss is read straight from the device into
+        # its slot (O_DIRECT, F_NOCACHE), or else dropped from the page cache once there: cached twice, it would
+        # push out the rest of the process instead.
+        self._direct = open_uncached(layout.folder / EXPERTS_FILE) if uncached else None
+        self._drop_after_read = uncached and self._direct is None and not read_around_cache(self._fd)
         self._runs = {int(k): v for k, v in layout.manifest["experts"].items()}
         self._entries = {(i, j): layout.expert_tensors(i, j) for i, runs in self._runs.items() for j in range(len(runs))}
         self.wants_prediction = prefetch
@@ -202,9 +214,10 @@ class PagedExperts(ExpertStore):
         if self._prefetcher is not None:
             self._prefetcher.shutdown(wait=True)
         self._readers.shutdown(wait=True)
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for fd in (self._fd, self._direct):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self._fd = self._direct = -1
 
     @property
     def bytes_resident(self) -> int:
@@ -259,16 +272,18 @@ class PagedExperts(ExpertStore):
         """Read the run into the slot and check it; on any failure the slot goes back to empty."""
         run = self._runs[layer][expert]
         n = run["nbytes"]
-        view = memoryview(self.pool[slot])[:n]
+        fd, want = (self._fd, n) if self._direct is None else (self._direct, align(n, DIRECT_ALIGN))
+        view = memoryview(self.pool[slot])[:want]
         try:
             got = 0
             while got < n:
-                r = self.read(self._fd, [view[got:]], run["offset"] + got)
+                r = self.read(fd, [view[got:]], run["offset"] + got)
                 if r <= 0:
                     raise OSError(f"unexpected end of file after {got} of {n} bytes")
                 got += r
+                fd = self._fd  # a direct read cut short ends with an ordinary one, which takes any offset
             if not self.checked[layer, expert]:
-                self._check(layer, expert, crc32(view))
+                self._check(layer, expert, crc32(view[:n]))
             if self._drop_after_read:
                 drop_cached(self._fd, run["offset"], n)
         except BaseException as exc:

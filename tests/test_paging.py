@@ -104,14 +104,36 @@ def test_prefetch_by_default_only_when_misses_come_from_disk(converted, monkeypa
     assert load_model(path, memory_budget=budget).experts._prefetcher is not None
 
 
+def test_misses_from_disk_are_read_around_the_page_cache(converted, monkeypatch, tmp_path):
+    """When experts.bin cannot stay in the page cache beside the pool, misses are read from the device straight
+    into their slots (O_DIRECT here, page-aligned whole blocks): the same logits."""
+    path = converted["gpt_oss"]
+    want = _decode_logits(load_model(path), IDS)
+    budget = 6 * slot_bytes(load_model(path).layout)
+    monkeypatch.setattr(moe.runtime.budget, "available_ram", lambda: budget)  # no room left beside the pool
+    opened = []
+    real_open = moe.runtime.paging.open_uncached
+    monkeypatch.setattr(moe.runtime.paging, "open_uncached", lambda p: opened.append(real_open(p)) or opened[-1])
+    model = load_model(path, memory_budget=budget)
+    if opened[-1] is None:
+        pytest.skip(f"the file system under {path} refuses O_DIRECT")
+    reads = []
+    real_read = model.experts.read
+    model.experts.read = lambda fd, buffers, offset: reads.append((fd, len(buffers[0]), offset)) or real_read(
+        fd, buffers, offset)
+    assert np.array_equal(_decode_logits(model, IDS), want)
+    assert reads and all(fd == opened[-1] and n % 4096 == 0 and offset % 4096 == 0 for fd, n, offset in reads)
+
+
 def test_misses_from_disk_leave_the_page_cache_to_the_rest(converted, monkeypatch):
-    """When experts.bin cannot stay in the page cache beside the pool, each expert read is dropped from it once in
-    its slot (cached twice, it would push out model.bin); when it can, the page cache keeps it."""
+    """Where the OS cannot read around the page cache, each expert read is dropped from it once in its slot
+    (cached twice, it would push out the rest of the process); when experts.bin fits, the page cache keeps it."""
     path = converted["gpt_oss"]
     want = _decode_logits(load_model(path), IDS)
     budget = 6 * slot_bytes(load_model(path).layout)
     dropped = []
     monkeypatch.setattr(moe.runtime.paging, "drop_cached", lambda fd, offset, n: dropped.append((offset, n)))
+    monkeypatch.setattr(moe.runtime.paging, "open_uncached", lambda p: None)
     model = load_model(path, memory_budget=budget)
     assert np.array_equal(_decode_logits(model, IDS), want) and dropped == []
     monkeypatch.setattr(moe.runtime.budget, "available_ram", lambda: budget)  # no room left beside the pool
