@@ -27,7 +27,7 @@ class Memory:
     """The decision: experts mapped (budget None) or paged under a budget, and what to say about it."""
 
     budget: int | None  # bytes the expert cache may hold; None: every expert comes from the memory map
-    prefetch: bool  # read the next layer's predicted experts while this layer computes
+    prefetch: bool | None  # read the next layer's predicted experts while this layer computes: None, while that pays
     uncached: bool  # drop what a miss read from the page cache once it is in its slot
     hold_weights: bool  # model.bin copied into the process's own memory, out of the page cache's reach
     pins: tuple[tuple[int, int], ...]  # (layer, expert) kept resident, hottest first
@@ -40,7 +40,7 @@ class Memory:
 
 def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | None = None, pin=()) -> Memory:
     """How `layout`'s experts are held. budget: bytes or text such as "2GB"; None chooses one only when the model
-    does not fit comfortably in available RAM. prefetch: True, False, or None for when misses come from disk.
+    does not fit comfortably in available RAM. prefetch: True, False, or None: measured, when misses come from disk.
     pin: (layer, expert) pairs, hottest first, or a profile file (`moe profile -o`) whose hottest pairs are read
     against this model; at most PIN_SHARE of the slots, leaving room for one layer's top-k."""
     sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
@@ -64,8 +64,10 @@ def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | Non
         return Memory(None, False, False, False, (), tuple(notes))
     uncached = misses_from_disk(sizes[EXPERTS_FILE], sizes[MODEL_FILE], budget, available)
     slots, k = slot_count(layout, budget), layout.config.top_k
-    # Prefetch needs room beyond the layer being computed: more than two layers' top-k.
-    prefetch = (uncached if prefetch is None else prefetch) and slots > 2 * k
+    # Prefetch needs room beyond the layer being computed: more than two layers' top-k. By default it is tried
+    # only when misses come from disk, and reads ahead only while its predictions are measured to be right.
+    if prefetch is None and not uncached or slots <= 2 * k:
+        prefetch = False
     kept = min(int(PIN_SHARE * (budget // slot_bytes(layout))), max(0, slots - k))
     # Misses from disk churn the page cache: the weights every token reads must not be what it drops.
     return Memory(budget, prefetch, uncached, uncached, tuple(pins[:kept]), tuple(notes))

@@ -11,7 +11,9 @@ once read, where the OS cannot read around it), which leaves that memory to the 
 expected farthest away (`next`, the default: cache_policy.py), the one whose expert has the
 lowest decayed use count (`freq`), or the least recently used one (`lru`). With prefetch, a
 background thread reads the experts the next layer is predicted to need while this layer
-computes; a slot being read is never handed out until its read completed and checked, and a
+computes: always, or (measured) only while the predictions of experts not in the cache prove right at
+least READ_AHEAD_PRECISION of the time, since each wrong one is a whole expert read for nothing and the
+eviction of one that was wanted; a slot being read is never handed out until its read completed and checked, and a
 failed read leaves the slot empty.
 """
 
@@ -40,6 +42,8 @@ from .units import format_size, format_sizes
 
 POLICIES = ("next", "freq", "lru")
 DECAY = 0.98  # per token: an expert's use count halves over ~35 tokens of not being chosen
+READ_AHEAD_PRECISION = 2 / 3  # then the bytes read stay within 1.5x of the experts used
+READ_AHEAD_EVIDENCE = 32  # predictions of absent experts scored (decayed) before measured read-ahead may start
 
 _EMPTY, _LOADING, _READY = 0, 1, 2
 DIRECT_ALIGN = 4096  # O_DIRECT reads: lengths (and offsets, buffers: the runs and slots are aligned wider) in blocks
@@ -78,9 +82,10 @@ def _allocate_pool(n_slots: int, slot_bytes: int, budget: int) -> np.ndarray:
 class PagedExperts(ExpertStore):
     """An expert cache of a fixed number of slots, filled from experts.bin on demand and by prefetch."""
 
-    def __init__(self, layout: Layout, budget: int, policy: str = "next", prefetch: bool = False, pins=(),
+    def __init__(self, layout: Layout, budget: int, policy: str = "next", prefetch: bool | None = False, pins=(),
                  uncached: bool = False):
-        """prefetch, uncached and pins (hottest first, as many as may stay resident) as budget.decide chose them."""
+        """prefetch (True: always, None: while measured to pay, False: never), uncached and pins (hottest first, as
+        many as may stay resident) as budget.decide chose them."""
         super().__init__(layout)
         if policy not in POLICIES:
             raise MoeError(f"cache policy {policy!r} is unknown; choose one of {', '.join(POLICIES)}")
@@ -105,6 +110,9 @@ class PagedExperts(ExpertStore):
         self.prefetched = np.zeros(self.n_slots, bool)  # filled by prefetch, not used yet
         self.queued = np.zeros(self.n_slots, bool)  # read as its layer's miss (counted then), not used yet
         self._prediction: dict[int, set[int]] = {}
+        self._absent: dict[int, set[int]] = {}  # of a layer's prediction, the experts not in the cache then
+        self.absent_predicted = 0.0  # decayed counts of those, and of those the router then chose
+        self.absent_right = 0.0
         self._in_use: set[int] = set()  # the slot whose views get() last handed out
         self._protected: set[int] = set()  # slots of the layer being computed: prefetch must not take them
         self._clock = 0
@@ -118,8 +126,9 @@ class PagedExperts(ExpertStore):
         self._drop_after_read = uncached and self._direct is None and not read_around_cache(self._fd)
         self._runs = {int(k): v for k, v in layout.manifest["experts"].items()}
         self._entries = {(i, j): layout.expert_tensors(i, j) for i, runs in self._runs.items() for j in range(len(runs))}
-        self.wants_prediction = prefetch
-        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="moe-prefetch") if prefetch else None
+        self.wants_prediction = prefetch is not False
+        self._measured = prefetch is None
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="moe-prefetch") if self.wants_prediction else None
         # A layer's misses are read side by side, several reads in flight, as soon as its router has run.
         self._readers = ThreadPoolExecutor(min(layout.config.top_k, 8), thread_name_prefix="moe-read")
         self.read = preadv  # the one read call; tests replace it to read slowly or fail
@@ -138,6 +147,9 @@ class PagedExperts(ExpertStore):
         if guess is not None:
             self.predicted[layer] += len(guess)
             self.predicted_right[layer] += len(guess & chosen)
+            absent = self._absent.pop(layer)
+            self.absent_predicted += len(absent)
+            self.absent_right += len(absent & chosen)
         with self._lock:
             # the policy learns this layer's choice before it picks the slots this layer's misses go to
             self.freq[layer, list(chosen)] += 1.0
@@ -194,16 +206,28 @@ class PagedExperts(ExpertStore):
         self.freq *= DECAY**tokens
         if self._next is not None:
             self._next.end_token(tokens)
+        self.absent_predicted *= DECAY**tokens
+        self.absent_right *= DECAY**tokens
+
+    @property
+    def reading_ahead(self) -> bool:
+        """Whether prefetch reads predictions now: always, or while they are measured to pay."""
+        if self._prefetcher is None:
+            return False
+        if not self._measured:
+            return True
+        return (self.absent_predicted >= READ_AHEAD_EVIDENCE
+                and self.absent_right >= READ_AHEAD_PRECISION * self.absent_predicted)
 
     def prefetch(self, layer: int, experts) -> None:
         """Start reading `experts` of `layer` (a prediction) in the background, into slots no one needs now."""
         self._prediction[layer] = set(experts)
-        if self._prefetcher is None:
-            return
         with self._lock:
-            for e in experts:
-                if self.slot_of[layer, e] >= 0:
-                    continue
+            absent = [e for e in experts if self.slot_of[layer, e] < 0]
+            self._absent[layer] = set(absent)
+            if not self.reading_ahead:
+                return
+            for e in absent:
                 slot = self._claim(layer, e, for_prefetch=True)
                 if slot < 0:
                     return

@@ -311,3 +311,33 @@ def test_next_policy_evicts_the_layer_needed_last():
     policy.observe(1, [0])
     assert policy.victim(candidates, last_use=np.array([1, 2])) == 1
     assert policy.victim(candidates[::-1], last_use=np.array([2, 1])) == 0
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_measured_prefetch_reads_ahead_only_while_its_predictions_are_right(converted, right):
+    """Measured prefetch scores each prediction of experts not in the cache against the router's choice and reads
+    ahead only while at least READ_AHEAD_PRECISION of them prove right: predictions that are always right start
+    reading ahead and then serve hits; always wrong, it never reads an expert the router did not choose."""
+    layout = load_model(converted["gpt_oss"]).layout
+    layers = sorted(int(i) for i in layout.manifest["experts"])
+    n = layout.config.num_experts
+    store = PagedExperts(layout, 4 * slot_bytes(layout), prefetch=None)
+    rng = np.random.default_rng(0)
+    read_ahead = []
+    for _ in range(40):
+        for layer in layers:
+            chosen = int(rng.integers(n))
+            store.prefetch(layer, [chosen if right else (chosen + 1) % n])
+            read_ahead.append(store.reading_ahead)
+            store.begin_layer(layer, [chosen])
+            store.get(layer, chosen)
+        store.end_token()
+    for pending in list(store._loads.values()):
+        pending.result()
+    if right:
+        assert read_ahead[0] is False and read_ahead[-1] is True and store.prefetch_hits.sum() > 0
+    else:
+        assert not any(read_ahead)
+        sizes = {r["nbytes"] for runs in layout.manifest["experts"].values() for r in runs}
+        assert len(sizes) == 1 and store.bytes_read.sum() == store.misses.sum() * sizes.pop()  # one read per miss
+    store.close()
