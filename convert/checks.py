@@ -3,6 +3,7 @@ the checkpoint's headers (every tensor present with the shape the config implies
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -99,7 +100,11 @@ def piece_shape(ckpt: Checkpoint, s: Src) -> tuple[int, ...]:
         shape = shape[1:]
     if s.transpose:
         shape = shape[::-1]
-    return (len(range(s.start, shape[0], s.step)), *shape[1:]) if shape else shape
+    if s.flatten and shape:
+        shape = (shape[0], math.prod(shape[1:]))
+    if not shape:
+        return shape
+    return (sum(min(s.block, shape[0] - r) for r in range(s.start, shape[0], s.step)), *shape[1:])
 
 
 def check_plan(plan: Plan, ckpt: Checkpoint, folder: Path) -> None:

@@ -113,6 +113,10 @@ def piece(ckpt: Checkpoint, s: Src) -> tuple[np.ndarray, str]:
             a = a[s.expert]
     if s.transpose:
         a = a.T
+    if s.flatten:
+        a = a.reshape(a.shape[0], -1)
+    if s.block > 1:
+        return np.concatenate([a[r: r + s.block] for r in range(s.start, a.shape[0], s.step)]), dtype
     return (a[s.start::s.step] if s.step != 1 or s.start else a), dtype
 
 
@@ -171,7 +175,7 @@ def _source_nbytes(ckpt: Checkpoint, o: Out) -> int:
     for s in o.srcs:
         for name in s.sources():
             t = ckpt.info(name)
-            total += (t.nbytes // t.shape[0] if s.expert is not None else t.nbytes) // s.step
+            total += (t.nbytes // t.shape[0] if s.expert is not None else t.nbytes) * s.block // s.step
     return total
 
 

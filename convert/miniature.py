@@ -30,7 +30,8 @@ def mini_config(hf: dict, shrink: bool = True) -> ModelConfig:
         return cfg
     mlps = {name: MLP for name in ("expert_intermediate_size", "shared_expert_intermediate_size",
                                    "dense_intermediate_size") if getattr(cfg, name)}
-    return dataclasses.replace(cfg, hidden_size=HIDDEN, head_dim=HEAD_DIM, vocab_size=VOCAB, **mlps)
+    heads = {name: HEAD_DIM for name in ("linear_key_head_dim", "linear_value_head_dim") if getattr(cfg, name)}
+    return dataclasses.replace(cfg, hidden_size=HIDDEN, head_dim=HEAD_DIM, vocab_size=VOCAB, **mlps, **heads)
 
 
 def overhead(hf: dict, bits: int, group_size: int = 32, remeasure: bool = False, say=None,

@@ -16,15 +16,18 @@ F32 = 4
 
 
 def kv_cache_bytes(cfg, context: int) -> int:
-    """f32 keys and values (or latents) of every layer for `context` tokens."""
-    return F32 * cfg.num_layers * cfg.kv_cache_width * context
+    """f32 keys and values (or latents) of every attention layer for `context` tokens, and the recurrent states of
+    the linear attention layers."""
+    linear = len(cfg.linear_layers())
+    return F32 * ((cfg.num_layers - linear) * cfg.kv_cache_width * context + linear * cfg.recurrent_state_width)
 
 
 def sizes(plan: Plan, encodings: dict[str, str], group_size: int) -> dict:
     """Parameters, the layout's size, bytes touched per generated token, RAM needs and the smallest budget.
 
-    Bytes touched per token: every non-expert tensor but the embedding table (one row of it), and
-    each MoE layer's top-k largest experts; the KV cache read by attention comes on top.
+    Bytes touched per token: every non-expert tensor but the embedding table (one row of it), each MoE layer's
+    top-k largest experts, and linear attention's recurrent states (f32, two passes over each: decay and read,
+    then update and read out); the KV cache read by attention comes on top.
     """
     cfg = plan.config
     placed = place(plan, encodings, group_size)
@@ -47,6 +50,9 @@ def sizes(plan: Plan, encodings: dict[str, str], group_size: int) -> dict:
             layer_experts.setdefault(item.layer, []).append((n, placed.runs[(item.layer, item.expert)][1], by_enc))
         elif item.name != "embed" or cfg.tie_word_embeddings:
             touched[encodings[item.name]] = touched.get(encodings[item.name], 0) + stored(item.name, item.shape)
+    states = 2 * F32 * len(cfg.linear_layers()) * cfg.recurrent_state_width
+    if states:
+        touched["f32"] = touched.get("f32", 0) + states
     active_expert_params = active_expert_bytes = 0
     for experts in layer_experts.values():
         for n, run, by_enc in sorted(experts, key=lambda e: -e[1])[: cfg.top_k]:

@@ -14,7 +14,7 @@ from .errors import MoeError
 
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_group_topk")
 ACTIVATIONS = ("silu", "gpt_oss")
-ATTENTIONS = ("full", "sliding", "chunked")
+ATTENTIONS = ("full", "sliding", "chunked", "linear")
 ATTENTION_KINDS = ("gqa", "mla")
 QK_NORMS = ("none", "head", "full", "l2")
 ROPE_KINDS = ("default", "llama3", "yarn")
@@ -61,7 +61,7 @@ class Rope:
 class LayerSpec:
     moe: bool = True  # MoE block, else a dense SwiGLU MLP (`mlp.*`)
     rope: bool = True  # False: NoPE layer (Llama 4)
-    attention: str = "full"  # full | sliding | chunked
+    attention: str = "full"  # full | sliding | chunked | linear (Gated DeltaNet: a recurrent state, no KV cache)
     window: int = 0  # sliding window or attention chunk size, in tokens
     qk_norm: str = "none"  # none | head (per head, weight [hd]) | full (weight [nh*hd]) | l2 (no weight)
     attn_temperature: bool = False  # Llama 4 NoPE layers: q scaled by 1 + attn_scale * log1p(floor((pos+1)/floor_scale))
@@ -117,6 +117,15 @@ class ModelConfig:
     v_head_dim: int = 0
     latent_norm_eps: float = 1e-6  # q_a_norm's and kv_a_norm's: transformers' RMSNorm default, not rms_norm_eps
     attention_scale: float | None = None  # the softmax's; None: head_dim ** -0.5
+    attn_output_gate: bool = False  # q rows give each head's query, then its gate: output * sigmoid(gate) (Qwen3.5)
+    # linear attention layers (Qwen3.5's Gated DeltaNet, moe.runtime.kernels.deltanet): q and k in key heads, v in
+    # value heads (a multiple of them), through a causal depthwise convolution of linear_conv_kernel taps
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+    norm_offset: float = 0.0  # added to every RMSNorm weight but the gated one: Qwen3.5 scales by 1 + weight
     clip_qkv: float | None = None
     attn_scale: float = 0.1
     floor_scale: float = 8192.0
@@ -188,9 +197,19 @@ class ModelConfig:
         for i, layer in enumerate(self.layers):
             if layer.attention not in ATTENTIONS or layer.qk_norm not in QK_NORMS:
                 return f"layer {i}: attention {layer.attention!r} or qk_norm {layer.qk_norm!r} is unknown"
-            if layer.window < 0 or (layer.attention != "full" and layer.window == 0):
+            if layer.window < 0 or (layer.attention in ("sliding", "chunked") and layer.window == 0):
                 return f"layer {i}: {layer.attention} attention needs a positive window, not {layer.window}"
-        return self._group_problem() or self.rope.problem()
+        return self._group_problem() or self._linear_problem() or self.rope.problem()
+
+    def _linear_problem(self) -> str | None:
+        if not self.linear_layers():
+            return None
+        nk, nv = self.linear_num_key_heads, self.linear_num_value_heads
+        if min(nk, nv, self.linear_key_head_dim, self.linear_value_head_dim, self.linear_conv_kernel - 1) <= 0:
+            return "linear attention needs positive head counts and dims and a convolution of at least 2 taps"
+        if nv % nk:
+            return f"linear attention's {nv} value heads are not a multiple of its {nk} key heads"
+        return None
 
     def _group_problem(self) -> str | None:
         """Group-limited routing needs groups of at least 2 experts (each is scored by its best two) that hold k."""
@@ -235,8 +254,30 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def linear_key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """The convolved channels: q, k, then v."""
+        return 2 * self.linear_key_dim + self.linear_value_dim
+
+    @property
+    def recurrent_state_width(self) -> int:
+        """f32 values a linear attention layer keeps per sequence: its convolution's last inputs and its state."""
+        return ((self.linear_conv_kernel - 1) * self.linear_conv_dim
+                + self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim)
+
     def moe_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if layer.moe]
+
+    def linear_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if layer.attention == "linear"]
 
 
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "float | None": (int, float, type(None)),

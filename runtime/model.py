@@ -4,8 +4,9 @@ Shape letters: T tokens in this call, H hidden, E experts, k experts per token, 
 intermediate width, nh/nkv query/key-value heads, hd head dim, P context positions, V vocabulary.
 
 `forward` runs T tokens at positions pos .. pos+T-1 through every layer, appending their keys
-and values to the KV cache. Prefill (T > 1) groups the tokens by expert, so each chosen
-expert's weights are read once per layer; decode (T = 1) reuses buffers allocated at load.
+and values to the KV cache (a linear attention layer folds them into its recurrent state instead).
+Prefill (T > 1) groups the tokens by expert, so each chosen expert's weights are read once per
+layer; decode (T = 1) reuses buffers allocated at load.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import numpy as np
 
 from . import kernels, tensors
 from .budget import Memory, decide
+from .codec import dequantize
 from .config import LayerSpec, ModelConfig
 from .errors import MoeError
 from .experts import ExpertStore, MappedExperts
-from .kernels import rope
+from .kernels import deltanet, rope
 from .kernels.attention import attend, per_head, temperature
 from .kernels.embed import embed
 from .kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
@@ -70,6 +72,13 @@ class _Layer:
     kv_b: Packed | None = None  # [nh * (nope + v), r]
     absorb_q: np.ndarray | None = None  # (nh, r, nope) f32: kv_b's k rows per head, transposed
     absorb_o: np.ndarray | None = None  # (nh, v, r) f32: kv_b's v rows per head
+    # linear attention: C convolved channels, lv values, nv value heads of dv
+    linear_in: Packed | None = None  # [C + lv + 2 nv, H]
+    linear_conv: Packed | None = None  # [C, K]
+    linear_a_log: np.ndarray | None = None  # (nv,)
+    linear_dt_bias: np.ndarray | None = None  # (nv,)
+    linear_norm: np.ndarray | None = None  # (dv,)
+    conv_taps: np.ndarray | None = None  # (C, K) f32: linear_conv's values
 
     @classmethod
     def load(cls, layout: Layout, i: int, spec: LayerSpec) -> _Layer:
@@ -102,13 +111,17 @@ class _Buffers:
         if cfg.attention_kind == "mla":
             self.latent = _LatentBuffers(cfg, T)
         else:
-            self.qkv = np.zeros((T, qd + 2 * kvd), F32)
-            self.q = _view(self.qkv[:, :qd], (T, nh, hd))
-            self.k = _view(self.qkv[:, qd: qd + kvd], (T, nkv, hd))
-            self.v = _view(self.qkv[:, qd + kvd:], (T, nkv, hd))
+            qr = 2 * qd if cfg.attn_output_gate else qd  # q rows, with each head's gate rows after its query's
+            self.qkv = np.zeros((T, qr + 2 * kvd), F32)
+            q_gate = _view(self.qkv[:, :qr], (T, nh, qr // nh))
+            self.q, self.gate = q_gate[:, :, :hd], q_gate[:, :, hd:]  # (T, nh, hd), (T, nh, hd or 0)
+            self.k = _view(self.qkv[:, qr: qr + kvd], (T, nkv, hd))
+            self.v = _view(self.qkv[:, qr + kvd:], (T, nkv, hd))
             self.q_flat = _view(self.qkv[:, :qd], (T, 1, qd))  # OLMoE's full-width q/k norms
             self.k_flat = _view(self.qkv[:, qd: qd + kvd], (T, 1, kvd))
             self.attn = np.zeros((T, nh, hd), F32)
+        if cfg.linear_layers():
+            self.linear = _LinearBuffers(cfg, T)
         self.router = np.zeros((T, E), F32)
         self.shared_gate = np.zeros((T, 1), F32)
         self.idx = np.zeros((T, k), np.int64)
@@ -144,6 +157,27 @@ class _LatentBuffers:
         self.attn = np.zeros((T, nh, v), F32)
 
 
+class _LinearBuffers:
+    """Gated DeltaNet's activations: C = 2 lk + lv convolved channels (q, k, v), nk/nv key/value heads of dk/dv."""
+
+    def __init__(self, cfg: ModelConfig, T: int):
+        C, lk, lv = cfg.linear_conv_dim, cfg.linear_key_dim, cfg.linear_value_dim
+        nk, nv, dk, dv = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                          cfg.linear_value_head_dim)
+        self.proj = np.zeros((T, C + lv + 2 * nv), F32)  # linear.in's output: to convolve, z, b, a
+        self.mixed = self.proj[:, :C]
+        self.z = _view(self.proj[:, C: C + lv], (T, nv, dv))
+        self.b = self.proj[:, C + lv: C + lv + nv]
+        self.a = self.proj[:, C + lv + nv:]
+        self.conv = np.zeros((T, C), F32)
+        self.q = _view(self.conv[:, :lk], (T, nk, dk))
+        self.k = _view(self.conv[:, lk: 2 * lk], (T, nk, dk))
+        self.v = _view(self.conv[:, 2 * lk:], (T, nv, dv))
+        self.g = np.zeros((T, nv), F32)  # log decay
+        self.beta = np.zeros((T, nv), F32)
+        self.out = np.zeros((T, nv, dv), F32)
+
+
 def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     """f32 zeros in anonymous memory that is committed page by page as it is written. Transparent huge
     pages are refused: each head's rows of the KV cache start 2 MiB apart, so one token would commit
@@ -162,7 +196,7 @@ def _view(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 class Model:
-    """A converted model with its KV cache. `forward` is the one entry; the rest wraps it."""
+    """A converted model with its KV cache (and recurrent states). `forward` is the one entry; the rest wraps it."""
 
     def __init__(self, layout: Layout, experts: ExpertStore, memory: Memory, max_context: int):
         self.layout = layout
@@ -179,6 +213,8 @@ class Model:
         self.lm_head = layout.packed("lm_head") if layout.has("lm_head") else self.embed
         self.norm = layout.packed("norm").codes
         self.layers = [_Layer.load(layout, i, spec) for i, spec in enumerate(cfg.layers)]
+        if cfg.norm_offset:
+            self._offset_norms(cfg.norm_offset)
         freq, attention_factor = rope.inv_freq(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings)
         self._cos, self._sin = rope.tables(freq, attention_factor, max_context)  # (P, rotary_dim/2)
         if cfg.attention_kind == "mla":  # one row per position, the keys; its latent part is also the values
@@ -187,6 +223,13 @@ class Model:
             kv_shape = (cfg.num_layers, cfg.num_kv_heads, max_context, cfg.head_dim)
             self._k = _lazy_zeros(kv_shape)  # pages are committed only as positions fill
             self._v = _lazy_zeros(kv_shape)
+        linear_layers = cfg.linear_layers()
+        self._state_of = {i: n for n, i in enumerate(linear_layers)}  # layer -> its recurrent state's index
+        self._conv_state = np.zeros((len(linear_layers), max(cfg.linear_conv_kernel - 1, 0), cfg.linear_conv_dim), F32)
+        self._recurrent = np.zeros((len(linear_layers), cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                    cfg.linear_value_head_dim), F32)
+        for i in linear_layers:
+            self.layers[i].conv_taps = dequantize(self.layers[i].linear_conv)
         self._ones = np.ones(cfg.head_dim, F32)  # Llama 4's L2 norm is an RMSNorm without weight
         self._no_sinks = np.zeros(cfg.num_heads, F32)
         self._uses = np.zeros((cfg.num_layers, cfg.num_experts), np.int64)
@@ -239,19 +282,29 @@ class Model:
         }
 
     def reset(self, pos: int = 0) -> None:
-        """Empty the KV cache, or keep its first `pos` positions (the rest is overwritten as tokens run)."""
+        """Empty the KV cache, or keep its first `pos` positions (the rest is overwritten as tokens run).
+
+        A recurrent state (linear attention) cannot rewind: it keeps every position (pos = self.pos) or none."""
+        if self._recurrent.size and pos not in (0, self.pos):
+            raise MoeError(f"linear attention cannot rewind from {self.pos} tokens to {pos}; this is a bug in moe", 1)
+        if pos == 0:
+            self._conv_state[:] = 0.0
+            self._recurrent[:] = 0.0
         self.pos = pos
 
     def cached_prefix(self, ids) -> int:
-        """How many leading ids the KV cache already holds, leaving at least the last one to run for its logits.
+        """How many leading ids the KV cache already holds, leaving at least the last one to run for its logits;
+        with linear attention, all the cached ids or none.
 
         `reset(cached_prefix(ids))` then `forward(ids[n:])` gives the logits of a fresh `forward(ids)`, bit for
         bit: every kernel computes a token's row the same whatever else is in the call (tests/test_serve.py).
+        Not so under linear attention: prefill folds a prompt into its state chunk by chunk, decode token by token.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         n = max(0, min(self.pos, ids.size - 1))
         differ = np.flatnonzero(self._ids[:n] != ids[:n])
-        return int(differ[0]) if differ.size else n
+        same = int(differ[0]) if differ.size else n
+        return 0 if self._recurrent.size and same != self.pos else same
 
     def logits(self, ids) -> np.ndarray:
         """f32 [T, V]: the logits of every position of ids, from an empty cache."""
@@ -331,6 +384,15 @@ class Model:
             self._prefill = _Buffers(self.config, T, self._widths)
         return self._prefill
 
+    def _offset_norms(self, offset: float) -> None:
+        """Weights stored as w - offset (Qwen3.5's RMSNorm scales by 1 + weight) as the scale itself, in f32 as
+        transformers adds them."""
+        self.norm = self.norm + F32(offset)
+        for layer in self.layers:
+            for name in ("attn_norm", "ffn_norm", "q_norm", "k_norm"):
+                if getattr(layer, name) is not None:
+                    setattr(layer, name, getattr(layer, name) + F32(offset))
+
     def _absorb(self, layer: _Layer) -> None:
         """kv_b as two f32 per-head stacks (the weights as linear reads them: kv_b times the identity), so latent
         attention never expands the cached latents into keys and values."""
@@ -344,6 +406,9 @@ class Model:
 
     def _attention(self, i: int, layer: _Layer, bufs: _Buffers, pos0: int) -> None:
         cfg, spec = self.config, layer.spec
+        if spec.attention == "linear":
+            self._linear_attention(i, layer, bufs)
+            return
         if cfg.attention_kind == "mla":
             self._latent_attention(i, layer, bufs, pos0)
             return
@@ -375,6 +440,8 @@ class Model:
         chunk = spec.window if spec.attention == "chunked" else 0
         sinks = self._no_sinks if layer.sinks is None else layer.sinks
         attend(bufs.q, k_cache, v_cache, pos0, cfg.softmax_scale, window, chunk, sinks, layer.sinks is not None, bufs.attn)
+        if cfg.attn_output_gate:
+            bufs.attn *= 1.0 / (1.0 + np.exp(-bufs.gate))
         linear(layer.o, bufs.attn.reshape(bufs.T, -1), bufs.y, self._scratch)
         if layer.o_bias is not None:
             np.add(bufs.y, layer.o_bias, out=bufs.y)
@@ -403,6 +470,21 @@ class Model:
         attend(m.q_abs, cache, cache, pos0, cfg.softmax_scale, 0, 0, self._no_sinks, False, m.attn_lat)
         per_head(m.attn_lat[:, :, :r], layer.absorb_o, m.attn)
         linear(layer.o, m.attn.reshape(bufs.T, -1), bufs.y, scratch)
+
+    def _linear_attention(self, i: int, layer: _Layer, bufs: _Buffers) -> None:
+        """Gated DeltaNet: q, k, v through the causal convolution, then the gated delta rule on layer i's state
+        (chunked for a prompt, stepwise for one token), normalized per head and gated by silu(z)."""
+        cfg, m, n = self.config, bufs.linear, self._state_of[i]
+        linear(layer.linear_in, bufs.xn, m.proj, self._scratch)
+        deltanet.causal_conv_silu(m.mixed, layer.conv_taps, self._conv_state[n], m.conv)
+        deltanet.l2norm(m.q)
+        deltanet.l2norm(m.k)
+        deltanet.gates(m.a, m.b, layer.linear_a_log, layer.linear_dt_bias, m.g, m.beta)
+        rule = deltanet.delta_rule_step if bufs.T == 1 else deltanet.delta_rule_chunked
+        rule(m.q, m.k, m.v, m.g, m.beta, cfg.linear_key_head_dim**-0.5, self._recurrent[n], m.out)
+        rmsnorm(m.out, layer.linear_norm, cfg.rms_norm_eps, m.out)
+        deltanet.silu_gate(m.out, m.z)
+        linear(layer.o, m.out.reshape(bufs.T, -1), bufs.y, self._scratch)
 
     def _moe(self, i: int, layer: _Layer, bufs: _Buffers) -> None:
         """Router (f32) and top-k, then each chosen expert once over the tokens routed to it."""
@@ -521,7 +603,7 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
         max_context = min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     elif not 1 <= max_context <= cfg.max_position_embeddings:
         raise MoeError(f"max_context {max_context} must be between 1 and the model's {cfg.max_position_embeddings}")
-    memory = decide(layout, memory_budget, prefetch, pin, max_context)
+    memory = decide(layout, memory_budget, prefetch, pin)
     if memory.hold_weights:
         layout.hold(MODEL_FILE)
     layout.check_tensors()  # every non-expert tensor is used by the first token; experts as they are first chosen

@@ -6,7 +6,8 @@ encoding policy chooses by its kinds; a new tensor is one row here.
 A name is global (`embed`), per layer (`layers.{i}.attn.qkv`) or per expert
 (`layers.{i}.experts.{j}.gate_up`); the runtime never sees a Hugging Face name. Shape letters: H hidden,
 V vocabulary, E experts, F an MLP's intermediate width, nh query heads, hd head dim, q = nh * hd and
-kv = nkv * hd the query and key-value widths.
+kv = nkv * hd the query and key-value widths; under linear attention (Gated DeltaNet) nv value heads, lk and lv
+the key and value widths, C = 2 lk + lv the convolved channels, K the convolution's taps.
 """
 
 from __future__ import annotations
@@ -55,7 +56,16 @@ def _moe(cfg: ModelConfig, spec: LayerSpec) -> bool:
 
 
 def _gqa(cfg: ModelConfig, spec: LayerSpec) -> bool:
-    return cfg.attention_kind == "gqa"
+    return cfg.attention_kind == "gqa" and not _linear(cfg, spec)
+
+
+def _linear(cfg: ModelConfig, spec: LayerSpec) -> bool:
+    return spec.attention == "linear"
+
+
+def _q_rows(cfg: ModelConfig) -> int:
+    """q's rows in attn.qkv: with an output gate, each head's hd query rows then its hd gate rows."""
+    return 2 * cfg.q_dim if cfg.attn_output_gate else cfg.q_dim
 
 
 def _mla(cfg: ModelConfig, spec: LayerSpec) -> bool:
@@ -81,9 +91,9 @@ LAYER = {t.short: t for t in (
     Tensor("attn_norm", NORMS, "other", lambda c, s: (c.hidden_size,)),
     Tensor("ffn_norm", NORMS, "other", lambda c, s: (c.hidden_size,)),
     # q rows, then k, then v
-    Tensor("attn.qkv", ATTENTION, "attention", lambda c, s: (c.q_dim + 2 * c.kv_dim, c.hidden_size), _gqa),
-    Tensor("attn.qkv_bias", BIASES, "attention", lambda c, s: (c.q_dim + 2 * c.kv_dim,),
-           lambda c, s: c.attention_bias),
+    Tensor("attn.qkv", ATTENTION, "attention", lambda c, s: (_q_rows(c) + 2 * c.kv_dim, c.hidden_size), _gqa),
+    Tensor("attn.qkv_bias", BIASES, "attention", lambda c, s: (_q_rows(c) + 2 * c.kv_dim,),
+           lambda c, s: c.attention_bias and _gqa(c, s)),
     # latent attention (attention_kind mla): q (or q_a, its norm, q_b) gives each head's nope then RoPE dims;
     # kv_a the latent's kv_lora_rank rows then the shared RoPE key's head_dim; kv_b each head's k_nope then v rows
     Tensor("attn.q", ATTENTION, "attention", lambda c, s: (c.num_heads * c.qk_head_dim, c.hidden_size),
@@ -95,15 +105,26 @@ LAYER = {t.short: t for t in (
     Tensor("attn.kv_a_norm", NORMS, "attention", lambda c, s: (c.kv_lora_rank,), _mla),
     Tensor("attn.kv_b", ATTENTION, "attention",
            lambda c, s: (c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank), _mla),
-    Tensor("attn.o", ATTENTION_OUTPUT, "attention", lambda c, s: (c.hidden_size, c.attn_out_dim)),
+    # under linear attention, the output projection of its lv values
+    Tensor("attn.o", ATTENTION_OUTPUT, "attention",
+           lambda c, s: (c.hidden_size, c.linear_value_dim if _linear(c, s) else c.attn_out_dim)),
     Tensor("attn.o_bias", BIASES, "attention", lambda c, s: (c.hidden_size,),
-           lambda c, s: c.attention_bias and c.attention_output_bias),
+           lambda c, s: c.attention_bias and c.attention_output_bias and not _linear(c, s)),
     # per head ([hd]) or over the whole projection ([q] and [kv])
     Tensor("attn.q_norm", NORMS, "attention", _qk_norm_width(lambda c: c.q_dim),
            lambda c, s: s.qk_norm in ("head", "full")),
     Tensor("attn.k_norm", NORMS, "attention", _qk_norm_width(lambda c: c.kv_dim),
            lambda c, s: s.qk_norm in ("head", "full")),
     Tensor("attn.sinks", BIASES, "attention", lambda c, s: (c.num_heads,), lambda c, s: c.attention_sinks),
+    # linear attention: its input projection's C convolved rows (q, k, v), lv gate rows (z), nv write-rate rows (b)
+    # and nv decay rows (a); the convolution's taps, exact as routers are; the decay's log scale and bias per value
+    # head; the gated norm's weight
+    Tensor("linear.in", ATTENTION, "attention",
+           lambda c, s: (c.linear_conv_dim + c.linear_value_dim + 2 * c.linear_num_value_heads, c.hidden_size), _linear),
+    Tensor("linear.conv", ROUTER, "attention", lambda c, s: (c.linear_conv_dim, c.linear_conv_kernel), _linear),
+    Tensor("linear.a_log", BIASES, "attention", lambda c, s: (c.linear_num_value_heads,), _linear),
+    Tensor("linear.dt_bias", BIASES, "attention", lambda c, s: (c.linear_num_value_heads,), _linear),
+    Tensor("linear.norm", NORMS, "attention", lambda c, s: (c.linear_value_head_dim,), _linear),
     Tensor("router", ROUTER, "routers", lambda c, s: (c.num_experts, c.hidden_size), _moe),
     Tensor("router_bias", BIASES, "routers", lambda c, s: (c.num_experts,), lambda c, s: s.moe and c.router_bias),
     # added to the sigmoid scores only to choose the experts (sigmoid_group_topk), f32 as in the source

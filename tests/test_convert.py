@@ -12,7 +12,7 @@ from moe.runtime.codec import dequantize
 from moe.runtime.layout import open_layout, verify
 from safetensors.torch import load_file
 from test_convert_quant import assert_nearest_values
-from tiny import ARCHS, make_checkpoint
+from tiny import ARCHS, make_checkpoint, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,15 @@ def reference(name_of_arch, sd, name):
              "attn.q_a": a + "q_a_proj.weight", "attn.q_a_norm": a + "q_a_layernorm.weight",
              "attn.q_b": a + "q_b_proj.weight", "attn.kv_a": a + "kv_a_proj_with_mqa.weight",
              "attn.kv_a_norm": a + "kv_a_layernorm.weight", "attn.kv_b": a + "kv_b_proj.weight"}
+    lin = p + "linear_attn."
+    if rest.startswith("linear.") or (rest == "attn.o" and lin + "out_proj.weight" in sd):
+        if rest == "linear.in" and lin + "in_proj_qkvz.weight" in sd:  # Qwen3-Next: rows grouped by key head
+            return qwen3_next_projections(sd, lin, tiny_config(name_of_arch)["linear_num_key_heads"])
+        if rest == "linear.in":
+            return torch.cat([sd[f"{lin}in_proj_{x}.weight"] for x in ("qkv", "z", "b", "a")])
+        return {"linear.conv": lambda: sd[lin + "conv1d.weight"][:, 0], "linear.a_log": lambda: sd[lin + "A_log"],
+                "linear.dt_bias": lambda: sd[lin + "dt_bias"], "linear.norm": lambda: sd[lin + "norm.weight"],
+                "attn.o": lambda: sd[lin + "out_proj.weight"]}[rest]()
     if rest in plain:
         return sd[plain[rest]]
     if rest in ("attn.qkv", "attn.qkv_bias"):
@@ -76,7 +85,8 @@ def reference(name_of_arch, sd, name):
     if name_of_arch == "mixtral":
         e = f"{p}block_sparse_moe.experts.{j}."
         return torch.cat([sd[e + "w1.weight"], sd[e + "w3.weight"]]) if what == "gate_up" else sd[e + "w2.weight"]
-    if name_of_arch in ("qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "deepseek_v3", "deepseek_v2"):
+    if name_of_arch in ("qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "deepseek_v3", "deepseek_v2", "qwen3_5_moe",
+                        "qwen3_next"):
         e = f"{ff}experts.{j}."
         if what == "gate_up":
             return torch.cat([sd[e + "gate_proj.weight"], sd[e + "up_proj.weight"]])
@@ -90,6 +100,18 @@ def reference(name_of_arch, sd, name):
         b = sd[ff + "experts.gate_up_proj_bias"][j]
         return torch.cat([b[0::2], b[1::2]])
     return down.T if what == "down" else sd[ff + "experts.down_proj_bias"][j]
+
+
+def qwen3_next_projections(sd, lin, nk):
+    """in_proj_qkvz's and in_proj_ba's rows regrouped: every key head's q, then k, v, z, b, a."""
+    qkvz, ba = sd[lin + "in_proj_qkvz.weight"], sd[lin + "in_proj_ba.weight"]
+    H = qkvz.shape[1]
+    lv = sd[lin + "A_log"].numel() * sd[lin + "norm.weight"].numel()
+    dk = (sd[lin + "conv1d.weight"].shape[0] - lv) // 2 // nk
+    qkvz, ba = qkvz.reshape(nk, -1, H), ba.reshape(nk, -1, H)
+    rdv, r = (qkvz.shape[1] - 2 * dk) // 2, ba.shape[1] // 2
+    parts = (qkvz[:, :dk], qkvz[:, dk: 2 * dk], qkvz[:, 2 * dk: 2 * dk + rdv], qkvz[:, 2 * dk + rdv:], ba[:, :r], ba[:, r:])
+    return torch.cat([x.reshape(-1, H) for x in parts])
 
 
 def layout_values(folder):

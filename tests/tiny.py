@@ -21,7 +21,7 @@ from moe.convert.demo import DEMO_SOURCE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss", "qwen2_moe", "glm4_moe",
-         "deepseek_v3", "deepseek_v2")
+         "deepseek_v3", "deepseek_v2", "qwen3_5_moe", "qwen3_next")
 MODELS = tuple(a for a in ARCHS if a != "llama4_multimodal")  # one per architecture: llama4 is llama4_multimodal's
 
 _COMMON = dict(
@@ -70,6 +70,20 @@ _CONFIGS = {
                         intermediate_size=96, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
                         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=20,
                         rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+    # layers: 0-2 Gated DeltaNet (2 key heads of 16, 4 value heads of 24, 4 taps), 3 gated full attention (RoPE on 8
+    # of 32 dims); every layer MoE with a gated shared expert
+    "qwen3_5_moe": dict(num_hidden_layers=4, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                        moe_intermediate_size=40, shared_expert_intermediate_size=48, linear_num_key_heads=2,
+                        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24,
+                        linear_conv_kernel_dim=4,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25}),
+    # Qwen3.5-MoE's geometry with layer 1 dense and the router not renormalized
+    "qwen3_next": dict(num_hidden_layers=4, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                       moe_intermediate_size=40, shared_expert_intermediate_size=48, intermediate_size=96,
+                       mlp_only_layers=[1], decoder_sparse_step=1, norm_topk_prob=False, linear_num_key_heads=2,
+                       linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24,
+                       linear_conv_kernel_dim=4,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25}),
     "gpt_oss": dict(num_hidden_layers=3, head_dim=24, num_local_experts=4, num_experts_per_tok=2,
                     intermediate_size=40, sliding_window=8, max_position_embeddings=131072,
                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
@@ -85,6 +99,8 @@ _CLASSES = {  # arch -> (config class, model class) names in transformers
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
 }
 FP4_VALUES = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0.0, -.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
 
@@ -115,15 +131,17 @@ def build_model(arch: str, seed: int = 0, **config_overrides):
 
 
 def _randomize(model, seed: int) -> None:
-    """Weights with unit-scale outputs: N(0, 1/fan_in) matrices, norms near 1, biases and sinks non-zero."""
+    """Weights with unit-scale outputs: N(0, 1/fan_in) matrices, norms scaling by about 1, biases and sinks non-zero."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             r = torch.randn(p.shape, generator=g)
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(1.0 + 0.2 * r)
+            if name.endswith("A_log"):  # decays of 2-6 % a token: a state that outlasts a chunk
+                p.copy_(-3.0 + 0.5 * r)
+            elif p.ndim == 1 and "norm" in name:  # zero at init: a norm that scales by 1 + weight (Qwen3.5)
+                p.copy_((0.0 if bool((p == 0).all()) else 1.0) + 0.2 * r)
             elif p.ndim == 1 and name.endswith("sinks"):
                 p.copy_(r)
             elif p.ndim == 1 or name.endswith("_bias"):

@@ -3,7 +3,9 @@
 A layout tensor (`Out`) is its source pieces (`Src`) concatenated along rows. A piece is a
 Hub tensor, optionally one expert's slice of a fused [E, ...] tensor, transposed from
 [in, out] to [out, in], and/or every `step`-th row from `start` (gpt-oss interleaves gate
-and up). `mxfp4` pieces are decoded from `<name>_blocks` and `<name>_scales`.
+and up), or with `block` the `block` rows there (Qwen3-Next groups q, k, v and z by key head).
+`mxfp4` pieces are decoded from `<name>_blocks` and `<name>_scales`; `flatten` pieces (a depthwise
+convolution's [C, 1, K]) become [C, K].
 Layout names and shapes come from moe.runtime.tensors; a recipe says only where each comes from.
 """
 
@@ -24,6 +26,8 @@ class Src:
     start: int = 0
     step: int = 1
     mxfp4: bool = False
+    block: int = 1
+    flatten: bool = False
 
     def sources(self) -> tuple[str, ...]:
         return (self.name + "_blocks", self.name + "_scales") if self.mxfp4 else (self.name,)
