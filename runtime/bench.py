@@ -19,6 +19,8 @@ import numpy as np
 
 from . import kernels
 from .errors import MoeError
+from .home import resolve_model
+from .layout import read_layout
 from .machine import peak_rss, storage_bytes_read
 
 
@@ -41,19 +43,21 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
         raise MoeError("--prompt-tokens, --gen-tokens and --repeat must each be at least 1")
     if stream not in STREAMS:
         raise MoeError(f"--stream {stream!r} is unknown; choose one of {', '.join(STREAMS)}")
+    context = prompt_tokens + gen_tokens  # the KV cache sized as llama-bench sizes it: what the run fills
+    limit = context_limit(path)
+    if context > limit:
+        raise MoeError(f"--prompt-tokens + --gen-tokens = {context} exceeds the model's context of {limit}; ask "
+                       "for fewer")
     compile_s = 0.0
     if kernels.cache_is_cold():
         start = time.perf_counter()
-        load_model(path, memory_budget=memory_budget, threads=threads).close()
+        load_model(path, memory_budget=memory_budget, threads=threads, max_context=context).close()
         compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    model = load_model(path, memory_budget=memory_budget, threads=threads, pin=pin)
+    model = load_model(path, memory_budget=memory_budget, threads=threads, max_context=context, pin=pin)
     load_s = time.perf_counter() - start
     if say is not None:
         say(model.memory.notes)
-    if prompt_tokens + gen_tokens > model.max_context:
-        raise MoeError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} exceeds the model's "
-                       f"context of {model.max_context}; ask for fewer")
     vocab = model.config.vocab_size
     rng = np.random.default_rng(0)
     ids = rng.integers(0, vocab, size=prompt_tokens, dtype=np.int64)
@@ -87,6 +91,11 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
         "threads": _threads(),
         "memory_budget_bytes": memory_budget,
     }
+
+
+def context_limit(path) -> int:
+    """The longest context of the converted model at `path` (a folder or converted name)."""
+    return read_layout(resolve_model(str(path))).config.max_position_embeddings
 
 
 def _one_run(model, ids: np.ndarray, gen_tokens: int, fed: np.ndarray | None) -> dict:

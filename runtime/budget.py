@@ -20,6 +20,10 @@ from .units import format_size, parse_size
 # Pinned experts fill at most this share of the cache's slots: on the trained models at a 25 % budget,
 # pinning more lowered the hit rate (the frequency policy keeps hot experts resident anyway).
 PIN_SHARE = 0.25
+# Beside the pool, model.bin and the KV cache, the process holds ~220 MB on synthetic OLMoE (Python, numpy, numba's
+# kernels, buffers); of the room left, the automatic pool takes this share, the rest is slack for the machine.
+RUNTIME_RESERVE = 256 * 2**20
+POOL_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -38,20 +42,23 @@ class Memory:
         return self.budget is not None
 
 
-def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | None = None, pin=()) -> Memory:
+def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | None = None, pin=(),
+           max_context: int = 0) -> Memory:
     """How `layout`'s experts are held. budget: bytes or text such as "2GB"; None chooses one only when the model
-    does not fit comfortably in available RAM. prefetch: True, False, or None: measured, when misses come from disk.
+    does not fit in available RAM beside the KV cache of max_context positions and the runtime. prefetch: True, False, or None: measured, when misses come from disk.
     pin: (layer, expert) pairs, hottest first, or a profile file (`moe profile -o`) whose hottest pairs are read
     against this model; at most PIN_SHARE of the slots, leaving room for one layer's top-k."""
     sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
     available = available_ram()
     notes = []
+    kv = kv_cache_bytes(layout.config, max_context)
     if budget is None:
-        budget = _automatic(layout, sizes, available)
+        budget = _automatic(layout, sizes, kv, available)
         if budget is not None:
-            notes.append(f"moe: the model ({format_size(sum(sizes.values()))}) does not fit comfortably in the "
-                         f"{format_size(available)} of available RAM; paging experts under a budget of "
-                         f"{format_size(budget)} (choose one with --memory-budget)")
+            notes.append(f"moe: the model ({format_size(sum(sizes.values()))}) does not fit in the "
+                         f"{format_size(available)} of available RAM beside a {max_context}-token KV cache "
+                         f"({format_size(kv)}); paging experts under a budget of {format_size(budget)} (choose one "
+                         "with --memory-budget)")
     else:
         budget = parse_size(budget, "memory budget")
     if isinstance(pin, (str, os.PathLike)):
@@ -62,7 +69,7 @@ def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | Non
         if pins:
             notes.append(f"note: {pins_from} has no effect: every expert is mapped (give a --memory-budget)")
         return Memory(None, False, False, False, (), tuple(notes))
-    uncached = misses_from_disk(sizes[EXPERTS_FILE], sizes[MODEL_FILE], budget, available)
+    uncached = misses_from_disk(sizes[EXPERTS_FILE], sizes[MODEL_FILE] + kv + RUNTIME_RESERVE, budget, available)
     slots, k = slot_count(layout, budget), layout.config.top_k
     # Prefetch needs room beyond the layer being computed: more than two layers' top-k. By default it is tried
     # only when misses come from disk, and reads ahead only while its predictions are measured to be right.
@@ -75,7 +82,7 @@ def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | Non
 
 def misses_from_disk(experts_bytes: int, resident_bytes: int, budget: int, available: int | None = None) -> bool:
     """Whether experts.bin (experts_bytes) is larger than the page cache can keep beside the pool (budget) and
-    the rest of the model in RAM (resident_bytes), out of `available` (default: available_ram()): then a miss
+    the rest of the process (resident_bytes: model.bin, the KV cache, the runtime), out of `available` (default: available_ram()): then a miss
     waits for the disk, and reading the next layer's predicted experts ahead pays; from the page cache a miss is
     a copy cheaper than predicting it (tests/bench/README.md)."""
     available = available_ram() if available is None else available
@@ -83,9 +90,17 @@ def misses_from_disk(experts_bytes: int, resident_bytes: int, budget: int, avail
     return experts_bytes > available - pool - resident_bytes
 
 
-def _automatic(layout: Layout, sizes: dict[str, int], available: int) -> int | None:
-    """None when the whole model fits comfortably in available RAM; otherwise a budget that leaves room for the
-    rest of the model."""
-    if sum(sizes.values()) <= 0.8 * available:
+def kv_cache_bytes(cfg, max_context: int) -> int:
+    """The KV cache's bytes once max_context positions fill it (its pages are committed as they fill)."""
+    return cfg.num_layers * max_context * cfg.kv_cache_width * 4
+
+
+def _automatic(layout: Layout, sizes: dict[str, int], kv: int, available: int) -> int | None:
+    """None when the whole model fits in available RAM beside the KV cache (kv bytes) and the runtime: the page
+    cache then holds it all. Otherwise POOL_SHARE of what is left beside model.bin, the KV cache and the runtime:
+    under a budget, misses come around the page cache and model.bin is held in the process, so the pool needs no
+    page cache beside it."""
+    needed = kv + RUNTIME_RESERVE
+    if sum(sizes.values()) + needed <= available:
         return None
-    return max(min_budget(layout), int(0.6 * available) - sizes.get(MODEL_FILE, 0))
+    return max(min_budget(layout), int(POOL_SHARE * (available - sizes[MODEL_FILE] - needed)))

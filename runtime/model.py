@@ -603,7 +603,7 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
         max_context = min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     elif not 1 <= max_context <= cfg.max_position_embeddings:
         raise MoeError(f"max_context {max_context} must be between 1 and the model's {cfg.max_position_embeddings}")
-    memory = decide(layout, memory_budget, prefetch, pin)
+    memory = decide(layout, memory_budget, prefetch, pin, max_context)
     if memory.hold_weights:
         layout.hold(MODEL_FILE)
     layout.check_tensors()  # every non-expert tensor is used by the first token; experts as they are first chosen

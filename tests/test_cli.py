@@ -8,6 +8,7 @@ import time
 import moe.cli.bench
 import moe.cli.run
 import moe.cli.trace
+import moe.runtime.bench
 import moe.runtime.kernels
 import moe.runtime.model
 import numpy as np
@@ -183,18 +184,19 @@ def test_sigterm_raises_terminated_while_a_command_runs(capsys, monkeypatch):
 def test_bench_json(capsys, monkeypatch):
     loaded = []
 
-    def fake_load(path, memory_budget=None, threads=None, pin=()):
-        loaded.append((path, memory_budget, threads))
+    def fake_load(path, memory_budget=None, threads=None, max_context=None, pin=()):
+        loaded.append((path, memory_budget, threads, max_context))
         return ScriptedModel("word " * 200, eos=False)
 
     monkeypatch.setattr(moe.runtime.model, "load_model", fake_load)
     monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
     monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
+    monkeypatch.setattr(moe.runtime.bench, "context_limit", lambda path: 512)  # ScriptedModel's
     code, out, err = moe_cli(capsys, "bench", "--json", "--prompt-tokens", "16", "--gen-tokens", "8", "--repeat", "2",
                              "--memory-budget", "1MB")
     result = json.loads(out)
     assert code == 0 and err == ""
-    assert loaded == [("demo", 10**6, None)]
+    assert loaded == [("demo", 10**6, None, 24)]  # the KV cache sized for the prompt and the tokens decoded
     for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "expert_cache_hit_rate",
                 "expert_bytes_read_per_token", "disk_bytes_read_per_token", "compile_s", "warmup_s"):
         assert key in result
@@ -222,6 +224,7 @@ def test_bench_stream_feeds_decode_random_ids_or_its_own_argmax(capsys, monkeypa
     monkeypatch.setattr(moe.runtime.model, "load_model", lambda *a, **k: model)
     monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
     monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
+    monkeypatch.setattr(moe.runtime.bench, "context_limit", lambda path: 512)  # ScriptedModel's
     code, out, _ = moe_cli(capsys, "bench", "--json", "--prompt-tokens", "8", "--gen-tokens", "6", "--repeat", "1",
                            "--stream", stream)
     assert code == 0 and json.loads(out)["stream"] == stream
@@ -237,6 +240,7 @@ def test_bench_table(capsys, monkeypatch):
     monkeypatch.setattr(moe.runtime.model, "load_model", lambda *a, **k: ScriptedModel("word " * 200, eos=False))
     monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
     monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
+    monkeypatch.setattr(moe.runtime.bench, "context_limit", lambda path: 512)  # ScriptedModel's
     code, out, err = moe_cli(capsys, "bench", "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1")
     assert code == 0 and "decode" in out and "tok/s" in out and err == ""
 

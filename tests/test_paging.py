@@ -341,3 +341,27 @@ def test_measured_prefetch_reads_ahead_only_while_its_predictions_are_right(conv
         sizes = {r["nbytes"] for runs in layout.manifest["experts"].values() for r in runs}
         assert len(sizes) == 1 and store.bytes_read.sum() == store.misses.sum() * sizes.pop()  # one read per miss
     store.close()
+
+
+def test_automatic_budget_leaves_room_for_the_weights_the_kv_cache_and_the_runtime(converted, monkeypatch):
+    """No budget given: every expert mapped when the whole model fits in available RAM beside the KV cache of the
+    context and the runtime; else a pool that fits beside model.bin (held in the process), that KV cache and the
+    runtime, smaller for a longer context, and never below the minimum."""
+    path = converted["qwen3_moe"]
+    layout = load_model(path).layout
+    files = {name: f["size"] for name, f in layout.manifest["files"].items()}
+    kv = moe.runtime.budget.kv_cache_bytes(layout.config, 64)
+    assert kv == layout.config.num_layers * 64 * layout.config.kv_cache_width * 4
+    fits = sum(files.values()) + kv + moe.runtime.budget.RUNTIME_RESERVE
+    monkeypatch.setattr(moe.runtime.budget, "available_ram", lambda: fits)
+    assert not load_model(path, max_context=64).memory.paged
+    available = fits - files["experts.bin"] // 2
+    monkeypatch.setattr(moe.runtime.budget, "available_ram", lambda: available)
+    model = load_model(path, max_context=64)
+    budget = model.memory.budget
+    assert budget + files[MODEL_FILE] + kv + moe.runtime.budget.RUNTIME_RESERVE <= available
+    assert budget > files["experts.bin"] // 4 and model.memory.hold_weights
+    assert "paging experts under a budget of" in model.memory.notes[0]
+    assert load_model(path, max_context=128).memory.budget < budget
+    monkeypatch.setattr(moe.runtime.budget, "available_ram", lambda: 1)
+    assert load_model(path, max_context=64).memory.budget == min_budget(layout)

@@ -76,7 +76,7 @@ class Pressure:
     def __enter__(self) -> Pressure:
         drop_page_cache()
         hold = mem_available() - self.free
-        for _ in range(3):  # memory a finished run gives back late can move MemAvailable: measure, adjust, again
+        for _ in range(6):  # memory a finished run gives back late can move MemAvailable: measure, adjust, again
             if hold <= 0:
                 raise SystemExit(f"only {mem_available() / GB:.1f} GB available: nothing to hold for --free {self.free / GB}")
             self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(hold)], stdin=subprocess.PIPE,
@@ -84,6 +84,7 @@ class Pressure:
             if self.proc.stdout.readline().strip() != "held":
                 raise SystemExit("the memory holder did not start")
             drop_page_cache()  # whatever the holder's start brought in
+            time.sleep(1)
             self.available = mem_available()
             if abs(self.available - self.free) <= 0.1 * self.free:
                 return self
