@@ -34,7 +34,7 @@ def state_dict(folder):
     sd = {}
     for f in sorted(folder.glob("*.safetensors")):
         for name, t in load_file(f).items():
-            sd[name.removeprefix("language_model.")] = t.float()
+            sd[name.removeprefix("language_model.").replace("model.language_model.", "model.", 1)] = t.float()
     return sd
 
 
@@ -91,6 +91,8 @@ def reference(name_of_arch, sd, name):
         if what == "gate_up":
             return torch.cat([sd[e + "gate_proj.weight"], sd[e + "up_proj.weight"]])
         return sd[e + "down_proj.weight"]
+    if name_of_arch == "qwen3_5_moe_multimodal":  # fused as [E, out, in]: gate rows, then up rows
+        return sd[ff + f"experts.{what}_proj"][j]
     gate_up, down = sd[ff + "experts.gate_up_proj"][j], sd[ff + "experts.down_proj"][j]  # (H, 2F), (F, H)
     if name_of_arch.startswith("llama4"):
         return gate_up.T if what == "gate_up" else down.T  # gate = first F columns
@@ -203,7 +205,7 @@ def crcs(folder):
 
 
 @pytest.mark.parametrize("variant", [{"shards": 3}, {"config_style": "legacy"}])
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "llama4", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "llama4", "gpt_oss", "qwen3_5_moe", "qwen3_next"])
 def test_shards_and_legacy_configs_convert_identically(source, name, variant, tmp_path):
     a, ma = crcs(convert(source(name), tmp_path / "a"))
     b, mb = crcs(convert(source(name, **variant), tmp_path / "b"))
@@ -211,11 +213,13 @@ def test_shards_and_legacy_configs_convert_identically(source, name, variant, tm
     assert ma["config"] == mb["config"]
 
 
-def test_multimodal_llama4_is_its_text_model(source, tmp_path):
-    a, ma = crcs(convert(source("llama4"), tmp_path / "a"))
-    b, mb = crcs(convert(source("llama4_multimodal"), tmp_path / "b"))
+@pytest.mark.parametrize("name, hf_architecture", [("llama4", "Llama4ForConditionalGeneration"),
+                                                   ("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration")])
+def test_multimodal_layouts_are_their_text_models(source, name, hf_architecture, tmp_path):
+    a, ma = crcs(convert(source(name), tmp_path / "a"))
+    b, mb = crcs(convert(source(name + "_multimodal"), tmp_path / "b"))
     assert a == b and ma["config"] == mb["config"]
-    assert mb["source"]["hf_architecture"] == "Llama4ForConditionalGeneration"
+    assert mb["source"]["hf_architecture"] == hf_architecture
 
 
 def test_mxfp4_experts_decode_to_the_bf16_values(source, tmp_path):

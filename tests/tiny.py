@@ -6,7 +6,7 @@ so tensor names, dtypes and config keys are exactly what transformers writes. Th
 exercises the traps: windows and chunks of 8 tokens, head_dim != hidden / heads (Qwen3-MoE,
 gpt-oss), a dense layer (Qwen3-MoE, Llama 4), a NoPE layer (Llama 4), expert width 40 (not a
 multiple of 32). The same folder loads with `AutoModelForCausalLM.from_pretrained(folder)`
-(except `llama4_multimodal`, whose layout is the Hub's, and `mxfp4=True`).
+(except the `*_multimodal` ones, whose layouts are the Hub's, and `mxfp4=True`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from moe.convert.demo import DEMO_SOURCE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss", "qwen2_moe", "glm4_moe",
-         "deepseek_v3", "deepseek_v2", "qwen3_5_moe", "qwen3_next")
-MODELS = tuple(a for a in ARCHS if a != "llama4_multimodal")  # one per architecture: llama4 is llama4_multimodal's
+         "deepseek_v3", "deepseek_v2", "qwen3_5_moe", "qwen3_5_moe_multimodal", "qwen3_next")
+MODELS = tuple(a for a in ARCHS if not a.endswith("_multimodal"))  # one per architecture: llama4 is llama4_multimodal's
 
 _COMMON = dict(
     vocab_size=4096, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
@@ -106,8 +106,8 @@ FP4_VALUES = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0.0, -.5, -1, -1.5, -2, -3, -
 
 
 def tiny_config(arch: str, **overrides) -> dict:
-    """The transformers config kwargs make_checkpoint uses for `arch` (text part for llama4_multimodal)."""
-    base = "llama4" if arch == "llama4_multimodal" else arch
+    """The transformers config kwargs make_checkpoint uses for `arch` (the text part for the multimodal ones)."""
+    base = arch.removesuffix("_multimodal")
     if base not in _CONFIGS:
         raise ValueError(f"unknown arch {arch!r}; one of {ARCHS}")
     return {**_COMMON, **_CONFIGS[base], **overrides}
@@ -118,7 +118,7 @@ def build_model(arch: str, seed: int = 0, **config_overrides):
     import torch
     import transformers
 
-    base = "llama4" if arch == "llama4_multimodal" else arch
+    base = arch.removesuffix("_multimodal")
     kwargs = tiny_config(arch, **config_overrides)
     config_cls, model_cls = (getattr(transformers, n) for n in _CLASSES[base])
     config = config_cls(**kwargs)
@@ -229,6 +229,8 @@ def make_checkpoint(arch: str, folder, *, dtype: str = "bf16", shards: int = 1, 
         }
     if arch == "llama4_multimodal":
         tensors, config = _multimodal(tensors, config, torch_dtype)
+    if arch == "qwen3_5_moe_multimodal":
+        tensors, config = _qwen3_5_multimodal(tensors, config, torch_dtype)
     if arch in ("glm4_moe", "deepseek_v3"):
         tensors.update(_mtp_layer(config, torch_dtype))
     if config_style == "legacy":
@@ -302,6 +304,39 @@ def _multimodal(tensors: dict, text_config: dict, torch_dtype) -> tuple[dict, di
         "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 32, "num_hidden_layers": 1,
                           "image_size": 28, "patch_size": 4},
         "boi_token_index": 4000, "eoi_token_index": 4001, "image_token_index": 4002,
+        "tie_word_embeddings": False,
+        "transformers_version": text_config.get("transformers_version"),
+    }
+    return out, config
+
+
+def _qwen3_5_multimodal(tensors: dict, text_config: dict, torch_dtype) -> tuple[dict, dict]:
+    """The Hub's Qwen3_5MoeForConditionalGeneration layout: the text model under `model.language_model.` with its
+    experts fused ([E, 2F, H] gate then up rows, [E, H, F]), a token vision tower and multi-token prediction layer."""
+    import torch
+
+    out, experts = {}, {}
+    for name, t in tensors.items():
+        parts = name.split(".")  # model.layers.{i}.mlp.experts.{j}.{gate,up,down}_proj.weight
+        if parts[3:5] == ["mlp", "experts"]:
+            experts.setdefault(int(parts[2]), {})[int(parts[5]), parts[6]] = t
+        else:
+            out[name.replace("model.", "model.language_model.", 1)] = t
+    for i, weights in experts.items():
+        p, E = f"model.language_model.layers.{i}.mlp.experts.", len(weights) // 3
+        out[p + "gate_up_proj"] = torch.stack([torch.cat([weights[j, "gate_proj"], weights[j, "up_proj"]])
+                                               for j in range(E)])
+        out[p + "down_proj"] = torch.stack([weights[j, "down_proj"] for j in range(E)])
+    g = torch.Generator().manual_seed(1)
+    out["model.visual.patch_embed.proj.weight"] = torch.randn(32, 48, generator=g).to(torch_dtype)
+    out["mtp.fc.weight"] = torch.randn(64, 128, generator=g).to(torch_dtype)
+    text = dict(text_config, architectures=None, model_type="qwen3_5_moe_text")
+    text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 1, 1], mrope_interleaved=True)
+    config = {
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "model_type": "qwen3_5_moe",
+        "text_config": text,
+        "vision_config": {"model_type": "qwen3_5_moe_vision", "hidden_size": 32, "depth": 1, "out_hidden_size": 64},
         "tie_word_embeddings": False,
         "transformers_version": text_config.get("transformers_version"),
     }
