@@ -44,7 +44,7 @@ def _decode_logits(model, ids):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_logits_identical_under_every_budget(converted, arch):
+def test_logits_identical_under_every_budget(converted, arch, monkeypatch):
     path = converted[arch]
     mapped = load_model(path)
     want = _decode_logits(mapped, IDS)
@@ -58,6 +58,12 @@ def test_logits_identical_under_every_budget(converted, arch):
             s = model.stats
             assert s["misses"] > 0 and s["bytes_read"] > 0
             model.close()
+    # misses from disk: read around the page cache, model.bin held in the process, prefetch measured
+    monkeypatch.setattr(moe.runtime.budget, "available_ram", lambda: 3 * smallest)
+    model = load_model(path, memory_budget=3 * smallest)
+    assert model.memory.uncached and model.memory.hold_weights and model.memory.prefetch is None
+    assert np.array_equal(_decode_logits(model, IDS), want), arch
+    model.close()
 
 
 def test_budget_below_minimum_names_it(converted):
@@ -313,15 +319,18 @@ def test_next_policy_evicts_the_layer_needed_last():
     assert policy.victim(candidates[::-1], last_use=np.array([2, 1])) == 0
 
 
-@pytest.mark.parametrize("right", [True, False])
-def test_measured_prefetch_reads_ahead_only_while_its_predictions_are_right(converted, right):
+@pytest.mark.parametrize("right, device", [(True, "idle"), (False, "idle"), (True, "busy")])
+def test_measured_prefetch_reads_ahead_only_while_right_and_the_device_is_idle(converted, right, device):
     """Measured prefetch scores each prediction of experts not in the cache against the router's choice and reads
-    ahead only while at least READ_AHEAD_PRECISION of them prove right: predictions that are always right start
-    reading ahead and then serve hits; always wrong, it never reads an expert the router did not choose."""
+    ahead only while at least READ_AHEAD_PRECISION of them prove right and the device is idle more than
+    READ_AHEAD_IDLE of the time: predictions always right, with compute (a sleep) between slow reads, start reading
+    ahead and then serve hits; always wrong, or with reads taking all the time, it never reads ahead."""
     layout = load_model(converted["gpt_oss"]).layout
     layers = sorted(int(i) for i in layout.manifest["experts"])
     n = layout.config.num_experts
     store = PagedExperts(layout, 4 * slot_bytes(layout), prefetch=None)
+    real_read = store.read
+    store.read = lambda fd, buffers, offset: time.sleep(0.002) or real_read(fd, buffers, offset)
     rng = np.random.default_rng(0)
     read_ahead = []
     for _ in range(40):
@@ -331,10 +340,14 @@ def test_measured_prefetch_reads_ahead_only_while_its_predictions_are_right(conv
             read_ahead.append(store.reading_ahead)
             store.begin_layer(layer, [chosen])
             store.get(layer, chosen)
+            if device == "idle":
+                time.sleep(0.01)  # the layer's compute
         store.end_token()
     for pending in list(store._loads.values()):
         pending.result()
-    if right:
+    if device == "busy":
+        assert not any(read_ahead) and store.device_busy > 0.5
+    elif right:
         assert read_ahead[0] is False and read_ahead[-1] is True and store.prefetch_hits.sum() > 0
     else:
         assert not any(read_ahead)
