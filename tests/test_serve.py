@@ -31,6 +31,7 @@ from moe.runtime.layout import MANIFEST
 from moe.runtime.model import load_model
 from moe.runtime.paging import min_budget, slot_bytes
 from moe.runtime.server import MAX_BODY, Api
+from test_faults import default_sigint
 
 # the demo's special tokens as a chat template's markers: <s>role<unk>content</s>, as Llama 3's headers
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}<unk>{{ m['content'] }}</s>{% endfor %}"
@@ -261,7 +262,7 @@ def test_a_client_that_leaves_frees_the_model(client, folder, model, server):
 def test_moe_serve_command_listens_on_loopback_and_stops_on_ctrl_c(folder, tmp_path):
     env = {**os.environ, "MOE_HOME": str(tmp_path / "home")}
     proc = subprocess.Popen([sys.executable, "-m", "moe", "serve", str(folder), "--port", "0"],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
     try:
         line = proc.stderr.readline()
         found = re.search(r"serving demo-chat at (http://127\.0\.0\.1:(\d+)/v1)", line)
