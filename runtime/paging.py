@@ -222,8 +222,11 @@ class PagedExperts(ExpertStore):
             self._busy, self._busy_since = 0.0, now
         share = min(1.0, busy / max(now - self._token_start, 1e-9))
         self._token_start = now
-        kept = 0.0 if self.device_busy is None else BUSY_DECAY**tokens
-        self.device_busy = kept * (self.device_busy or 0.0) + (1 - kept) * share
+        if self.device_busy is None:
+            self.device_busy = share
+        else:
+            kept = BUSY_DECAY**tokens
+            self.device_busy = kept * self.device_busy + (1 - kept) * share
 
     @property
     def reading_ahead(self) -> bool:
