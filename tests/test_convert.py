@@ -300,6 +300,30 @@ def test_synthetic_checkpoint_small_geometry(tmp_path):
     assert verify(out) == []
 
 
+def test_synthetic_qwen3_5_geometry_converts_and_runs(tmp_path):
+    """The paging benchmark at Qwen3.5-35B-A3B's scale starts from this generator: its layout must be the Hub's."""
+    from moe.convert.synthetic import GEOMETRIES
+    from moe.runtime.model import load_model
+
+    geometry = dict(GEOMETRIES["qwen3.5-35b-a3b"], num_hidden_layers=4, hidden_size=64, num_experts=8,
+                    moe_intermediate_size=32, shared_expert_intermediate_size=48, vocab_size=300, head_dim=16,
+                    num_attention_heads=4, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                    linear_value_head_dim=8)
+    src = write_synthetic_checkpoint(tmp_path / "src", geometry, seed=1, shard_bytes=60_000)
+    with Checkpoint(src) as ckpt:
+        assert len(ckpt.files) > 1
+        assert ckpt.info("model.layers.2.linear_attn.in_proj_qkv.weight").shape == (2 * 32 + 32, 64)
+        assert ckpt.info("model.layers.3.self_attn.q_proj.weight").shape == (2 * 4 * 16, 64)
+    out = convert(src, tmp_path / "out")
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert [layer["attention"] for layer in config["layers"]] == ["linear", "linear", "linear", "full"]
+    assert verify(out) == []
+    model = load_model(out)
+    logits = model.logits(np.random.default_rng(0).integers(0, 300, 20))
+    model.close()
+    assert np.isfinite(logits).all() and logits.std() > 0.1
+
+
 def test_tokenizer_facts_from_the_various_hub_styles(source, tmp_path):
     from moe.convert.tokenizer_facts import tokenizer_info
 
