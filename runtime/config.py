@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import MoeError
 
-ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_group_topk")
+ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_group_topk", "softmax_group_topk")
 ACTIVATIONS = ("silu", "gpt_oss")
 ATTENTIONS = ("full", "sliding", "chunked", "linear")
 ATTENTION_KINDS = ("gqa", "mla")
@@ -89,7 +89,9 @@ class ModelConfig:
     # sigmoid_topk (Llama 4: sigmoid of the top-k logits scales the expert *input*),
     # sigmoid_group_topk (GLM-4.5, DeepSeek-V3: sigmoid scores plus `router_correction` choose, within the
     # topk_group best of n_group expert groups, the top-k; their uncorrected scores, renormalized if norm_topk_prob,
-    # times routed_scaling_factor, are the weights); softmax_topk's weights are scaled by it too (DeepSeek-V2)
+    # times routed_scaling_factor, are the weights); softmax_topk's weights are scaled by it too (DeepSeek-V2),
+    # softmax_group_topk (DeepSeek-V2's group_limited_greedy: softmax_topk within the topk_group of n_group groups
+    # whose best probability is highest, not renormalized, times routed_scaling_factor)
     router: str = "softmax_topk"
     norm_topk_prob: bool = True
     n_group: int = 1
@@ -212,12 +214,14 @@ class ModelConfig:
         return None
 
     def _group_problem(self) -> str | None:
-        """Group-limited routing needs groups of at least 2 experts (each is scored by its best two) that hold k."""
-        if self.router != "sigmoid_group_topk":
+        """Group-limited routing needs equal groups whose kept ones hold k experts, of at least 2 experts under
+        sigmoid_group_topk (which rates a group by its best two)."""
+        if self.router not in ("sigmoid_group_topk", "softmax_group_topk"):
             return None
         E, groups, kept = self.num_experts, self.n_group, self.topk_group
-        if groups <= 0 or E % groups or E // groups < 2:
-            return f"{E} experts do not split into n_group {groups} groups of at least 2"
+        least = 2 if self.router == "sigmoid_group_topk" else 1
+        if groups <= 0 or E % groups or E // groups < least:
+            return f"{E} experts do not split into n_group {groups} groups of at least {least}"
         if not 0 < kept <= groups or self.top_k > kept * (E // groups):
             return f"topk_group {kept} of {groups} groups must be positive and hold the {self.top_k} experts per token"
         return None

@@ -30,7 +30,14 @@ from .kernels.embed import embed
 from .kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from .kernels.norms import rmsnorm
 from .kernels.qmatmul import Scratch, linear, linear_each
-from .kernels.routing import group_by_expert, sigmoid_group_topk, sigmoid_topk, softmax_topk, topk_softmax
+from .kernels.routing import (
+    group_by_expert,
+    sigmoid_group_topk,
+    sigmoid_topk,
+    softmax_group_topk,
+    softmax_topk,
+    topk_softmax,
+)
 from .layout import MANIFEST, MODEL_FILE, Layout, Packed, open_layout
 from .machine import peak_rss, use_threads
 from .paging import PagedExperts
@@ -497,6 +504,8 @@ class Model:
             softmax_topk(bufs.router, k, cfg.norm_topk_prob, bufs.idx, bufs.w)
             if cfg.routed_scaling_factor != 1.0:  # DeepSeek-V2
                 bufs.w *= np.float32(cfg.routed_scaling_factor)
+        elif cfg.router == "softmax_group_topk":
+            softmax_group_topk(bufs.router, k, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor, bufs.idx, bufs.w)
         elif cfg.router == "topk_softmax":
             topk_softmax(bufs.router, k, bufs.idx, bufs.w)
         elif cfg.router == "sigmoid_group_topk":

@@ -17,6 +17,7 @@ from moe.runtime.kernels.routing import (
     group_by_expert,
     sigmoid_group_topk,
     sigmoid_topk,
+    softmax_group_topk,
     softmax_topk,
     topk_softmax,
 )
@@ -274,6 +275,34 @@ def test_sigmoid_group_topk(renormalize, n_group, topk_group):
     idx, w = np.zeros((9, 4), np.int64), np.zeros((9, 4), np.float32)
     sigmoid_group_topk(logits, correction, 4, n_group, topk_group, renormalize, 2.5, idx, w)
     np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(w, want_w, rtol=1e-6)
+    if n_group > 1:  # only the kept groups' experts
+        assert all(len({e // (16 // n_group) for e in row}) <= topk_group for row in idx)
+
+
+def naive_softmax_group_topk(logits, k, n_group, topk_group, scale):
+    """transformers' DeepseekV2TopkRouter (group_limited_greedy) after its linear layer, in numpy."""
+    T, E = logits.shape
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    kept = naive_topk(p.reshape(T, n_group, -1).max(-1), topk_group)
+    masked = np.zeros_like(p).reshape(T, n_group, -1)
+    for t in range(T):
+        masked[t, kept[t]] = p.reshape(T, n_group, -1)[t, kept[t]]
+    idx = naive_topk(masked.reshape(T, E), k)
+    return idx, np.take_along_axis(masked.reshape(T, E), idx, 1) * np.float32(scale)
+
+
+@pytest.mark.parametrize("n_group,topk_group,k", [(1, 1, 4), (4, 2, 4), (8, 3, 4), (2, 1, 3)])
+def test_softmax_group_topk(n_group, topk_group, k):
+    own = np.random.default_rng(3)
+    logits = (2.0 * own.standard_normal((9, 16))).astype(np.float32)
+    logits[4] = 0.5  # all tied: the lowest groups, then the lowest experts
+    want_idx, want_w = naive_softmax_group_topk(logits, k, n_group, topk_group, 1.5)
+    idx, w = np.zeros((9, k), np.int64), np.zeros((9, k), np.float32)
+    softmax_group_topk(logits, k, n_group, topk_group, 1.5, idx, w)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(idx[4], np.arange(k))
     np.testing.assert_allclose(w, want_w, rtol=1e-6)
     if n_group > 1:  # only the kept groups' experts
         assert all(len({e // (16 // n_group) for e in row}) <= topk_group for row in idx)

@@ -64,9 +64,11 @@ _CONFIGS = {
                         rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "beta_fast": 32.0,
                                          "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                                          "original_max_position_embeddings": 128}),
-    # DeepSeek-V3's geometry with one q matrix, softmax routing scaled by 1.5, default RoPE
+    # DeepSeek-V3's geometry with one q matrix, default RoPE, softmax routing within the 2 best of 4 groups (the full
+    # DeepSeek-V2's group_limited_greedy; V2-Lite's greedy is a variant in test_fidelity), scaled by 1.5
     "deepseek_v2": dict(num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3,
-                        routed_scaling_factor=1.5, topk_method="greedy", n_shared_experts=2, moe_intermediate_size=40,
+                        routed_scaling_factor=1.5, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                        n_shared_experts=2, moe_intermediate_size=40,
                         intermediate_size=96, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
                         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=20,
                         rope_parameters={"rope_type": "default", "rope_theta": 1e4}),

@@ -37,20 +37,49 @@ def _topk(row, k, idx):
 
 
 @njit(**FLAGS)
+def _softmax(row):
+    """row (E,) replaced by its softmax."""
+    m = row.max()
+    total = np.float32(0.0)
+    for e in range(row.shape[0]):
+        row[e] = np.float32(math.exp(row[e] - m))
+        total += row[e]
+    for e in range(row.shape[0]):
+        row[e] = row[e] / total
+
+
+@njit(**FLAGS)
+def _keep_best_groups(values, n_group, rated_by, topk_group, fill, group_scores, kept):
+    """Rate each of n_group groups of consecutive entries of values (E,) by the sum of its `rated_by` (1 or 2)
+    largest, and overwrite the entries outside the topk_group best groups (ties to the lower group) with fill.
+    group_scores (n_group,) and kept (topk_group,) are scratch."""
+    size = values.shape[0] // n_group
+    for g in range(n_group):
+        first = np.float32(-np.inf)
+        second = np.float32(-np.inf)
+        for e in range(g * size, (g + 1) * size):
+            v = values[e]
+            if v > first:
+                second = first
+                first = v
+            elif v > second:
+                second = v
+        group_scores[g] = first if rated_by == 1 else first + second
+    _topk(group_scores, topk_group, kept)
+    for g in range(n_group):
+        if not (kept == g).any():
+            values[g * size: (g + 1) * size] = fill
+
+
+@njit(**FLAGS)
 def softmax_topk(logits, k, renormalize, idx, weights):
     """Mixtral, Qwen3-MoE, OLMoE: softmax over all E logits (T, E), top-k of the probabilities,
     renormalized to sum 1 when `renormalize`. Writes idx (T, k) int64 and weights (T, k) f32.
     logits is overwritten by the probabilities."""
-    T, E = logits.shape
+    T = logits.shape[0]
     for t in range(T):
         row = logits[t]
-        m = row.max()
-        total = np.float32(0.0)
-        for e in range(E):
-            row[e] = np.float32(math.exp(row[e] - m))
-            total += row[e]
-        for e in range(E):
-            row[e] = row[e] / total
+        _softmax(row)
         _topk(row, k, idx[t])
         norm = np.float32(0.0)
         for s in range(k):
@@ -97,7 +126,6 @@ def sigmoid_group_topk(logits, correction, k, n_group, topk_group, renormalize, 
     divided by the k scores' sum (+ 1e-20, as transformers) when `renormalize`, times `scale`.
     logits is overwritten by the scores."""
     T, E = logits.shape
-    size = E // n_group
     choice = np.empty(E, np.float32)
     group_scores = np.empty(n_group, np.float32)
     kept = np.empty(topk_group, np.int64)
@@ -106,21 +134,7 @@ def sigmoid_group_topk(logits, correction, k, n_group, topk_group, renormalize, 
         for e in range(E):
             row[e] = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-row[e])))
             choice[e] = row[e] + correction[e]
-        for g in range(n_group):
-            first = np.float32(-np.inf)
-            second = np.float32(-np.inf)
-            for e in range(g * size, (g + 1) * size):
-                v = choice[e]
-                if v > first:
-                    second = first
-                    first = v
-                elif v > second:
-                    second = v
-            group_scores[g] = first + second
-        _topk(group_scores, topk_group, kept)
-        for g in range(n_group):
-            if not (kept == g).any():
-                choice[g * size: (g + 1) * size] = -np.inf
+        _keep_best_groups(choice, n_group, 2, topk_group, np.float32(-np.inf), group_scores, kept)
         _topk(choice, k, idx[t])
         norm = np.float32(0.0)
         for s in range(k):
@@ -130,6 +144,24 @@ def sigmoid_group_topk(logits, correction, k, n_group, topk_group, renormalize, 
             if renormalize:
                 weights[t, s] = weights[t, s] / (norm + np.float32(1e-20))
             weights[t, s] = weights[t, s] * np.float32(scale)
+
+
+@njit(**FLAGS)
+def softmax_group_topk(logits, k, n_group, topk_group, scale, idx, weights):
+    """DeepSeek-V2's group_limited_greedy: softmax over all E logits (T, E); each of n_group groups of consecutive
+    experts is rated by its largest probability; within the topk_group best groups (the others' probabilities set to
+    0, as transformers masks them) the k largest pick the experts, which weigh their probability times `scale`, not
+    renormalized. logits is overwritten by the masked probabilities."""
+    T = logits.shape[0]
+    group_scores = np.empty(n_group, np.float32)
+    kept = np.empty(topk_group, np.int64)
+    for t in range(T):
+        row = logits[t]
+        _softmax(row)
+        _keep_best_groups(row, n_group, 1, topk_group, np.float32(0.0), group_scores, kept)
+        _topk(row, k, idx[t])
+        for s in range(k):
+            weights[t, s] = row[idx[t, s]] * np.float32(scale)
 
 
 @njit(**FLAGS)
