@@ -76,7 +76,8 @@ def reference(name_of_arch, sd, name):
     if rest == "shared.gate":
         return sd[ff + "shared_expert_gate.weight"]
     if parts[2] in ("shared", "mlp"):
-        shared = "shared_experts." if name_of_arch in ("glm4_moe", "deepseek_v3", "deepseek_v2") else "shared_expert."
+        shared = ("shared_experts." if name_of_arch in ("glm4_moe", "deepseek_v3", "deepseek_v2", "glm4_moe_lite")
+                  else "shared_expert.")
         q = ff + (shared if parts[2] == "shared" else "")
         if parts[3] == "gate_up":
             return torch.cat([sd[q + "gate_proj.weight"], sd[q + "up_proj.weight"]])
@@ -85,8 +86,8 @@ def reference(name_of_arch, sd, name):
     if name_of_arch == "mixtral":
         e = f"{p}block_sparse_moe.experts.{j}."
         return torch.cat([sd[e + "w1.weight"], sd[e + "w3.weight"]]) if what == "gate_up" else sd[e + "w2.weight"]
-    if name_of_arch in ("qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "deepseek_v3", "deepseek_v2", "qwen3_5_moe",
-                        "qwen3_next"):
+    if name_of_arch in ("qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "deepseek_v3", "deepseek_v2", "glm4_moe_lite",
+                        "qwen3_5_moe", "qwen3_next"):
         e = f"{ff}experts.{j}."
         if what == "gate_up":
             return torch.cat([sd[e + "gate_proj.weight"], sd[e + "up_proj.weight"]])

@@ -21,7 +21,7 @@ from moe.convert.demo import DEMO_SOURCE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ARCHS = ("mixtral", "qwen3_moe", "olmoe", "llama4", "llama4_multimodal", "gpt_oss", "qwen2_moe", "glm4_moe",
-         "deepseek_v3", "deepseek_v2", "qwen3_5_moe", "qwen3_5_moe_multimodal", "qwen3_next")
+         "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "qwen3_5_moe", "qwen3_5_moe_multimodal", "qwen3_next")
 MODELS = tuple(a for a in ARCHS if not a.endswith("_multimodal"))  # one per architecture: llama4 is llama4_multimodal's
 
 _COMMON = dict(
@@ -72,6 +72,12 @@ _CONFIGS = {
                         intermediate_size=96, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
                         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=20,
                         rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+    # GLM-4.7-Flash: DeepSeek-V3's layers and attention with one group of experts (4 per token, scaled 1.8), v heads
+    # wider than the unrotated q/k part (24 and 12 dims), default RoPE (theta 1e6)
+    "glm4_moe_lite": dict(num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=4,
+                          routed_scaling_factor=1.8, norm_topk_prob=True, n_shared_experts=1, moe_intermediate_size=40,
+                          intermediate_size=96, q_lora_rank=16, kv_lora_rank=32, qk_nope_head_dim=12,
+                          qk_rope_head_dim=8, v_head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
     # layers: 0-2 Gated DeltaNet (2 key heads of 16, 4 value heads of 24, 4 taps), 3 gated full attention (RoPE on 8
     # of 32 dims); every layer MoE with a gated shared expert
     "qwen3_5_moe": dict(num_hidden_layers=4, head_dim=32, num_experts=8, num_experts_per_tok=2,
@@ -101,6 +107,7 @@ _CLASSES = {  # arch -> (config class, model class) names in transformers
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM"),
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
 }
@@ -233,7 +240,7 @@ def make_checkpoint(arch: str, folder, *, dtype: str = "bf16", shards: int = 1, 
         tensors, config = _multimodal(tensors, config, torch_dtype)
     if arch == "qwen3_5_moe_multimodal":
         tensors, config = _qwen3_5_multimodal(tensors, config, torch_dtype)
-    if arch in ("glm4_moe", "deepseek_v3"):
+    if arch in ("glm4_moe", "deepseek_v3", "glm4_moe_lite"):
         tensors.update(_mtp_layer(config, torch_dtype))
     if config_style == "legacy":
         config = _legacy(config)
@@ -346,7 +353,7 @@ def _qwen3_5_multimodal(tensors: dict, text_config: dict, torch_dtype) -> tuple[
 
 
 def _mtp_layer(config: dict, torch_dtype) -> dict:
-    """The Hub's multi-token prediction layer after the last (GLM-4.5-Air's 46, DeepSeek-V3's 61), which transformers
+    """The Hub's multi-token prediction layer after the last (GLM-4.5-Air's 46, GLM-4.7-Flash's 47, DeepSeek-V3's 61), which transformers
     ignores: a few of its tensors, enough to be recognized."""
     import torch
 
