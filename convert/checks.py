@@ -1,8 +1,9 @@
 """The checks a conversion makes before writing: its options, its output, and the plan against the config and
-the checkpoint's headers (every tensor present with the shape the config implies, none left over)."""
+the checkpoint's headers (every tensor present with the shape and dtype the config implies, none left over)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -11,7 +12,8 @@ from ..runtime.config import ModelConfig
 from ..runtime.errors import MoeError
 from ..runtime.layout import MANIFEST, QUANT_BITS, padded_cols
 from ..runtime.units import format_sizes
-from .arch.common import Plan, Src
+from . import fp8
+from .arch.common import Out, Plan, Run, Src
 from .safetensors_io import Checkpoint
 
 BITS = (4, 8, 16)
@@ -61,9 +63,29 @@ def plan_for(arch, hf: dict, ckpt: Checkpoint, config_json: Path) -> Plan:
         cfg = arch.model_config(hf)
         check_config(cfg, config_json)
         check_counts(cfg, ckpt, config_json)
-        return arch.plan(cfg, set(ckpt.names()))
+        plan = arch.plan(cfg, set(ckpt.names()))
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise MoeError(f"{config_json}: malformed ({type(exc).__name__}: {exc}); re-download the model") from None
+    return with_fp8_scales(plan, hf, ckpt, config_json)
+
+
+def with_fp8_scales(plan: Plan, hf: dict, ckpt, config_json) -> Plan:
+    """The plan with every piece stored as FP8 (one beside a `<name>_scale_inv`) marked with the block size of
+    config.json's quantization_config; the plan itself when the checkpoint (a Checkpoint or plan.Headers) holds
+    no FP8."""
+    names = ckpt.names()
+    scaled = {n.removesuffix(fp8.SCALE_SUFFIX) for n in names if n.endswith(fp8.SCALE_SUFFIX)}
+    if not scaled and not any(ckpt.info(n).dtype.startswith("F8_") for n in names):
+        return plan
+    block = fp8.block_size(hf, config_json)
+
+    def marked(o: Out) -> Out:
+        srcs = tuple(dataclasses.replace(s, fp8_block=block) if s.name in scaled else s for s in o.srcs)
+        return dataclasses.replace(o, srcs=srcs)
+
+    items = [dataclasses.replace(item, outs=tuple(map(marked, item.outs))) if isinstance(item, Run) else marked(item)
+             for item in plan.items]
+    return dataclasses.replace(plan, items=items)
 
 
 def check_config(cfg: ModelConfig, config_json: Path) -> None:
@@ -91,6 +113,16 @@ def piece_shape(ckpt: Checkpoint, s: Src) -> tuple[int, ...]:
             raise MoeError(f"{ckpt.folder}: {s.name}_blocks {list(blocks)} and _scales {list(scales)} are not MXFP4 "
                            "(blocks [..., G, 16], scales [..., G])")
         shape = (*blocks[:-2], blocks[-2] * 32)
+    elif s.fp8_block:
+        shape, scales = ckpt.info(s.name).shape, ckpt.info(s.name + fp8.SCALE_SUFFIX).shape
+        if len(shape) != (2 if s.expert is None else 3):  # a matrix, or a fused [E, rows, cols] of experts
+            raise MoeError(f"{ckpt.folder}: tensor {s.name} {list(shape)} has FP8 scales but is not the matrix "
+                           "config.json implies; moe dequantizes FP8 matrices only")
+        if scales != fp8.scale_shape(shape, s.fp8_block):
+            raise MoeError(f"{ckpt.folder}: {s.name}{fp8.SCALE_SUFFIX} {list(scales)} does not scale {s.name} "
+                           f"{list(shape)} in blocks of {list(s.fp8_block)} (which takes "
+                           f"{list(fp8.scale_shape(shape, s.fp8_block))}); config.json's weight_block_size does not "
+                           "match the weights")
     else:
         shape = ckpt.info(s.name).shape
     if s.expert is not None:
@@ -107,6 +139,27 @@ def piece_shape(ckpt: Checkpoint, s: Src) -> tuple[int, ...]:
     return (sum(min(s.block, shape[0] - r) for r in range(s.start, shape[0], s.step)), *shape[1:])
 
 
+def check_dtype(s: Src, name: str, dtype: str, folder) -> None:
+    """Source `name` of piece `s` has a dtype its decoding reads."""
+    weight = name == s.name
+    if s.mxfp4:
+        accepted = ("U8",)
+    elif s.fp8_block:
+        accepted = (fp8.DTYPE,) if weight else fp8.SCALE_DTYPES
+    else:
+        accepted = ("BF16", "F16", "F32")
+    if dtype in accepted:
+        return
+    if dtype == fp8.DTYPE and not s.fp8_block:
+        raise MoeError(f"{folder}: tensor {name} is FP8 ({dtype}) but its scales {name}{fp8.SCALE_SUFFIX} are "
+                       "missing; the checkpoint is incomplete: re-download it")
+    if dtype.startswith("F8_") or (s.fp8_block and weight):
+        raise MoeError(f"{folder}: tensor {name} has dtype {dtype}; moe converts FP8 weights stored as {fp8.DTYPE} "
+                       f"(float8_e4m3fn) beside their {fp8.SCALE_SUFFIX} scales only")
+    raise MoeError(f"{folder}: tensor {name} has dtype {dtype}, which moe cannot convert"
+                   + (f" as FP8 scales (it reads {', '.join(accepted)})" if s.fp8_block else ""))
+
+
 def check_plan(plan: Plan, ckpt: Checkpoint, folder: Path) -> None:
     """Every tensor the plan needs exists with the shape config.json implies, and every tensor is used or skipped."""
     names = set(ckpt.names())
@@ -117,9 +170,7 @@ def check_plan(plan: Plan, ckpt: Checkpoint, folder: Path) -> None:
                 if n not in names:
                     raise MoeError(f"{folder}: tensor {n} is missing; the checkpoint is incomplete or its config.json "
                                    "describes another model")
-                dtype = ckpt.info(n).dtype
-                if dtype not in (("U8",) if s.mxfp4 else ("BF16", "F16", "F32")):
-                    raise MoeError(f"{folder}: tensor {n} has dtype {dtype}, which moe cannot convert")
+                check_dtype(s, n, ckpt.info(n).dtype, folder)
             shapes.append(piece_shape(ckpt, s))
         trailing = {sh[1:] for sh in shapes}
         got = (sum(sh[0] for sh in shapes), *shapes[0][1:]) if len(trailing) == 1 and shapes[0] else None

@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import home
+from ..runtime.errors import MoeError
 from ..runtime.files import load_json
 from ..runtime.layout import MANIFEST, QUANT_BITS, Packed
 from ..runtime.layout_writer import LayoutWriter
 from ..runtime.tensors import EXPERTS, kind_of
 from . import arch as arch_registry
-from . import hub, mxfp4
+from . import fp8, hub, mxfp4
 from .arch.common import Out, Plan, Run, Src, eos_ids
 from .checks import (
     check_config,
@@ -36,7 +37,9 @@ from .quant import QuantError, quantize
 from .safetensors_io import Checkpoint, raw_to_f32
 from .tokenizer_facts import copy_tokenizer_file, tokenizer_info
 
-ROW_BLOCK_BYTES = 32 << 20  # large tensors (embeddings, heads) are converted this many source bytes at a time
+# large tensors (embeddings, heads, FP8 matrices) are converted this many bytes of source values at a time (FP8 codes
+# counted as the float32 they decode to)
+ROW_BLOCK_BYTES = 32 << 20
 
 
 def convert(src, out=None, bits: int = 4, group_size: int = 32, revision: str | None = None,
@@ -107,6 +110,8 @@ def piece(ckpt: Checkpoint, s: Src) -> tuple[np.ndarray, str]:
         if s.expert is not None:
             blocks, scales = blocks[s.expert], scales[s.expert]
         a, dtype = mxfp4.decode_bf16(blocks, scales), "BF16"  # (out, in)
+    elif s.fp8_block:
+        a, dtype = fp8_rows(ckpt, s), "F32"  # (out, in)
     else:
         a, dtype = ckpt.raw(s.name), ckpt.info(s.name).dtype
         if s.expert is not None:
@@ -118,6 +123,22 @@ def piece(ckpt: Checkpoint, s: Src) -> tuple[np.ndarray, str]:
     if s.block > 1:
         return np.concatenate([a[r: r + s.block] for r in range(s.start, a.shape[0], s.step)]), dtype
     return (a[s.start::s.step] if s.step != 1 or s.start else a), dtype
+
+
+def fp8_rows(ckpt: Checkpoint, s: Src, r0: int = 0, r1: int | None = None) -> np.ndarray:
+    """Rows r0..r1 of FP8 piece `s` (of its expert's slice), dequantized to float32 as stored (out, in)."""
+    codes, scales = ckpt.raw(s.name), ckpt.raw(s.name + fp8.SCALE_SUFFIX)
+    if s.expert is not None:
+        codes, scales = codes[s.expert], scales[s.expert]
+    codes = codes[r0:r1]
+    values = fp8.dequantize(codes, raw_to_f32(scales, ckpt.info(s.name + fp8.SCALE_SUFFIX).dtype), s.fp8_block, r0)
+    if not np.isfinite(values).all():
+        where = f"tensor {s.name}" + ("" if s.expert is None else f" (expert {s.expert})")
+        nans = fp8.nan_codes(codes)
+        what = (f"{nans} FP8 NaN code{'s' * (nans > 1)}" if nans else
+                f"values that overflow or are NaN through their scales in {s.name}{fp8.SCALE_SUFFIX}")
+        raise MoeError(f"{ckpt.folder}: {where} holds {what}; the checkpoint is corrupt: re-download it")
+    return values
 
 
 def release(ckpt: Checkpoint, s: Src) -> None:
@@ -152,19 +173,26 @@ def encode(raw: np.ndarray, dtype: str, encoding: str, group_size: int, err: Qua
 
 
 def blocks_of(ckpt: Checkpoint, o: Out, encoding: str, group_size: int, err: QuantError):
-    """The Packed row blocks of one layout tensor; a large plain tensor is read ROW_BLOCK_BYTES at a time."""
+    """The Packed row blocks of one layout tensor; a large tensor of one whole source, stored as it is or as FP8, is
+    read ROW_BLOCK_BYTES at a time."""
     s = o.srcs[0]
-    plain = len(o.srcs) == 1 and s == Src(s.name)
-    if not plain or ckpt.info(s.name).nbytes <= ROW_BLOCK_BYTES:
+    plain = len(o.srcs) == 1 and s == Src(s.name, fp8_block=s.fp8_block)
+    widen = 4 if s.fp8_block else 1  # an FP8 code decodes to a float32
+    if not plain or ckpt.info(s.name).nbytes * widen <= ROW_BLOCK_BYTES:
         raw, dtype = gather(ckpt, o)
         yield encode(raw, dtype, encoding, group_size, err)
         return
-    raw, dtype = piece(ckpt, s)
-    row_bytes = raw[0].nbytes
-    step = max(1, ROW_BLOCK_BYTES // row_bytes)
-    for r0 in range(0, raw.shape[0], step):
-        yield encode(raw[r0: r0 + step], dtype, encoding, group_size, err)
-        ckpt.release(s.name, r0 * row_bytes, min(r0 + step, raw.shape[0]) * row_bytes)
+    t = ckpt.info(s.name)
+    rows = t.shape[0]
+    row_bytes = t.nbytes // rows
+    step = max(1, ROW_BLOCK_BYTES // (row_bytes * widen))
+    for r0 in range(0, rows, step):
+        if s.fp8_block:
+            raw, dtype = fp8_rows(ckpt, s, r0, r0 + step), "F32"
+        else:
+            raw, dtype = ckpt.raw(s.name)[r0: r0 + step], t.dtype
+        yield encode(raw, dtype, encoding, group_size, err)
+        ckpt.release(s.name, r0 * row_bytes, min(r0 + step, rows) * row_bytes)
 
 
 # ---- writing

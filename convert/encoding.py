@@ -11,7 +11,8 @@ from .arch.common import Out, Plan, Run
 # byte, one bit more (the measurements behind this trade: tests/bench/README.md, the 4-bit scheme).
 AT_4_BITS = {tensors.ATTENTION: "q5", tensors.ATTENTION_OUTPUT: "q6", tensors.LM_HEAD: "q5",
              tensors.EMBEDDINGS: "q5", tensors.SHARED_EXPERT: "q5", tensors.DENSE_MLP: "q5"}
-SIXTEEN_BIT = {"BF16": "bf16", "F16": "f16", "F32": "f32", "U8": "bf16"}  # U8: MXFP4 decodes exactly to bf16
+# U8: MXFP4 decodes exactly to bf16; F8_E4M3: an FP8 code times its block's float scale is a float32
+SIXTEEN_BIT = {"BF16": "bf16", "F16": "f16", "F32": "f32", "U8": "bf16", "F8_E4M3": "f32"}
 
 
 def encoding_for(name: str, shape: tuple[int, ...], dtypes, bits: int) -> str:

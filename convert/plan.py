@@ -19,7 +19,7 @@ from ..runtime.machine import available_ram, use_threads
 from . import arch as arch_registry
 from . import miniature
 from .arch.common import Plan
-from .checks import check_options, check_plan
+from .checks import check_options, check_plan, with_fp8_scales
 from .encoding import encodings_for
 from .hub import check_weights, hub_errors, local_folder, read_json
 from .safetensors_io import DTYPES, INDEX, Checkpoint, TensorInfo
@@ -102,6 +102,7 @@ def converter_plan(hf: dict, headers: Headers) -> Plan:
     except (KeyError, TypeError, ValueError) as exc:
         raise MoeError(f"{headers.folder}: config.json is malformed ({type(exc).__name__}: {exc})") from None
     plan.config.check()
+    plan = with_fp8_scales(plan, hf, headers, Path(headers.folder) / "config.json")
     check_plan(plan, headers, headers.folder)
     return plan
 

@@ -3,8 +3,9 @@
 Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
 data_offsets: [begin, end]}, "__metadata__": {...}}, then the data; offsets are relative
 to the end of the header. Tensors come back as numpy views of the map (bf16 as its raw
-uint16 words: numpy has no bfloat16); `release` drops a tensor's pages from this
-process once it has been used, so reading a whole checkpoint never holds it in RSS.
+uint16 words and FP8 as its uint8 codes: numpy has neither); `release` drops a tensor's
+pages from this process once it has been used, so reading a whole checkpoint never holds
+it in RSS.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from ..runtime.files import load_json, parse_json
 MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
 MAX_DIMS, MAX_DIM = 8, 1 << 48  # far beyond any checkpoint, within numpy's limits (an empty tensor may claim any)
 INDEX = "model.safetensors.index.json"
-# safetensors dtype -> (numpy dtype of the raw view, bytes per element); only the first four can be converted
+# safetensors dtype -> (numpy dtype of the raw view, bytes per element); only READABLE ones can be converted (FP8
+# as its codes; F8_E5M2 is known so that its checkpoints get a clear error rather than "not a valid file")
 DTYPES = {
     "BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4), "U8": (np.uint8, 1),
+    "F8_E4M3": (np.uint8, 1), "F8_E5M2": (np.uint8, 1),
     "F64": (np.float64, 8), "I64": (np.int64, 8), "I32": (np.int32, 4), "I16": (np.int16, 2),
     "I8": (np.int8, 1), "BOOL": (np.bool_, 1), "U16": (np.uint16, 2), "U32": (np.uint32, 4), "U64": (np.uint64, 8),
 }
-READABLE = ("BF16", "F16", "F32", "U8")
+READABLE = ("BF16", "F16", "F32", "U8", "F8_E4M3")
 _PAGE = mmap.PAGESIZE
 # madvise(MADV_DONTNEED) drops a file mapping's pages from the process on Linux; macOS only deactivates them
 # (they stay resident, and in peak RSS, until memory runs short), and Windows has no madvise.
@@ -127,7 +130,7 @@ class SafetensorsFile:
         return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end, self.path)
 
     def raw(self, name: str) -> np.ndarray:
-        """A read-only view of the tensor's stored values (BF16 as uint16 words)."""
+        """A read-only view of the tensor's stored values (BF16 as uint16 words, F8_E4M3 as uint8 codes)."""
         t = self.tensors[name]
         if t.dtype not in READABLE:
             raise MoeError(f"{self.path}: tensor {name} has dtype {t.dtype}, which moe cannot convert "

@@ -4,8 +4,9 @@ A layout tensor (`Out`) is its source pieces (`Src`) concatenated along rows. A 
 Hub tensor, optionally one expert's slice of a fused [E, ...] tensor, transposed from
 [in, out] to [out, in], and/or every `step`-th row from `start` (gpt-oss interleaves gate
 and up), or with `block` the `block` rows there (Qwen3-Next groups q, k, v and z by key head).
-`mxfp4` pieces are decoded from `<name>_blocks` and `<name>_scales`; `flatten` pieces (a depthwise
-convolution's [C, 1, K]) become [C, K].
+`mxfp4` pieces are decoded from `<name>_blocks` and `<name>_scales`; `fp8_block` pieces (moe.convert.checks marks
+those beside a `<name>_scale_inv`) from FP8 codes times a scale per block of that [rows, cols]; `flatten` pieces
+(a depthwise convolution's [C, 1, K]) become [C, K].
 Layout names and shapes come from moe.runtime.tensors; a recipe says only where each comes from.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from ...runtime import tensors
 from ...runtime.config import ModelConfig, Rope
 from ...runtime.errors import MoeError
+from ..fp8 import SCALE_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,14 @@ class Src:
     mxfp4: bool = False
     block: int = 1
     flatten: bool = False
+    fp8_block: tuple[int, int] | None = None
 
     def sources(self) -> tuple[str, ...]:
-        return (self.name + "_blocks", self.name + "_scales") if self.mxfp4 else (self.name,)
+        if self.mxfp4:
+            return self.name + "_blocks", self.name + "_scales"
+        if self.fp8_block:
+            return self.name, self.name + SCALE_SUFFIX
+        return (self.name,)
 
 
 @dataclass(frozen=True)
