@@ -8,7 +8,7 @@ from moe.convert.quant import quantize
 from moe.runtime.codec import dequantize
 from moe.runtime.config import Rope
 from moe.runtime.kernels import rope
-from moe.runtime.kernels.attention import attend, per_head, temperature
+from moe.runtime.kernels.attention import _attend, attend, per_head, temperature
 from moe.runtime.kernels.embed import embed
 from moe.runtime.kernels.expf import exp32
 from moe.runtime.kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
@@ -183,6 +183,20 @@ def test_attend(pos0, T, window, chunk, with_sinks):
     attend(q, k, v, pos0, hd**-0.5, window, chunk, np.zeros(nh, np.float32) if sinks is None else sinks,
            sinks is not None, out)
     np.testing.assert_allclose(out, naive_attend(q, k, v, pos0, hd**-0.5, window, chunk, sinks), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,nkv", [(1, 1), (3, 1), (1, 2)])
+def test_attend_in_parts_keeps_the_bits(T, nkv):
+    """Query heads split across threads (decode; latent attention's one kv head): each head's sums as when whole."""
+    nh, hd, pos0 = 7 * nkv, 24, 150  # 7 heads a kv head: parts of 3 leave one of 1
+    q, k, v, sinks = randn(T, nh, hd), randn(nkv, pos0 + T, hd), randn(nkv, pos0 + T, hd), randn(nh)
+    whole = np.zeros_like(q)
+    _attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks, True, 7, whole)
+    np.testing.assert_allclose(whole, naive_attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks), rtol=1e-4, atol=1e-5)
+    for size in (1, 2, 3, 6):
+        parts = np.zeros_like(q)
+        _attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks, True, size, parts)
+        np.testing.assert_array_equal(parts, whole, err_msg=f"parts of {size}")
 
 
 def test_temperature():

@@ -1,7 +1,10 @@
 """Grouped-query attention over a KV cache: causal, sliding-window or chunked, with optional sinks.
 
 Work goes by (token, kv head): the query heads sharing a kv head read each key and value row
-once. Keys come in blocks of BLOCK: their scores, one running-max rescale per block (online
+once. When those pairs are fewer than numba's threads (decode, above all latent attention's one
+shared kv head), a kv head's query heads are split into parts too, each part reading the rows on
+its own thread; a head's sums run in the same order whatever its part, so the output keeps its bits.
+Keys come in blocks of BLOCK: their scores, one running-max rescale per block (online
 softmax, so nothing grows with the context), and exponentials in a loop LLVM vectorizes.
 """
 
@@ -10,7 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from . import FLAGS, PARALLEL
 from .expf import exp32
@@ -18,7 +21,6 @@ from .expf import exp32
 BLOCK = 64
 
 
-@njit(**PARALLEL)
 def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, out):
     """out (T, nh, hd) = softmax(q k^T * scale) v for q (T, nh, hd) at positions pos0 .. pos0+T-1.
 
@@ -27,34 +29,46 @@ def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, ou
     window > 0 (sliding), and i // chunk == j // chunk when chunk > 0 (chunked). With use_sinks,
     sinks[h] joins each row of scores as one more logit whose probability is then dropped.
     """
+    pairs = max(1, q.shape[0] * k_cache.shape[0])  # (token, kv head)
+    group = q.shape[1] // k_cache.shape[0]
+    size = -(-group // min(group, -(-get_num_threads() // pairs)))  # a part's query heads: a part for each thread
+    _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, size, out)
+
+
+@njit(**PARALLEL)
+def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, size, out):
+    """attend, each (token, kv head)'s query heads in parts of `size` (numba's get_num_threads would keep the kernel
+    from its disk cache)."""
     T, nh, hd = q.shape
     nkv = k_cache.shape[0]
     group = nh // nkv
+    parts = -(-group // size)
     scale = np.float32(scale)
-    for item in prange(T * nkv):
+    for item in prange(T * nkv * parts):
         # Alternate early and late tokens, so each thread's contiguous share of a causal prefill is even.
-        r = item // nkv
+        r = item // (nkv * parts)
         t = r // 2 if r % 2 == 0 else T - 1 - r // 2
-        kv = item % nkv
-        h0 = kv * group
+        kv = item // parts % nkv
+        h0 = kv * group + item % parts * size
+        heads = min(size, (kv + 1) * group - h0)
         i = pos0 + t
         start = 0
         if window > 0:
             start = max(0, i - window + 1)
         if chunk > 0:
             start = max(start, (i // chunk) * chunk)
-        qt = np.empty((group, hd), np.float32)  # this token's query heads, contiguous (q may be a strided view)
-        for g in range(group):
+        qt = np.empty((heads, hd), np.float32)  # this part's query heads, contiguous (q may be a strided view)
+        for g in range(heads):
             for d in range(hd):
                 qt[g, d] = q[t, h0 + g, d]
-        p = np.empty((group, BLOCK), np.float32)  # scores, then their exponentials
-        m = np.full(group, -np.inf, np.float32)  # running max per head
-        total = np.zeros(group, np.float32)  # running sum of exponentials per head
-        acc = out[t, h0: h0 + group]  # (group, hd)
+        p = np.empty((heads, BLOCK), np.float32)  # scores, then their exponentials
+        m = np.full(heads, -np.inf, np.float32)  # running max per head
+        total = np.zeros(heads, np.float32)  # running sum of exponentials per head
+        acc = out[t, h0: h0 + heads]  # (heads, hd)
         acc[:] = 0.0
         for j0 in range(start, i + 1, BLOCK):
             n = min(BLOCK, i + 1 - j0)
-            for g in range(group):
+            for g in range(heads):
                 qg = qt[g]
                 block_max = m[g]
                 for jj in range(n):
@@ -77,11 +91,11 @@ def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, ou
                 total[g] = total[g] * c + block_sum
             for jj in range(n):
                 value = v_cache[kv, j0 + jj]
-                for g in range(group):
+                for g in range(heads):
                     w = p[g, jj]
                     for d in range(hd):
                         acc[g, d] += w * value[d]
-        for g in range(group):
+        for g in range(heads):
             if use_sinks:
                 s = sinks[h0 + g]
                 if s > m[g]:
