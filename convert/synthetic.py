@@ -232,8 +232,10 @@ def main() -> None:
     ap.add_argument("--embed-scale", type=int, default=1,
                     help="embeddings this many times larger (a power of two): each token then routes by its own id")
     ap.add_argument("--fp8", action="store_true", help="linear layers as FP8 blocks (e4m3, a float32 scale per 128 x 128)")
+    ap.add_argument("--layers", type=int, help="fewer layers than the geometry's (each one as the geometry has it)")
     args = ap.parse_args()
-    write_synthetic_checkpoint(args.out, args.geometry, args.seed, embed_scale=args.embed_scale, fp8=args.fp8)
+    geometry = GEOMETRIES[args.geometry] | ({"num_hidden_layers": args.layers} if args.layers else {})
+    write_synthetic_checkpoint(args.out, geometry, args.seed, embed_scale=args.embed_scale, fp8=args.fp8)
     print(args.out)
 
 
