@@ -70,6 +70,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
     warmup_s = time.perf_counter() - start
 
     runs = [_one_run(model, ids, gen_tokens, fed) for _ in range(repeat)]
+    budget = model.memory.budget  # the one asked for, or the one chosen when the model does not fit; None: mapped
     model.close()
     figures = {key: None if any(run[key] is None for run in runs) else statistics.median(run[key] for run in runs)
                for key in runs[0]}
@@ -89,7 +90,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
         "stream": stream,
         "repeat": repeat,
         "threads": _threads(),
-        "memory_budget_bytes": memory_budget,
+        "memory_budget_bytes": budget,
     }
 
 

@@ -48,6 +48,9 @@ def test_run_bench_perplexity_under_a_terabyte_budget(model_path, tmp_path, caps
     assert main(["bench", str(model_path), "--memory-budget", "1TB", "--json", "--prompt-tokens", "8",
                  "--gen-tokens", "4", "--repeat", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["memory_budget_bytes"] == 10**12
+    # no budget asked and the model fits: mapped, and the JSON says so (an automatic budget would be given)
+    assert main(["bench", str(model_path), "--json", "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_budget_bytes"] is None
     text = tmp_path / "t.txt"
     text.write_text("def f(x):\n    return x * 2\n" * 20)
     ppl = ["perplexity", str(model_path), str(text), "--ctx", "32", "--json"]
@@ -70,3 +73,14 @@ def test_a_pool_beyond_available_ram_is_one_line(model_path, monkeypatch, capsys
     assert main(["run", str(model_path), "def", "--max-tokens", "2", "--memory-budget", "1TB"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("error: memory budget 1.00 TB does not fit")
+
+
+def test_bench_reports_the_budget_it_chose(model_path, monkeypatch, capsys):
+    """With no room beside the runtime's reserve, the automatic budget is the smallest one, and bench says which."""
+    import moe.runtime.budget
+    from moe.runtime.layout import read_layout
+    from moe.runtime.paging import min_budget
+
+    monkeypatch.setattr(moe.runtime.budget, "available_ram", lambda: moe.runtime.budget.RUNTIME_RESERVE)
+    assert main(["bench", str(model_path), "--json", "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_budget_bytes"] == min_budget(read_layout(model_path))
