@@ -22,6 +22,7 @@ EXAMPLE = """Examples:
   moe bench                                   (the bundled demo model)
   moe bench MODEL --prompt-tokens 512 --gen-tokens 128 --threads 4 --repeat 5 --json
   moe bench MODEL --memory-budget 2GB
+  moe bench MODEL --depth 1024 --prompt-tokens 64  (prefill and decode after 1024 tokens of context)
   moe bench MODEL --stream greedy                (decode fed its own output instead of random ids)
 """
 
@@ -33,6 +34,8 @@ def bench(
     prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length for the prefill measurement.")] = 128,
     gen_tokens: Annotated[int, typer.Option(min=1, help="Tokens decoded one at a time for the decode measurement.")] = 64,
     repeat: Annotated[int, typer.Option(min=1, help="Runs to take the median of.")] = 3,
+    depth: Annotated[int, typer.Option(
+        min=0, help="Tokens of context filled (untimed) before the prompt, as llama-bench's -d.")] = 0,
     stream: Annotated[Stream, typer.Option(
         help="What decode is fed: seeded random ids (as llama-bench; honest for the expert cache) or the model's "
              "own greedy output (a random-weight model then repeats one token).")] = Stream.random,
@@ -47,7 +50,7 @@ def bench(
     """
     path = model_path(model)
     with status("benchmarking..."):
-        figures = measure(path, prompt_tokens, gen_tokens, memory_budget, threads, repeat, pin or (), stream.value, say)
+        figures = measure(path, prompt_tokens, gen_tokens, memory_budget, threads, repeat, pin or (), stream.value, say, depth)
     figures = {"model": str(path), **figures}
     if json:
         print_json(figures)
@@ -63,7 +66,8 @@ def _rows(f: dict) -> list[tuple[str, str]]:
         ("load", f"{f['load_s']:.3f} s"),
         ("kernel compilation (first run only)", f"{f['compile_s']:.3f} s"),
         ("warm-up", f"{f['warmup_s']:.3f} s"),
-        ("time to first token", f"{f['ttft_s'] * 1000:.1f} ms for {f['prompt_tokens']} prompt tokens"),
+        ("time to first token", f"{f['ttft_s'] * 1000:.1f} ms for {f['prompt_tokens']} prompt tokens"
+         + (f" after {f['depth']} of context" if f["depth"] else "")),
         ("prefill", f"{f['prefill_tok_s']:.1f} tok/s"),
         ("decode", f"{f['decode_tok_s']:.2f} tok/s over {f['gen_tokens']} tokens ({f['stream']} stream)"),
         ("peak RSS", format_size(f["peak_rss_bytes"])),

@@ -2,8 +2,9 @@
 
 Compilation is kept out of the figures: when Numba's disk cache is cold, a first load compiles the
 kernels (`compile_s`); the timed load follows, then one short prefill and decode step bring the
-kernels and the pages they touch in (`warmup_s`). Each repeat then runs one prefill of
-`prompt_tokens` seeded random ids and `gen_tokens` decode steps. Figures are medians over repeats.
+kernels and the pages they touch in (`warmup_s`). Each repeat then fills `depth` tokens of context
+(untimed, as llama-bench's -d), runs one prefill of `prompt_tokens` seeded random ids and `gen_tokens`
+decode steps. Figures are medians over repeats.
 
 What decode is fed (`stream`): `random`, seeded random ids as llama-bench's tg test feeds, so routing
 sees fresh tokens each step; or `greedy`, the model's own argmax, which on a random-weight model repeats
@@ -33,21 +34,21 @@ STREAMS = ("random", "greedy")
 
 
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=None, threads: int | None = None,
-          repeat: int = 3, pin=(), stream: str = "random", say=None) -> dict:
+          repeat: int = 3, pin=(), stream: str = "random", say=None, depth: int = 0) -> dict:
     """Measure the model at `path` (a folder or converted name); figures as the module says.
     `pin`: (layer, expert) pairs, hottest first, or a profile file, kept resident under a budget (see load_model);
     `say` is given the timed load's memory notes (model.memory.notes)."""
     from .model import load_model
 
-    if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
-        raise MoeError("--prompt-tokens, --gen-tokens and --repeat must each be at least 1")
+    if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1 or depth < 0:
+        raise MoeError("--prompt-tokens, --gen-tokens and --repeat must each be at least 1, --depth at least 0")
     if stream not in STREAMS:
         raise MoeError(f"--stream {stream!r} is unknown; choose one of {', '.join(STREAMS)}")
-    context = prompt_tokens + gen_tokens  # the KV cache sized as llama-bench sizes it: what the run fills
+    context = depth + prompt_tokens + gen_tokens  # the KV cache sized as llama-bench sizes it: what the run fills
     limit = context_limit(path)
     if context > limit:
-        raise MoeError(f"--prompt-tokens + --gen-tokens = {context} exceeds the model's context of {limit}; ask "
-                       "for fewer")
+        raise MoeError(f"--depth + --prompt-tokens + --gen-tokens = {context} exceeds the model's context of {limit}; "
+                       "ask for fewer")
     compile_s = 0.0
     if kernels.cache_is_cold():
         start = time.perf_counter()
@@ -61,6 +62,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
     vocab = model.config.vocab_size
     rng = np.random.default_rng(0)
     ids = rng.integers(0, vocab, size=prompt_tokens, dtype=np.int64)
+    filler = rng.integers(0, vocab, size=depth, dtype=np.int64)
     fed = rng.integers(0, vocab, size=gen_tokens, dtype=np.int64) if stream == "random" else None
 
     start = time.perf_counter()
@@ -69,7 +71,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
     model.forward(ids[:1], last_only=True)  # ... and the decode ones (T = 1)
     warmup_s = time.perf_counter() - start
 
-    runs = [_one_run(model, ids, gen_tokens, fed) for _ in range(repeat)]
+    runs = [_one_run(model, filler, ids, gen_tokens, fed) for _ in range(repeat)]
     budget = model.memory.budget  # the one asked for, or the one chosen when the model does not fit; None: mapped
     model.close()
     figures = {key: None if any(run[key] is None for run in runs) else statistics.median(run[key] for run in runs)
@@ -85,6 +87,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
         "expert_cache_hit_rate": round(figures["hit_rate"], 5),
         "expert_bytes_read_per_token": round(figures["bytes_per_token"], 1),
         "disk_bytes_read_per_token": None if figures["disk_per_token"] is None else round(figures["disk_per_token"], 1),
+        "depth": depth,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "stream": stream,
@@ -99,10 +102,13 @@ def context_limit(path) -> int:
     return read_layout(resolve_model(str(path))).config.max_position_embeddings
 
 
-def _one_run(model, ids: np.ndarray, gen_tokens: int, fed: np.ndarray | None) -> dict:
-    """One prefill of `ids`, then `gen_tokens` decode steps fed `fed` (random ids) or, when None, the argmax."""
-    hits0, misses0, read0 = expert_counters(model.stats)
+def _one_run(model, filler: np.ndarray, ids: np.ndarray, gen_tokens: int, fed: np.ndarray | None) -> dict:
+    """After `filler` as context, one prefill of `ids`, then `gen_tokens` decode steps fed `fed` (random ids) or,
+    when None, the argmax."""
     model.reset()
+    if len(filler):
+        model.forward(filler, last_only=True)
+    hits0, misses0, read0 = expert_counters(model.stats)
     start = time.perf_counter()
     token = int(np.argmax(model.forward(ids, last_only=True)[-1]))
     prefilled = time.perf_counter()

@@ -236,6 +236,35 @@ def test_bench_stream_feeds_decode_random_ids_or_its_own_argmax(capsys, monkeypa
         assert sum(a != b for a, b in zip(decoded, previous, strict=True)) >= 5 and len(set(decoded)) == 6
 
 
+def test_bench_depth_fills_context_before_the_timed_prompt(capsys, monkeypatch):
+    loaded, calls = [], []
+
+    class Recording(ScriptedModel):
+        def forward(self, ids, last_only=False):
+            calls.append(np.size(ids))
+            return super().forward(ids, last_only)
+
+        def reset(self, pos=0):
+            calls.append("reset")
+            return super().reset(pos)
+
+    def fake_load(path, memory_budget=None, threads=None, max_context=None, pin=()):
+        loaded.append(max_context)
+        return Recording("word " * 200, eos=False)
+
+    monkeypatch.setattr(moe.runtime.model, "load_model", fake_load)
+    monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
+    monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
+    monkeypatch.setattr(moe.runtime.bench, "context_limit", lambda path: 512)  # ScriptedModel's
+    code, out, _ = moe_cli(capsys, "bench", "--json", "--depth", "100", "--prompt-tokens", "8", "--gen-tokens", "3",
+                           "--repeat", "2")
+    assert code == 0 and json.loads(out)["depth"] == 100 and loaded == [111]
+    timed = calls[calls.index("reset", 1):]  # after the warm-up
+    assert timed == ["reset", 100, 8, 1, 1, 1] * 2  # the context, then the prompt, then decode, each run
+    code, out, err = moe_cli(capsys, "bench", "--depth", "500", "--prompt-tokens", "8", "--gen-tokens", "8")
+    assert code == 2 and out == "" and "--depth + --prompt-tokens + --gen-tokens = 516" in err
+
+
 def test_bench_table(capsys, monkeypatch):
     monkeypatch.setattr(moe.runtime.model, "load_model", lambda *a, **k: ScriptedModel("word " * 200, eos=False))
     monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)

@@ -3,8 +3,9 @@
 Steps, each a child process timed with its own peak RSS (os.wait4):
   1. write the random-weight bf16 checkpoint (~14 GB) unless it exists;
   2. `moe convert` to 4 bits, against llama.cpp's `convert_hf_to_gguf.py` (bf16) + `llama-quantize Q4_0`;
-  3. `moe bench --json` against `llama-bench -o json`, same prompt, generation length and threads,
-     alternately for --rounds rounds (a shared machine's noise then falls on both); medians reported.
+  3. `moe bench --json` against `llama-bench -o json`, same threads, on each of CASES: prefill of 64 and
+     512 tokens, decode after 64 and after 1,024 tokens of context; alternately for --rounds rounds (a
+     shared machine's noise then falls on both); medians reported.
 
 llama.cpp is found through LLAMA_CPP (see lib/llamacpp.py and README.md here); it is never part of
 this repository.
@@ -46,11 +47,29 @@ def read_through(path: Path) -> None:
             pass
 
 
+# name -> (tokens of context before the prompt, prompt tokens): prefill is timed after the context, decode after both
+CASES = {"short": (0, 64), "pp512": (0, 512), "long": (960, 64)}
+
+
+def ours_and_peer(ours: Path, gguf4: Path, args, depth: int, prompt: int) -> dict:
+    """moe bench and llama-bench on the same case: prefill of `prompt` tokens after `depth` of context, and
+    decode of --gen-tokens after depth + prompt (llama-bench's -d puts its tg test there)."""
+    _, _, out = run(["moe", "bench", str(ours), "--json", "--threads", str(args.threads), "--depth", str(depth),
+                     "--prompt-tokens", str(prompt), "--gen-tokens", str(args.gen_tokens)], capture=True)
+    moe = json.loads(out)
+    peer = {}
+    for test, flags in (("prefill_tok_s", ["-p", str(prompt), "-n", "0", "-d", str(depth)]),
+                        ("decode_tok_s", ["-p", "0", "-n", str(args.gen_tokens), "-d", str(depth + prompt)])):
+        _, _, out = run([str(llamacpp.tool("llama-bench")), "-m", str(gguf4), "-t", str(args.threads), "-r", "3",
+                         *flags, "-o", "json"], capture=True)
+        peer[test] = json.loads(out)[0]["avg_ts"]
+    return {"moe": {k: moe[k] for k in ("prefill_tok_s", "decode_tok_s")}, "llamacpp": peer}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("MOE_BENCH_DIR", Path.home() / ".cache/moe/bench")))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="moe bench and llama-bench alternately; medians reported")
     ap.add_argument("--skip-convert", action="store_true", help="reuse converted models from an earlier run")
@@ -64,7 +83,7 @@ def main() -> None:
     ours = args.dir / "olmoe-synthetic-moe"
     gguf16 = args.dir / "olmoe-synthetic-bf16.gguf"
     gguf4 = args.dir / "olmoe-synthetic-q4_0.gguf"
-    report: dict = {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens}
+    report: dict = {"threads": args.threads, "gen_tokens": args.gen_tokens, "cases": CASES}
 
     if not (src / "config.json").exists():
         run([sys.executable, "-m", "moe.convert.synthetic", str(src)])
@@ -83,23 +102,15 @@ def main() -> None:
         read_through(f)
     rounds = []  # alternating, so a noisy neighbour slows both rather than one
     for _ in range(args.rounds):
-        _, _, out = run(["moe", "bench", str(ours), "--json", "--threads", str(args.threads),
-                         "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)], capture=True)
-        ours_run = json.loads(out)
-        _, _, out = run([str(llamacpp.tool("llama-bench")), "-m", str(gguf4), "-t", str(args.threads), "-p",
-                         str(args.prompt_tokens), "-n", str(args.gen_tokens), "-o", "json"], capture=True)
-        llama = {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in json.loads(out)}
-        rounds.append((ours_run, {"prefill_tok_s": llama.get("prefill"), "decode_tok_s": llama.get("decode")}))
-    report["rounds"] = [{"moe": {k: o[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_s")}, "llamacpp": p}
-                        for o, p in rounds]
-    report["moe_bench"] = {**rounds[0][0], **{k: statistics.median(o[k] for o, _ in rounds)
-                                              for k in ("prefill_tok_s", "decode_tok_s", "ttft_s")}}
-    report["llamacpp_bench"] = {k: statistics.median(p[k] for _, p in rounds) for k in ("prefill_tok_s", "decode_tok_s")}
-    ours_b, peer = report["moe_bench"], report["llamacpp_bench"]
-    report["ratio"] = {k: round(ours_b[k] / peer[k], 3) for k in ("prefill_tok_s", "decode_tok_s") if peer.get(k)}
-    print(f"{'':24}{'moe':>12}{'llama.cpp':>12}{'ratio':>8}")
-    for k in ("prefill_tok_s", "decode_tok_s"):
-        print(f"{k:24}{ours_b[k]:12.2f}{peer[k]:12.2f}{report['ratio'][k]:8.3f}")
+        rounds.append({name: ours_and_peer(ours, gguf4, args, depth, prompt) for name, (depth, prompt) in CASES.items()})
+    report["rounds"] = rounds
+    report["medians"] = {name: {side: {k: statistics.median(r[name][side][k] for r in rounds) for k in rounds[0][name][side]}
+                                for side in ("moe", "llamacpp")} for name in CASES}
+    print(f"{'':28}{'moe':>10}{'llama.cpp':>11}{'ratio':>8}")
+    for name, (depth, prompt) in CASES.items():
+        for k, what in (("prefill_tok_s", f"prefill {prompt} at {depth}"), ("decode_tok_s", f"decode at {depth + prompt}")):
+            m = report["medians"][name]
+            print(f"{what:28}{m['moe'][k]:10.2f}{m['llamacpp'][k]:11.2f}{m['moe'][k] / m['llamacpp'][k]:8.3f}")
     if "moe_convert" in report and "llamacpp_convert" in report:
         mc, lc = report["moe_convert"], report["llamacpp_convert"]
         print(f"{'convert seconds':24}{mc['seconds']:12.1f}{lc['seconds']:12.1f}{mc['seconds'] / lc['seconds']:8.3f}")
