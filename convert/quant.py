@@ -34,6 +34,7 @@ from ..runtime.layout import CHUNK, SUPER, Packed, padded_cols, supers_of
 
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
 _Q4_GRID = np.array([-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0, 6.0, 6.5, 7.0, 7.5])
+LANES = 24  # candidates evaluated side by side (_candidate_errs), at least the most of any width
 _CANDIDATES = {4: 1.0 / _Q4_GRID, 5: 1.0 / (2 * _Q4_GRID), 6: 1.0 / (4 * _Q4_GRID), 8: 1.0 / np.array([-128.0, 127.0])}
 
 
@@ -78,8 +79,24 @@ def _on_grid(d, step):
 
 
 @njit(**EXACT)
-def _best_scale(x, g0, gs, qmin, qmax, inv_cands, step):
-    """The scale of least squared error among the candidates and a least-squares refit, each on the grid."""
+def _candidate_errs(x, g0, gs, ds, invs, qmin, qmax, errs):
+    """errs[c]: squared error of the group at scale ds[c] = 1 / invs[c], for every candidate at once. Each is
+    summed in _group_err's order (column by column), with the candidates side by side in vector lanes: a
+    running sum cannot vectorize over columns without fast-math, but across candidates it needs no reordering."""
+    for c in range(LANES):
+        errs[c] = 0.0
+    for i in range(g0, g0 + gs):
+        xi = x[i]
+        for c in range(LANES):  # a constant trip count: whole vectors, no remainder loop
+            q = min(max(np.rint(xi * invs[c]), np.float32(qmin)), np.float32(qmax))
+            e = q * ds[c] - xi
+            errs[c] += e * e
+
+
+@njit(**EXACT)
+def _best_scale(x, g0, gs, qmin, qmax, inv_cands, step, grid, ds, invs, errs):
+    """The scale of least squared error among the candidates and a least-squares refit, each on the grid
+    (grid f64, ds, invs, errs f32: scratch of LANES)."""
     lo = x[g0]
     hi = x[g0]
     for c0 in range(g0, g0 + gs, CHUNK):
@@ -87,15 +104,18 @@ def _best_scale(x, g0, gs, qmin, qmax, inv_cands, step):
             lo = min(lo, x[c])
             hi = max(hi, x[c])
     m = lo if -lo > hi else hi  # the value of largest magnitude
+    n = inv_cands.shape[0]
+    for k in range(LANES):
+        d = _on_grid(m * inv_cands[min(k, n - 1)], step)  # lanes past the candidates repeat the last one
+        grid[k] = d
+        ds[k] = np.float32(d)
+        invs[k] = np.float32(1.0 / d) if d != 0.0 else np.float32(0.0)
+    _candidate_errs(x, g0, gs, ds, invs, qmin, qmax, errs)
     best_d = 0.0
     best = np.inf
-    for rt in inv_cands:
-        d = _on_grid(m * rt, step)
-        if d == 0.0:
-            continue
-        err = _group_err(x, g0, gs, d, 1.0 / d, qmin, qmax)
-        if err < best:
-            best, best_d = err, d
+    for k in range(n):
+        if grid[k] != 0.0 and errs[k] < best:
+            best, best_d = errs[k], grid[k]
     if best_d == 0.0:
         return 0.0
     sxq = np.float32(0.0)
@@ -131,8 +151,10 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
     cp = x.shape[0]
     groups = cp // gs
     free = np.empty(groups, np.float64)
+    grid = np.empty(LANES, np.float64)
+    ds, invs, errs = np.empty(LANES, np.float32), np.empty(LANES, np.float32), np.empty(LANES, np.float32)
     for g in range(groups):
-        free[g] = _best_scale(x, g * gs, gs, qmin, qmax, inv_cands, 0.0)
+        free[g] = _best_scale(x, g * gs, gs, qmin, qmax, inv_cands, 0.0, grid, ds, invs, errs)
     q = np.empty(cp, np.int32)
     emax = 0.0
     e2 = 0.0
@@ -148,7 +170,7 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
         g0 = g * gs
         k = 0.0
         if step > 0:
-            k = np.rint(_best_scale(x, g0, gs, qmin, qmax, inv_cands, np.float64(step)) / step)
+            k = np.rint(_best_scale(x, g0, gs, qmin, qmax, inv_cands, np.float64(step), grid, ds, invs, errs) / step)
         scales[g] = np.int8(k)
         d32 = np.float32(k) * step  # the scale the kernels will use
         inv = np.float32(1.0 / d32) if d32 != 0.0 else np.float32(0.0)
