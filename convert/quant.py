@@ -34,7 +34,6 @@ from ..runtime.layout import CHUNK, SUPER, Packed, padded_cols, supers_of
 
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
 _Q4_GRID = np.array([-9.0, -8.5, -8.0, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.25, -6.0, -5.5, -5.0, 6.0, 6.5, 7.0, 7.5])
-LANES = 24  # candidates evaluated side by side (_candidate_errs), at least the most of any width
 _CANDIDATES = {4: 1.0 / _Q4_GRID, 5: 1.0 / (2 * _Q4_GRID), 6: 1.0 / (4 * _Q4_GRID), 8: 1.0 / np.array([-128.0, 127.0])}
 
 
@@ -57,20 +56,6 @@ class QuantError:
 
 
 @njit(**EXACT)
-def _group_err(x, g0, gs, d, inv, qmin, qmax):
-    """Squared error of the group at scale d = 1 / inv (branch-free, so it vectorizes)."""
-    inv = np.float32(inv)
-    d32 = np.float32(d)
-    err = np.float32(0.0)
-    for c0 in range(g0, g0 + gs, CHUNK):
-        for c in range(c0, c0 + CHUNK):  # a constant trip count: LLVM vectorizes it whole
-            q = min(max(np.rint(x[c] * inv), np.float32(qmin)), np.float32(qmax))
-            e = q * d32 - x[c]
-            err += e * e
-    return err
-
-
-@njit(**EXACT)
 def _on_grid(d, step):
     """d as a multiple k * step of its super-scale's step, |k| <= 127 (step 0, the first pass: d as it is)."""
     if step == 0.0:
@@ -79,57 +64,66 @@ def _on_grid(d, step):
 
 
 @njit(**EXACT)
-def _candidate_errs(x, g0, gs, ds, invs, qmin, qmax, errs):
-    """errs[c]: squared error of the group at scale ds[c] = 1 / invs[c], for every candidate at once. Each is
-    summed in _group_err's order (column by column), with the candidates side by side in vector lanes: a
-    running sum cannot vectorize over columns without fast-math, but across candidates it needs no reordering."""
-    for c in range(LANES):
-        errs[c] = 0.0
-    for i in range(g0, g0 + gs):
-        xi = x[i]
-        for c in range(LANES):  # a constant trip count: whole vectors, no remainder loop
-            q = min(max(np.rint(xi * invs[c]), np.float32(qmin)), np.float32(qmax))
-            e = q * ds[c] - xi
-            errs[c] += e * e
+def _errs(xt, d, ok, qmin, qmax, err):
+    """err[g]: squared error of group g (column g of xt) at scale d[g], where ok[g]. Each is summed down its column
+    in order, the groups side by side in vector lanes: a running sum cannot vectorize along a group without
+    fast-math, but across groups it needs no reordering."""
+    groups = xt.shape[1]
+    d32 = np.empty(groups, np.float32)
+    inv = np.empty(groups, np.float32)
+    for g in range(groups):
+        d32[g] = np.float32(d[g])
+        inv[g] = np.float32(1.0 / d[g]) if ok[g] else np.float32(0.0)
+        err[g] = 0.0
+    for i in range(xt.shape[0]):
+        for g in range(groups):
+            q = min(max(np.rint(xt[i, g] * inv[g]), np.float32(qmin)), np.float32(qmax))
+            e = q * d32[g] - xt[i, g]
+            err[g] += e * e
 
 
 @njit(**EXACT)
-def _best_scale(x, g0, gs, qmin, qmax, inv_cands, step, grid, ds, invs, errs):
-    """The scale of least squared error among the candidates and a least-squares refit, each on the grid
-    (grid f64, ds, invs, errs f32: scratch of LANES)."""
-    lo = x[g0]
-    hi = x[g0]
-    for c0 in range(g0, g0 + gs, CHUNK):
-        for c in range(c0, c0 + CHUNK):
-            lo = min(lo, x[c])
-            hi = max(hi, x[c])
-    m = lo if -lo > hi else hi  # the value of largest magnitude
-    n = inv_cands.shape[0]
-    for k in range(LANES):
-        d = _on_grid(m * inv_cands[min(k, n - 1)], step)  # lanes past the candidates repeat the last one
-        grid[k] = d
-        ds[k] = np.float32(d)
-        invs[k] = np.float32(1.0 / d) if d != 0.0 else np.float32(0.0)
-    _candidate_errs(x, g0, gs, ds, invs, qmin, qmax, errs)
-    best_d = 0.0
-    best = np.inf
-    for k in range(n):
-        if grid[k] != 0.0 and errs[k] < best:
-            best, best_d = errs[k], grid[k]
-    if best_d == 0.0:
-        return 0.0
-    sxq = np.float32(0.0)
-    sqq = np.float32(0.0)
-    inv = np.float32(1.0 / best_d)
-    for c0 in range(g0, g0 + gs, CHUNK):
-        for c in range(c0, c0 + CHUNK):
-            q = min(max(np.rint(x[c] * inv), np.float32(qmin)), np.float32(qmax))
-            sxq += q * x[c]
-            sqq += q * q
-    d = _on_grid(sxq / sqq, step)
-    if d != 0.0 and _group_err(x, g0, gs, d, 1.0 / d, qmin, qmax) < best:
-        best_d = d
-    return best_d
+def _best_scales(xt, qmin, qmax, inv_cands, step, best_d):
+    """best_d[g]: the scale of least squared error for group g (column g of xt) among the candidates and a
+    least-squares refit, each on its grid (step[g]; 0: none)."""
+    gs, groups = xt.shape
+    lo = xt[0].copy()
+    hi = xt[0].copy()
+    for i in range(gs):
+        for g in range(groups):
+            lo[g] = min(lo[g], xt[i, g])
+            hi[g] = max(hi[g], xt[i, g])
+    best = np.full(groups, np.inf)
+    d = np.empty(groups, np.float64)
+    ok = np.empty(groups, np.bool_)
+    err = np.empty(groups, np.float32)
+    best_d[:] = 0.0
+    for rt in inv_cands:
+        for g in range(groups):
+            m = lo[g] if -lo[g] > hi[g] else hi[g]  # the value of largest magnitude
+            d[g] = _on_grid(m * rt, step[g])
+            ok[g] = d[g] != 0.0
+        _errs(xt, d, ok, qmin, qmax, err)
+        for g in range(groups):
+            if ok[g] and err[g] < best[g]:
+                best[g], best_d[g] = err[g], d[g]
+    sxq = np.zeros(groups, np.float32)
+    sqq = np.zeros(groups, np.float32)
+    inv = np.empty(groups, np.float32)
+    for g in range(groups):
+        inv[g] = np.float32(1.0 / best_d[g]) if best_d[g] != 0.0 else np.float32(0.0)
+    for i in range(gs):
+        for g in range(groups):
+            q = min(max(np.rint(xt[i, g] * inv[g]), np.float32(qmin)), np.float32(qmax))
+            sxq[g] += q * xt[i, g]
+            sqq[g] += q * q
+    for g in range(groups):
+        d[g] = _on_grid(sxq[g] / sqq[g], step[g]) if best_d[g] != 0.0 else 0.0
+        ok[g] = d[g] != 0.0
+    _errs(xt, d, ok, qmin, qmax, err)
+    for g in range(groups):
+        if ok[g] and err[g] < best[g]:
+            best_d[g] = d[g]
 
 
 @njit(**EXACT)
@@ -145,54 +139,58 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
     [groups] and bfloat16 super-scales [supers].
 
     Two passes: each group's best scale, searched freely, sets its super-block's D (the largest
-    magnitude among them); then each group searches again among the multiples k * D / 127 it can store."""
+    magnitude among them); then each group searches again among the multiples k * D / 127 it can store.
+    The row is taken as [gs, groups] (xt), so that every loop runs over the groups side by side."""
     qmax = (1 << (bits - 1)) - 1
     qmin = -qmax - 1
-    cp = x.shape[0]
-    groups = cp // gs
+    groups = x.shape[0] // gs
+    xt = np.ascontiguousarray(x.reshape(groups, gs).T)
+    step = np.zeros(groups, np.float64)
     free = np.empty(groups, np.float64)
-    grid = np.empty(LANES, np.float64)
-    ds, invs, errs = np.empty(LANES, np.float32), np.empty(LANES, np.float32), np.empty(LANES, np.float32)
-    for g in range(groups):
-        free[g] = _best_scale(x, g * gs, gs, qmin, qmax, inv_cands, 0.0, grid, ds, invs, errs)
-    q = np.empty(cp, np.int32)
-    emax = 0.0
-    e2 = 0.0
-    x2 = 0.0
-    step = np.float32(0.0)
+    _best_scales(xt, qmin, qmax, inv_cands, step, free)
+    step32 = np.zeros(groups, np.float32)
     for g in range(groups):
         if g % SUPER == 0:
             top = 0.0
             for h in range(g, min(g + SUPER, groups)):
                 top = max(top, abs(free[h]))
             supers[g // SUPER] = _bf16_round(top)
-            step = bf16_to_f32(supers[g // SUPER]) * np.float32(1.0 / 127.0)
-        g0 = g * gs
-        k = 0.0
-        if step > 0:
-            k = np.rint(_best_scale(x, g0, gs, qmin, qmax, inv_cands, np.float64(step), grid, ds, invs, errs) / step)
+        step32[g] = bf16_to_f32(supers[g // SUPER]) * np.float32(1.0 / 127.0)
+        step[g] = step32[g]
+    fitted = np.empty(groups, np.float64)
+    _best_scales(xt, qmin, qmax, inv_cands, step, fitted)
+    d32 = np.empty(groups, np.float32)
+    inv = np.empty(groups, np.float32)
+    for g in range(groups):
+        k = np.rint(fitted[g] / step32[g]) if step32[g] > 0 else 0.0
         scales[g] = np.int8(k)
-        d32 = np.float32(k) * step  # the scale the kernels will use
-        inv = np.float32(1.0 / d32) if d32 != 0.0 else np.float32(0.0)
-        ge2 = np.float32(0.0)
-        gx2 = np.float32(0.0)
-        gmax = np.float32(0.0)
-        for c0 in range(g0, g0 + gs, CHUNK):
-            for c in range(c0, c0 + CHUNK):
-                qc = min(max(np.rint(x[c] * inv), np.float32(qmin)), np.float32(qmax))
-                q[c] = np.int32(qc)
-                e = qc * d32 - x[c]
-                gmax = max(gmax, abs(e))
-                ge2 += e * e
-                gx2 += x[c] * x[c]
-        emax = max(emax, gmax)
-        e2 += ge2
-        x2 += gx2
+        d32[g] = np.float32(k) * step32[g]  # the scale the kernels will use
+        inv[g] = np.float32(1.0 / d32[g]) if d32[g] != 0.0 else np.float32(0.0)
+    ge2 = np.zeros(groups, np.float32)
+    gx2 = np.zeros(groups, np.float32)
+    gmax = np.zeros(groups, np.float32)
+    qt = np.empty((gs, groups), np.int32)
+    for i in range(gs):
+        for g in range(groups):
+            qc = min(max(np.rint(xt[i, g] * inv[g]), np.float32(qmin)), np.float32(qmax))
+            qt[i, g] = np.int32(qc)
+            e = qc * d32[g] - xt[i, g]
+            gmax[g] = max(gmax[g], abs(e))
+            ge2[g] += e * e
+            gx2[g] += xt[i, g] * xt[i, g]
+    emax = 0.0
+    e2 = 0.0
+    x2 = 0.0
+    for g in range(groups):
+        emax = max(emax, gmax[g])
+        e2 += ge2[g]
+        x2 += gx2[g]
     stats[0] = emax
     stats[1] = e2
     stats[2] = x2
-    for c in range(cp):  # q8: two's complement; q4-q6: q + 2**(bits-1), packed by codec.pack_codes
-        codes[c] = np.uint8((q[c] & 0xFF) if bits == 8 else q[c] - qmin)
+    for g in range(groups):  # q8: two's complement; q4-q6: q + 2**(bits-1), packed by codec.pack_codes
+        for i in range(gs):
+            codes[g * gs + i] = np.uint8((qt[i, g] & 0xFF) if bits == 8 else qt[i, g] - qmin)
 
 
 @njit(parallel=True, **EXACT)
