@@ -29,7 +29,7 @@ from numba import njit, prange
 
 from ..runtime.codec import pack_codes
 from ..runtime.kernels import EXACT
-from ..runtime.kernels.bits import BF16_BITS, FLOAT, bf16_to_f32, f32_bits, weight_to_f32
+from ..runtime.kernels.bits import BF16_BITS, FLOAT, bf16_to_f32, f32_to_bf16, weight_to_f32
 from ..runtime.layout import CHUNK, SUPER, Packed, padded_cols, supers_of
 
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
@@ -127,13 +127,6 @@ def _best_scales(xt, qmin, qmax, inv_cands, step, best_d):
 
 
 @njit(**EXACT)
-def _bf16_round(x):
-    """The bfloat16 nearest to x (finite, >= 0; ties to even), as its 16-bit pattern."""
-    b = np.uint32(f32_bits(np.float32(x)))
-    return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-
-
-@njit(**EXACT)
 def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
     """x f32 [cols_pad] -> one uint8 code per column (q8: two's complement; else q + 2**(bits-1)), int8 scales
     [groups] and bfloat16 super-scales [supers].
@@ -154,7 +147,7 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
             top = 0.0
             for h in range(g, min(g + SUPER, groups)):
                 top = max(top, abs(free[h]))
-            supers[g // SUPER] = _bf16_round(top)
+            supers[g // SUPER] = f32_to_bf16(top)
         step32[g] = bf16_to_f32(supers[g // SUPER]) * np.float32(1.0 / 127.0)
         step[g] = step32[g]
     fitted = np.empty(groups, np.float64)

@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import math
 
-from ..runtime.layout import EXPERT_ALIGN, EXPERTS_FILE, MODEL_FILE, align, tensor_nbytes
+from ..runtime.budget import kv_cache_bytes
+from ..runtime.layout import EXPERT_ALIGN, EXPERTS_FILE, MODEL_FILE, align, kv_cache_dtype, tensor_nbytes
 from ..runtime.model import DEFAULT_MAX_CONTEXT
-from ..runtime.tensors import kind_of
+from ..runtime.tensors import EXPERTS, kind_of
 from .arch.common import Plan, Run
 from .encoding import place
 
 RUNTIME_BYTES = 300 * 10**6  # Python, numpy, numba and the kernels' buffers: peak RSS of a tiny model's decode
 F32 = 4
-
-
-def kv_cache_bytes(cfg, context: int) -> int:
-    """f32 keys and values (or latents) of every attention layer for `context` tokens, and the recurrent states of
-    the linear attention layers."""
-    linear = len(cfg.linear_layers())
-    return F32 * ((cfg.num_layers - linear) * cfg.kv_cache_width * context + linear * cfg.recurrent_state_width)
 
 
 def sizes(plan: Plan, encodings: dict[str, str], group_size: int) -> dict:
@@ -64,7 +58,7 @@ def sizes(plan: Plan, encodings: dict[str, str], group_size: int) -> dict:
     slot = max(align(r, EXPERT_ALIGN) for r in run_bytes)
     files = placed.file_sizes()
     context = min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-    kv = kv_cache_bytes(cfg, context)
+    kv = kv_cache_bytes(cfg, context, kv_cache_dtype(e for n, e in encodings.items() if kind_of(n) != EXPERTS))
     layout_bytes = sum(files.values())
     return {
         "layers": cfg.num_layers,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from .layout import EXPERTS_FILE, MODEL_FILE, Layout
 from .machine import available_ram
 from .paging import min_budget, slot_bytes, slot_count
@@ -51,7 +53,7 @@ def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | Non
     sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
     available = available_ram()
     notes = []
-    kv = kv_cache_bytes(layout.config, max_context)
+    kv = kv_cache_bytes(layout.config, max_context, layout.kv_cache_dtype)
     if budget is None:
         budget = _automatic(layout, sizes, kv, available)
         if budget is not None:
@@ -90,9 +92,12 @@ def misses_from_disk(experts_bytes: int, resident_bytes: int, budget: int, avail
     return experts_bytes > available - pool - resident_bytes
 
 
-def kv_cache_bytes(cfg, max_context: int) -> int:
-    """The KV cache's bytes once max_context positions fill it (its pages are committed as they fill)."""
-    return cfg.num_layers * max_context * cfg.kv_cache_width * 4
+def kv_cache_bytes(cfg, context: int, dtype: np.dtype) -> int:
+    """Keys and values (or latents) of every attention layer for `context` tokens, as `dtype` (see
+    layout.kv_cache_dtype; its pages are committed as positions fill), and the f32 recurrent states of the linear
+    attention layers."""
+    linear = len(cfg.linear_layers())
+    return (cfg.num_layers - linear) * cfg.kv_cache_width * context * dtype.itemsize + linear * cfg.recurrent_state_width * 4
 
 
 def _automatic(layout: Layout, sizes: dict[str, int], kv: int, available: int) -> int | None:

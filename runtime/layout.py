@@ -116,6 +116,13 @@ def crc32_each(buffers: list) -> list[int]:
         return list(pool.map(crc32, buffers))
 
 
+def kv_cache_dtype(encodings) -> np.dtype:
+    """How the KV cache holds keys and values, given the encodings of the model's non-expert tensors: as bfloat16
+    bits (uint16) when they are quantized, which halves the bytes attention reads per token at the precision Hub
+    models run in; as float32 when they are 16-bit, so that such a model's logits stay transformers' in float32."""
+    return np.dtype(np.uint16) if any(e in QUANT_BITS for e in encodings) else np.dtype(np.float32)
+
+
 @dataclass
 class Layout:
     """A converted model opened for reading: the validated manifest, its config parsed once, and its
@@ -129,6 +136,10 @@ class Layout:
 
     def has(self, name: str) -> bool:
         return name in self.manifest["tensors"]
+
+    @property
+    def kv_cache_dtype(self) -> np.dtype:
+        return kv_cache_dtype(e["encoding"] for e in self.manifest["tensors"].values())
 
     def entry(self, name: str) -> dict:
         try:

@@ -25,7 +25,7 @@ from .config import LayerSpec, ModelConfig
 from .errors import MoeError
 from .experts import ExpertStore, MappedExperts
 from .kernels import deltanet, rope
-from .kernels.attention import attend, per_head, temperature
+from .kernels.attention import attend, cache_rows, per_head, temperature
 from .kernels.embed import embed
 from .kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from .kernels.norms import rmsnorm
@@ -185,14 +185,15 @@ class _LinearBuffers:
         self.out = np.zeros((T, nv, dv), F32)
 
 
-def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """f32 zeros in anonymous memory that is committed page by page as it is written. Transparent huge
+def _lazy_zeros(shape: tuple[int, ...], dtype=F32) -> np.ndarray:
+    """Zeros in anonymous memory that is committed page by page as it is written. Transparent huge
     pages are refused: each head's rows of the KV cache start 2 MiB apart, so one token would commit
     2 MiB per head and layer (1 GiB for OLMoE's cache after the first prompt)."""
-    buf = mmap.mmap(-1, max(1, math.prod(shape) * 4))
+    dtype = np.dtype(dtype)
+    buf = mmap.mmap(-1, max(1, math.prod(shape) * dtype.itemsize))
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buf.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buf, np.float32, math.prod(shape)).reshape(shape)
+    return np.frombuffer(buf, dtype, math.prod(shape)).reshape(shape)
 
 
 def _view(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -224,12 +225,13 @@ class Model:
             self._offset_norms(cfg.norm_offset)
         freq, attention_factor = rope.inv_freq(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings)
         self._cos, self._sin = rope.tables(freq, attention_factor, max_context)  # (P, rotary_dim/2)
+        kv_dtype = layout.kv_cache_dtype
         if cfg.attention_kind == "mla":  # one row per position, the keys; its latent part is also the values
-            self._k = self._v = _lazy_zeros((cfg.num_layers, 1, max_context, cfg.kv_cache_width))
+            self._k = self._v = _lazy_zeros((cfg.num_layers, 1, max_context, cfg.kv_cache_width), kv_dtype)
         else:
             kv_shape = (cfg.num_layers, cfg.num_kv_heads, max_context, cfg.head_dim)
-            self._k = _lazy_zeros(kv_shape)  # pages are committed only as positions fill
-            self._v = _lazy_zeros(kv_shape)
+            self._k = _lazy_zeros(kv_shape, kv_dtype)  # pages are committed only as positions fill
+            self._v = _lazy_zeros(kv_shape, kv_dtype)
         linear_layers = cfg.linear_layers()
         self._state_of = {i: n for n, i in enumerate(linear_layers)}  # layer -> its recurrent state's index
         self._conv_state = np.zeros((len(linear_layers), max(cfg.linear_conv_kernel - 1, 0), cfg.linear_conv_dim), F32)
@@ -439,10 +441,9 @@ class Model:
             rmsnorm(bufs.k, self._ones, eps, bufs.k)
         if spec.attn_temperature:
             temperature(bufs.q, pos0, cfg.attn_scale, cfg.floor_scale)
-        end = pos0 + bufs.T
         k_cache, v_cache = self._k[i], self._v[i]  # (nkv, P, hd)
-        k_cache[:, pos0:end] = bufs.k.transpose(1, 0, 2)
-        v_cache[:, pos0:end] = bufs.v.transpose(1, 0, 2)
+        cache_rows(bufs.k, k_cache, pos0)
+        cache_rows(bufs.v, v_cache, pos0)
         window = spec.window if spec.attention == "sliding" else 0
         chunk = spec.window if spec.attention == "chunked" else 0
         sinks = self._no_sinks if layer.sinks is None else layer.sinks
@@ -473,7 +474,7 @@ class Model:
         per_head(m.q[:, :, :nope], layer.absorb_q, m.q_abs[:, :, :r])
         m.q_abs[:, :, r:] = m.q[:, :, nope:]
         cache = self._k[i]  # (1, P, r + rope)
-        cache[0, pos0: pos0 + bufs.T] = m.kv_a
+        cache_rows(m.kv_a[:, None], cache, pos0)
         attend(m.q_abs, cache, cache, pos0, cfg.softmax_scale, 0, 0, self._no_sinks, False, m.attn_lat)
         per_head(m.attn_lat[:, :, :r], layer.absorb_o, m.attn)
         linear(layer.o, m.attn.reshape(bufs.T, -1), bufs.y, scratch)

@@ -8,7 +8,7 @@ from moe.convert.quant import quantize
 from moe.runtime.codec import dequantize
 from moe.runtime.config import Rope
 from moe.runtime.kernels import rope
-from moe.runtime.kernels.attention import _attend, attend, per_head, temperature
+from moe.runtime.kernels.attention import _attend, attend, cache_rows, per_head, temperature
 from moe.runtime.kernels.embed import embed
 from moe.runtime.kernels.expf import exp32
 from moe.runtime.kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
@@ -191,12 +191,38 @@ def test_attend_in_parts_keeps_the_bits(T, nkv):
     nh, hd, pos0 = 7 * nkv, 24, 150  # 7 heads a kv head: parts of 3 leave one of 1
     q, k, v, sinks = randn(T, nh, hd), randn(nkv, pos0 + T, hd), randn(nkv, pos0 + T, hd), randn(nh)
     whole = np.zeros_like(q)
-    _attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks, True, 7, whole)
+    _attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks, True, 7, 0, whole)
     np.testing.assert_allclose(whole, naive_attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks), rtol=1e-4, atol=1e-5)
     for size in (1, 2, 3, 6):
         parts = np.zeros_like(q)
-        _attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks, True, size, parts)
+        _attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks, True, size, 0, parts)
         np.testing.assert_array_equal(parts, whole, err_msg=f"parts of {size}")
+
+
+def bf16_nearest(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest bfloat16 (ties to even) as float32, in numpy."""
+    b = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return (((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+
+
+def test_bfloat16_cache_rounds_to_nearest_and_attends_as_its_values():
+    """A quantized model's KV cache holds bfloat16 bits: rows written rounded to nearest (ties to even, exactly at
+    a tie too), and attention over them equals attention over a float32 cache holding the same values."""
+    T, nkv, hd, P, nh = 5, 2, 16, 12, 4
+    k, v = randn(T, nkv, hd) * 3, randn(T, nkv, hd)
+    k[0, 0, :4] = np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-20], np.float32)  # ties, and past
+    k16, v16 = np.zeros((nkv, P, hd), np.uint16), np.zeros((nkv, P, hd), np.uint16)
+    k32, v32 = np.zeros((nkv, P, hd), np.float32), np.zeros((nkv, P, hd), np.float32)
+    for cache16, cache32, x in ((k16, k32, k), (v16, v32, v)):
+        cache_rows(x, cache16, 3)
+        cache_rows(bf16_nearest(x), cache32, 3)
+        np.testing.assert_array_equal((cache16.astype(np.uint32) << 16).view(np.float32), cache32)
+    assert list((k16[0, 3, :4].astype(np.uint32) << 16).view(np.float32)) == [1.0, 1 + 4 * 2**-8, -1.0, 1 + 2**-7]
+    q = randn(2, nh, hd)
+    out16, out32 = np.zeros_like(q), np.zeros_like(q)
+    for kc, vc, out in ((k16, v16, out16), (k32, v32, out32)):
+        attend(q, kc, vc, 6, hd**-0.5, 0, 0, np.zeros(nh, np.float32), False, out)
+    np.testing.assert_array_equal(out16, out32)
 
 
 def test_temperature():

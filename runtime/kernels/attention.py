@@ -16,6 +16,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from . import FLAGS, PARALLEL
+from .bits import BF16_BITS, FLOAT, f32_to_bf16, weight_to_f32
 from .expf import exp32
 
 BLOCK = 64
@@ -24,7 +25,8 @@ BLOCK = 64
 def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, out):
     """out (T, nh, hd) = softmax(q k^T * scale) v for q (T, nh, hd) at positions pos0 .. pos0+T-1.
 
-    k_cache, v_cache (nkv, P, hd) already hold keys and values up to position pos0+T-1. Query
+    k_cache, v_cache (nkv, P, hd), float32 or bfloat16 bits (cache_rows), already hold keys and values up to
+    position pos0+T-1. Query
     head h reads kv head h // (nh / nkv). Token i sees j <= i, and also i - j < window when
     window > 0 (sliding), and i // chunk == j // chunk when chunk > 0 (chunked). With use_sinks,
     sinks[h] joins each row of scores as one more logit whose probability is then dropped.
@@ -32,11 +34,12 @@ def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, ou
     pairs = max(1, q.shape[0] * k_cache.shape[0])  # (token, kv head)
     group = q.shape[1] // k_cache.shape[0]
     size = -(-group // min(group, -(-get_num_threads() // pairs)))  # a part's query heads: a part for each thread
-    _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, size, out)
+    kind = FLOAT if k_cache.dtype == np.float32 else BF16_BITS
+    _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, size, kind, out)
 
 
 @njit(**PARALLEL)
-def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, size, out):
+def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, size, kind, out):
     """attend, each (token, kv head)'s query heads in parts of `size` (numba's get_num_threads would keep the kernel
     from its disk cache)."""
     T, nh, hd = q.shape
@@ -75,7 +78,7 @@ def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, s
                     key = k_cache[kv, j0 + jj]
                     s = np.float32(0.0)
                     for d in range(hd):
-                        s += qg[d] * key[d]
+                        s += qg[d] * weight_to_f32(key[d], kind)
                     s *= scale
                     p[g, jj] = s
                     block_max = max(block_max, s)
@@ -94,7 +97,7 @@ def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, s
                 for g in range(heads):
                     w = p[g, jj]
                     for d in range(hd):
-                        acc[g, d] += w * value[d]
+                        acc[g, d] += w * weight_to_f32(value[d], kind)
         for g in range(heads):
             if use_sinks:
                 s = sinks[h0 + g]
@@ -108,6 +111,25 @@ def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, s
             inv = np.float32(1.0) / total[g]
             for d in range(hd):
                 acc[g, d] *= inv
+
+
+def cache_rows(x, cache, pos0):
+    """cache[h, pos0 + t] = x[t, h] for x (T, n, d) f32 and cache (n, P, d): float32, or bfloat16 bits (uint16)
+    rounded to nearest."""
+    if cache.dtype == np.float32:
+        cache[:, pos0: pos0 + x.shape[0]] = x.transpose(1, 0, 2)
+    else:
+        _cache_bf16(x, cache, pos0)
+
+
+@njit(**FLAGS)
+def _cache_bf16(x, cache, pos0):
+    T, n, d = x.shape
+    for h in range(n):
+        for t in range(T):
+            row = cache[h, pos0 + t]
+            for i in range(d):
+                row[i] = f32_to_bf16(x[t, h, i])
 
 
 @njit(**FLAGS)

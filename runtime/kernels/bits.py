@@ -52,6 +52,13 @@ def bf16_to_f32(h):
 
 
 @njit(cache=True, inline="always")
+def f32_to_bf16(x):
+    """The bfloat16 nearest to a finite float32 x (ties to even), as its 16-bit pattern."""
+    b = f32_bits(np.float32(x))
+    return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(cache=True, inline="always")
 def f16_to_f32_exact(h):
     """Exact IEEE half -> single in integer arithmetic, for CPUs without a half-precision conversion.
 

@@ -66,6 +66,10 @@ def ours_and_peer(ours: Path, gguf4: Path, args, depth: int, prompt: int) -> dic
     return {"moe": {k: moe[k] for k in ("prefill_tok_s", "decode_tok_s")}, "llamacpp": peer}
 
 
+def save(folder: Path, report: dict) -> None:
+    (folder / "compare_llamacpp.json").write_text(json.dumps(report, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("MOE_BENCH_DIR", Path.home() / ".cache/moe/bench")))
@@ -97,13 +101,14 @@ def main() -> None:
         report["llamacpp_convert"] = {"seconds": round(s1 + s2, 1), "steps_seconds": [round(s1, 1), round(s2, 1)],
                                       "peak_rss_bytes": max(rss1, rss2)}
         gguf16.unlink(missing_ok=True)
+    save(args.dir, report)
 
     for f in [*ours.glob("*.bin"), gguf4]:  # both start from the page cache, as a model used before does
         read_through(f)
-    rounds = []  # alternating, so a noisy neighbour slows both rather than one
+    rounds = report["rounds"] = []  # alternating, so a noisy neighbour slows both rather than one
     for _ in range(args.rounds):
         rounds.append({name: ours_and_peer(ours, gguf4, args, depth, prompt) for name, (depth, prompt) in CASES.items()})
-    report["rounds"] = rounds
+        save(args.dir, report)  # a round at a time: a long run that dies keeps what it measured
     report["medians"] = {name: {side: {k: statistics.median(r[name][side][k] for r in rounds) for k in rounds[0][name][side]}
                                 for side in ("moe", "llamacpp")} for name in CASES}
     print(f"{'':28}{'moe':>10}{'llama.cpp':>11}{'ratio':>8}")
@@ -115,7 +120,7 @@ def main() -> None:
         mc, lc = report["moe_convert"], report["llamacpp_convert"]
         print(f"{'convert seconds':24}{mc['seconds']:12.1f}{lc['seconds']:12.1f}{mc['seconds'] / lc['seconds']:8.3f}")
         print(f"{'convert peak RSS MB':24}{mc['peak_rss_bytes'] / 1e6:12.0f}{lc['peak_rss_bytes'] / 1e6:12.0f}")
-    (args.dir / "compare_llamacpp.json").write_text(json.dumps(report, indent=1))
+    save(args.dir, report)
     print(json.dumps(report, indent=1))
 
 
