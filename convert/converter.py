@@ -21,7 +21,7 @@ from ..runtime.layout_writer import LayoutWriter
 from ..runtime.tensors import EXPERTS, kind_of
 from . import arch as arch_registry
 from . import fp8, hub, mxfp4
-from .arch.common import Out, Plan, Run, Src, eos_ids
+from .arch.common import Out, Plan, Run, Src, eos_ids, outs_of
 from .checks import (
     check_config,
     check_group_size,
@@ -141,14 +141,13 @@ def fp8_rows(ckpt: Checkpoint, s: Src, r0: int = 0, r1: int | None = None) -> np
     return values
 
 
-def release(ckpt: Checkpoint, s: Src) -> None:
+def source_ranges(ckpt: Checkpoint, s: Src):
+    """(tensor, first byte, end byte) of what piece `s` reads: a whole tensor, or its expert's slice."""
     for name in s.sources():
         t = ckpt.info(name)
-        if s.expert is None:
-            ckpt.release(name)
-        else:
-            per = t.nbytes // t.shape[0]
-            ckpt.release(name, s.expert * per, (s.expert + 1) * per)
+        per = t.nbytes // t.shape[0] if s.expert is not None else t.nbytes
+        first = s.expert * per if s.expert is not None else 0
+        yield name, first, first + per
 
 
 def gather(ckpt: Checkpoint, o: Out) -> tuple[np.ndarray, str]:
@@ -235,10 +234,15 @@ def _write_tensors(writer: LayoutWriter, plan: Plan, ckpt: Checkpoint, encodings
         err = errors[o.name] = QuantError()
         writer.add_rows(o.name, enc, o.shape, blocks_of(ckpt, o, enc, group_size, err), group_size)
         for s in o.srcs:
-            release(ckpt, s)
+            for name, first, end in source_ranges(ckpt, s):
+                ckpt.release(name, first, end)
         progress.advance(_source_nbytes(ckpt, o), o.name)
 
-    for item in plan.items:
+    for item, following in zip(plan.items, [*plan.items[1:], None], strict=True):
+        for o in outs_of(following) if following is not None else ():
+            for s in o.srcs:  # the next item's source read from storage while this one is quantized
+                for name, first, end in source_ranges(ckpt, s):
+                    ckpt.prefetch(name, first, end)
         if isinstance(item, Run):
             writer.begin_expert(item.layer, item.expert)
             for o in item.outs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..runtime import tensors
 from ..runtime.layout import Placement
-from .arch.common import Out, Plan, Run
+from .arch.common import Out, Plan, Run, outs_of
 
 # With --bits 4, the matrices besides the experts; attention's output projection, which costs the most per
 # byte, one bit more (the measurements behind this trade: tests/bench/README.md, the 4-bit scheme).
@@ -61,7 +61,7 @@ def place(plan: Plan, encodings: dict[str, str], group_size: int) -> Placement:
     for item in plan.items:
         if isinstance(item, Run):
             placement.begin_run(item.layer, item.expert)
-        for o in item.outs if isinstance(item, Run) else (item,):
+        for o in outs_of(item):
             placement.tensor(encodings[o.name], o.shape, group_size)
         if isinstance(item, Run):
             placement.end_run()

@@ -13,7 +13,7 @@ from ..runtime import speed
 from ..runtime.config import ModelConfig
 from ..runtime.layout_writer import LayoutWriter
 from . import arch as arch_registry
-from .arch.common import Run
+from .arch.common import Run, outs_of
 from .encoding import encoding_for
 from .sizes import sizes
 
@@ -53,7 +53,7 @@ def write_miniature(cfg: ModelConfig, bits: int, group_size: int, folder: Path) 
         for item in plan.items:
             if isinstance(item, Run):
                 writer.begin_expert(item.layer, item.expert)
-            for o in item.outs if isinstance(item, Run) else (item,):
+            for o in outs_of(item):
                 writer.add(o.name, speed.random_packed(encodings[o.name], o.shape, group_size, rng))
             if isinstance(item, Run):
                 writer.end_expert()

@@ -128,8 +128,8 @@ def _best_scales(xt, qmin, qmax, inv_cands, step, best_d):
 
 @njit(**EXACT)
 def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
-    """x f32 [cols_pad] -> one uint8 code per column (q8: two's complement; else q + 2**(bits-1)), int8 scales
-    [groups] and bfloat16 super-scales [supers].
+    """x f32 [cols_pad] -> codes (q4: the layout's nibbles; q5, q6: q + 2**(bits-1) a column; q8: q in two's
+    complement), int8 scales [groups] and bfloat16 super-scales [supers].
 
     Two passes: each group's best scale, searched freely, sets its super-block's D (the largest
     magnitude among them); then each group searches again among the multiples k * D / 127 it can store.
@@ -181,7 +181,12 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
     stats[0] = emax
     stats[1] = e2
     stats[2] = x2
-    for g in range(groups):  # q8: two's complement; q4-q6: q + 2**(bits-1), packed by codec.pack_codes
+    if bits == 4:  # q + 8 as the layout's nibbles (codec.pack_q4): a chunk's columns j and j + 16 in its byte j
+        for n in range(codes.shape[0]):
+            c = n // 16 * CHUNK + n % 16
+            codes[n] = np.uint8((qt[c % gs, c // gs] - qmin) | ((qt[(c + 16) % gs, (c + 16) // gs] - qmin) << 4))
+        return
+    for g in range(groups):  # q8: two's complement; q5, q6: q + 2**(bits-1), packed by codec.pack_codes
         for i in range(gs):
             codes[g * gs + i] = np.uint8((qt[i, g] & 0xFF) if bits == 8 else qt[i, g] - qmin)
 
@@ -204,7 +209,7 @@ def quantize(w: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[Pac
         raise ValueError(f"bits {bits} / group size {group_size}")
     rows, cols = w.shape
     cp = padded_cols(cols, group_size)
-    codes = np.empty((rows, cp), np.uint8)
+    codes = np.empty((rows, cp // 2 if bits == 4 else cp), np.uint8)
     scales = np.empty((rows, cp // group_size), np.int8)
     supers = np.empty((rows, supers_of(cp // group_size)), np.uint16)
     stats = np.zeros((rows, 3), np.float64)
@@ -213,7 +218,7 @@ def quantize(w: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[Pac
     else:
         w32 = np.ascontiguousarray(w, dtype=np.float32)
         _quantize(w32, FLOAT, group_size, bits, _CANDIDATES[bits], codes, scales, supers, stats)
-    packed = Packed(f"q{bits}", (rows, cols), codes.view(np.int8) if bits == 8 else pack_codes(codes, bits), scales,
-                    group_size, supers)
+    stored = codes if bits == 4 else codes.view(np.int8) if bits == 8 else pack_codes(codes, bits)
+    packed = Packed(f"q{bits}", (rows, cols), stored, scales, group_size, supers)
     err = QuantError(float(stats[:, 0].max(initial=0.0)), float(stats[:, 1].sum()), float(stats[:, 2].sum()))
     return packed, err

@@ -149,10 +149,18 @@ class SafetensorsFile:
         if not DONTNEED_DROPS:
             self._map = self._mapped()
             return
+        self._advise(mmap.MADV_DONTNEED, begin, end)
+
+    def prefetch(self, begin: int, end: int) -> None:
+        """Start reading bytes begin..end into the page cache, without waiting (where madvise can)."""
+        if self._map is not None and hasattr(mmap, "MADV_WILLNEED"):
+            self._advise(mmap.MADV_WILLNEED, begin, end)
+
+    def _advise(self, advice: int, begin: int, end: int) -> None:
         start = begin // _PAGE * _PAGE
         stop = min(-(-end // _PAGE) * _PAGE, self.size)
         if stop > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            self._map.madvise(advice, start, stop - start)
 
     def close(self) -> None:
         if self._map is not None:
@@ -235,8 +243,12 @@ class Checkpoint:
     def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
         """Drop the pages of tensor `name` (or of its bytes begin..end) from this process."""
         t = self.tensors[name]
-        stop = t.end if end is None else t.begin + end
-        self.files[t.path.name].release(t.begin + begin, stop)
+        self.files[t.path.name].release(t.begin + begin, t.end if end is None else t.begin + end)
+
+    def prefetch(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Start reading tensor `name` (or its bytes begin..end) from storage, so that it is there when needed."""
+        t = self.tensors[name]
+        self.files[t.path.name].prefetch(t.begin + begin, t.end if end is None else t.begin + end)
 
     @property
     def nbytes(self) -> int:

@@ -9,7 +9,7 @@ from ..runtime.budget import kv_cache_bytes
 from ..runtime.layout import EXPERT_ALIGN, EXPERTS_FILE, MODEL_FILE, align, kv_cache_dtype, tensor_nbytes
 from ..runtime.model import DEFAULT_MAX_CONTEXT
 from ..runtime.tensors import EXPERTS, kind_of
-from .arch.common import Plan, Run
+from .arch.common import Plan, Run, outs_of
 from .encoding import place
 
 RUNTIME_BYTES = 300 * 10**6  # Python, numpy, numba and the kernels' buffers: peak RSS of a tiny model's decode
@@ -33,7 +33,7 @@ def sizes(plan: Plan, encodings: dict[str, str], group_size: int) -> dict:
     touched: dict[str, int] = {}  # bytes touched per token, by encoding
     layer_experts: dict[int, list[tuple[int, int, dict[str, int]]]] = {}  # layer -> [(params, run bytes, by enc)]
     for item in plan.items:
-        outs = item.outs if isinstance(item, Run) else (item,)
+        outs = outs_of(item)
         n = sum(math.prod(o.shape) for o in outs)
         params += n
         if isinstance(item, Run):

@@ -56,6 +56,10 @@ class Run:
     outs: tuple[Out, ...]
 
 
+def outs_of(item: Out | Run) -> tuple[Out, ...]:
+    return item.outs if isinstance(item, Run) else (item,)
+
+
 @dataclass
 class Plan:
     """Everything conversion writes, in source order (layer by layer), and what it deliberately leaves out."""
@@ -65,7 +69,7 @@ class Plan:
     skipped: set[str] = field(default_factory=set)
 
     def outs(self) -> list[Out]:
-        return [o for item in self.items for o in (item.outs if isinstance(item, Run) else (item,))]
+        return [o for item in self.items for o in outs_of(item)]
 
     def used(self) -> set[str]:
         return {n for o in self.outs() for s in o.srcs for n in s.sources()}
