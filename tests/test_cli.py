@@ -181,6 +181,15 @@ def test_sigterm_raises_terminated_while_a_command_runs(capsys, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def bench_with(monkeypatch, load) -> None:
+    """`moe bench` on the model `load` returns, its kernels taken as compiled, the demo's name resolved, and a
+    context of 512 (ScriptedModel's)."""
+    monkeypatch.setattr(moe.runtime.model, "load_model", load)
+    monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
+    monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
+    monkeypatch.setattr(moe.runtime.bench, "context_limit", lambda path: 512)
+
+
 def test_bench_json(capsys, monkeypatch):
     loaded = []
 
@@ -188,10 +197,7 @@ def test_bench_json(capsys, monkeypatch):
         loaded.append((path, memory_budget, threads, max_context))
         return ScriptedModel("word " * 200, eos=False)
 
-    monkeypatch.setattr(moe.runtime.model, "load_model", fake_load)
-    monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
-    monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
-    monkeypatch.setattr(moe.runtime.bench, "context_limit", lambda path: 512)  # ScriptedModel's
+    bench_with(monkeypatch, fake_load)
     code, out, err = moe_cli(capsys, "bench", "--json", "--prompt-tokens", "16", "--gen-tokens", "8", "--repeat", "2",
                              "--memory-budget", "1MB")
     result = json.loads(out)
@@ -221,10 +227,7 @@ def test_bench_stream_feeds_decode_random_ids_or_its_own_argmax(capsys, monkeypa
             return logits
 
     model = Recording()
-    monkeypatch.setattr(moe.runtime.model, "load_model", lambda *a, **k: model)
-    monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
-    monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
-    monkeypatch.setattr(moe.runtime.bench, "context_limit", lambda path: 512)  # ScriptedModel's
+    bench_with(monkeypatch, lambda *a, **k: model)
     code, out, _ = moe_cli(capsys, "bench", "--json", "--prompt-tokens", "8", "--gen-tokens", "6", "--repeat", "1",
                            "--stream", stream)
     assert code == 0 and json.loads(out)["stream"] == stream
@@ -252,10 +255,7 @@ def test_bench_depth_fills_context_before_the_timed_prompt(capsys, monkeypatch):
         loaded.append(max_context)
         return Recording("word " * 200, eos=False)
 
-    monkeypatch.setattr(moe.runtime.model, "load_model", fake_load)
-    monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
-    monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
-    monkeypatch.setattr(moe.runtime.bench, "context_limit", lambda path: 512)  # ScriptedModel's
+    bench_with(monkeypatch, fake_load)
     code, out, _ = moe_cli(capsys, "bench", "--json", "--depth", "100", "--prompt-tokens", "8", "--gen-tokens", "3",
                            "--repeat", "2")
     assert code == 0 and json.loads(out)["depth"] == 100 and loaded == [111]
@@ -266,10 +266,7 @@ def test_bench_depth_fills_context_before_the_timed_prompt(capsys, monkeypatch):
 
 
 def test_bench_table(capsys, monkeypatch):
-    monkeypatch.setattr(moe.runtime.model, "load_model", lambda *a, **k: ScriptedModel("word " * 200, eos=False))
-    monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
-    monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
-    monkeypatch.setattr(moe.runtime.bench, "context_limit", lambda path: 512)  # ScriptedModel's
+    bench_with(monkeypatch, lambda *a, **k: ScriptedModel("word " * 200, eos=False))
     code, out, err = moe_cli(capsys, "bench", "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1")
     assert code == 0 and "decode" in out and "tok/s" in out and err == ""
 
