@@ -11,7 +11,8 @@ trained models (tests/bench/README.md: the quantizer).
 
 The quantizer compiles without fast-math (kernels.EXACT), so that the same source gives the same bytes whether
 numba compiled it afresh or took its cached copy (with fast-math a near-tie between two scales could go either
-way).
+way). Its sums therefore keep their order, each group's column by column; what vectorizes is the groups of a row,
+side by side in vector lanes.
 
 Scales are stored in two levels (see layout): d = k * D / 127 with an int8 k per group and a
 bfloat16 D per layout.SUPER groups. A first pass finds each group's best scale freely; D is the
