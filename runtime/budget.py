@@ -97,7 +97,8 @@ def kv_cache_bytes(cfg, context: int, dtype: np.dtype) -> int:
     layout.kv_cache_dtype; its pages are committed as positions fill), and the f32 recurrent states of the linear
     attention layers."""
     linear = len(cfg.linear_layers())
-    return (cfg.num_layers - linear) * cfg.kv_cache_width * context * dtype.itemsize + linear * cfg.recurrent_state_width * 4
+    attention = (cfg.num_layers - linear) * cfg.kv_cache_width * context * dtype.itemsize
+    return attention + linear * cfg.recurrent_state_width * 4
 
 
 def _automatic(layout: Layout, sizes: dict[str, int], kv: int, available: int) -> int | None:

@@ -26,8 +26,7 @@ def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, ou
     """out (T, nh, hd) = softmax(q k^T * scale) v for q (T, nh, hd) at positions pos0 .. pos0+T-1.
 
     k_cache, v_cache (nkv, P, hd), float32 or bfloat16 bits (cache_rows), already hold keys and values up to
-    position pos0+T-1. Query
-    head h reads kv head h // (nh / nkv). Token i sees j <= i, and also i - j < window when
+    position pos0+T-1. Query head h reads kv head h // (nh / nkv). Token i sees j <= i, and also i - j < window when
     window > 0 (sliding), and i // chunk == j // chunk when chunk > 0 (chunked). With use_sinks,
     sinks[h] joins each row of scores as one more logit whose probability is then dropped.
     """
@@ -41,7 +40,7 @@ def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, ou
 @njit(**PARALLEL)
 def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, size, kind, out):
     """attend, each (token, kv head)'s query heads in parts of `size` (numba's get_num_threads would keep the kernel
-    from its disk cache)."""
+    from its disk cache); `kind` says how the caches hold their values (bits.FLOAT or BF16_BITS)."""
     T, nh, hd = q.shape
     nkv = k_cache.shape[0]
     group = nh // nkv
