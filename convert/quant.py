@@ -12,7 +12,8 @@ trained models (tests/bench/README.md: the quantizer).
 The quantizer compiles without fast-math (kernels.EXACT), so that the same source gives the same bytes whether
 numba compiled it afresh or took its cached copy (with fast-math a near-tie between two scales could go either
 way). Its sums therefore keep their order, each group's column by column; what vectorizes is the groups of a row,
-side by side in vector lanes.
+side by side in vector lanes (the candidates' errors: simd.scale_errors, ERR_LANES groups per call, their sums in
+registers).
 
 Scales are stored in two levels (see layout): d = k * D / 127 with an int8 k per group and a
 bfloat16 D per layout.SUPER groups. A first pass finds each group's best scale freely; D is the
@@ -30,6 +31,7 @@ from numba import njit, prange
 
 from ..runtime.codec import pack_codes
 from ..runtime.kernels import EXACT
+from ..runtime.kernels.simd import ERR_LANES, scale_errors
 from ..runtime.kernels.bits import BF16_BITS, FLOAT, bf16_to_f32, f32_to_bf16, weight_to_f32
 from ..runtime.layout import CHUNK, SUPER, Packed, padded_cols, supers_of
 
@@ -65,52 +67,44 @@ def _on_grid(d, step):
 
 
 @njit(**EXACT)
-def _errs(xt, d, ok, qmin, qmax, err):
-    """err[g]: squared error of group g (column g of xt) at scale d[g], where ok[g]. Each is summed down its column
-    in order, the groups side by side in vector lanes: a running sum cannot vectorize along a group without
-    fast-math, but across groups it needs no reordering."""
-    groups = xt.shape[1]
-    d32 = np.empty(groups, np.float32)
-    inv = np.empty(groups, np.float32)
-    for g in range(groups):
+def _errs(xt, d, qmin, qmax, d32, inv, err):
+    """err[g]: squared error of group g (column g of xt, groups padded to ERR_LANES) at scale d[g] (float64; d32, inv:
+    its float32 value and inverse, 0 where d is 0), each summed down its column in order (simd.scale_errors)."""
+    for g in range(d.shape[0]):
         d32[g] = np.float32(d[g])
-        inv[g] = np.float32(1.0 / d[g]) if ok[g] else np.float32(0.0)
-        err[g] = 0.0
-    for i in range(xt.shape[0]):
-        for g in range(groups):
-            q = min(max(np.rint(xt[i, g] * inv[g]), np.float32(qmin)), np.float32(qmax))
-            e = q * d32[g] - xt[i, g]
-            err[g] += e * e
+        inv[g] = np.float32(1.0 / d[g]) if d[g] != 0.0 else np.float32(0.0)
+    for g0 in range(0, xt.shape[1], ERR_LANES):
+        scale_errors(xt, d32, inv, err, g0, np.float32(qmin), np.float32(qmax))
 
 
 @njit(**EXACT)
-def _best_scales(xt, qmin, qmax, inv_cands, step, best_d):
-    """best_d[g]: the scale of least squared error for group g (column g of xt) among the candidates and a
+def _best_scales(xt, groups, qmin, qmax, inv_cands, step, best_d):
+    """best_d[g]: the scale of least squared error for group g < groups (column g of xt) among the candidates and a
     least-squares refit, each on its grid (step[g]; 0: none)."""
-    gs, groups = xt.shape
-    lo = xt[0].copy()
-    hi = xt[0].copy()
-    for i in range(gs):
-        for g in range(groups):
-            lo[g] = min(lo[g], xt[i, g])
-            hi[g] = max(hi[g], xt[i, g])
+    gs, padded = xt.shape
+    m = np.zeros(groups, np.float32)  # each group's value of largest magnitude
+    for g in range(groups):
+        lo = xt[0, g]
+        hi = xt[0, g]
+        for i in range(gs):
+            lo = min(lo, xt[i, g])
+            hi = max(hi, xt[i, g])
+        m[g] = lo if -lo > hi else hi
     best = np.full(groups, np.inf)
-    d = np.empty(groups, np.float64)
-    ok = np.empty(groups, np.bool_)
-    err = np.empty(groups, np.float32)
+    d = np.zeros(padded, np.float64)
+    d32 = np.zeros(padded, np.float32)
+    inv = np.zeros(padded, np.float32)
+    err = np.empty(padded, np.float32)
     best_d[:] = 0.0
     for rt in inv_cands:
         for g in range(groups):
-            m = lo[g] if -lo[g] > hi[g] else hi[g]  # the value of largest magnitude
-            d[g] = _on_grid(m * rt, step[g])
-            ok[g] = d[g] != 0.0
-        _errs(xt, d, ok, qmin, qmax, err)
+            d[g] = _on_grid(m[g] * rt, step[g])
+        _errs(xt, d, qmin, qmax, d32, inv, err)
         for g in range(groups):
-            if ok[g] and err[g] < best[g]:
+            if d[g] != 0.0 and err[g] < best[g]:
                 best[g], best_d[g] = err[g], d[g]
     sxq = np.zeros(groups, np.float32)
     sqq = np.zeros(groups, np.float32)
-    inv = np.empty(groups, np.float32)
     for g in range(groups):
         inv[g] = np.float32(1.0 / best_d[g]) if best_d[g] != 0.0 else np.float32(0.0)
     for i in range(gs):
@@ -120,10 +114,9 @@ def _best_scales(xt, qmin, qmax, inv_cands, step, best_d):
             sqq[g] += q * q
     for g in range(groups):
         d[g] = _on_grid(sxq[g] / sqq[g], step[g]) if best_d[g] != 0.0 else 0.0
-        ok[g] = d[g] != 0.0
-    _errs(xt, d, ok, qmin, qmax, err)
+    _errs(xt, d, qmin, qmax, d32, inv, err)
     for g in range(groups):
-        if ok[g] and err[g] < best[g]:
+        if d[g] != 0.0 and err[g] < best[g]:
             best_d[g] = d[g]
 
 
@@ -138,10 +131,13 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
     qmax = (1 << (bits - 1)) - 1
     qmin = -qmax - 1
     groups = x.shape[0] // gs
-    xt = np.ascontiguousarray(x.reshape(groups, gs).T)
+    xt = np.zeros((gs, -(-groups // ERR_LANES) * ERR_LANES), np.float32)
+    for g in range(groups):
+        for i in range(gs):
+            xt[i, g] = x[g * gs + i]
     step = np.zeros(groups, np.float64)
     free = np.empty(groups, np.float64)
-    _best_scales(xt, qmin, qmax, inv_cands, step, free)
+    _best_scales(xt, groups, qmin, qmax, inv_cands, step, free)
     step32 = np.zeros(groups, np.float32)
     for g in range(groups):
         if g % SUPER == 0:
@@ -152,7 +148,7 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
         step32[g] = bf16_to_f32(supers[g // SUPER]) * np.float32(1.0 / 127.0)
         step[g] = step32[g]
     fitted = np.empty(groups, np.float64)
-    _best_scales(xt, qmin, qmax, inv_cands, step, fitted)
+    _best_scales(xt, groups, qmin, qmax, inv_cands, step, fitted)
     d32 = np.empty(groups, np.float32)
     inv = np.empty(groups, np.float32)
     for g in range(groups):

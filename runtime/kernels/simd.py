@@ -663,6 +663,52 @@ def quantize_block(typingctx, x, xq, xqa, xs, xsum, t, b, as_is):
     return sig, codegen
 
 
+ERR_LANES = 16  # groups per scale_errors call
+
+
+@intrinsic
+def scale_errors(typingctx, xt, d, inv, err, g0, qmin, qmax):
+    """err[g] = sum over i of (clip(rint(xt[i, g] * inv[g]), qmin, qmax) * d[g] - xt[i, g])**2 for the ERR_LANES
+    groups g0 .. g0+ERR_LANES-1 (columns of xt f32 [gs, groups], C order; d, inv, err f32 1-D): the quantizer's
+    error of a scale per group, summed down each column in order with separate multiplies and adds (no fast-math,
+    no fused multiply-add), so each lane's sum is bit for bit the scalar loop's. The sums stay in registers across
+    the column, where an auto-vectorized loop stores them back at every row."""
+    if not (isinstance(xt, types.Array) and xt.ndim == 2 and xt.layout == "C" and xt.dtype == types.float32):
+        return None
+    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.float32 for a in (d, inv, err)):
+        return None
+    sig = types.void(xt, d, inv, err, types.int64, types.float32, types.float32)
+
+    def codegen(context, builder, sig, args):
+        vty = ir.VectorType(F32, ERR_LANES)
+        base, stride = _bytes(context, builder, sig.args[0], args[0])
+        rows = context.make_array(sig.args[0])(context, builder, args[0])
+        gs = cgutils.unpack_tuple(builder, rows.shape, 2)[0]
+        off = builder.mul(args[4], ir.Constant(I64, 4))
+        dv, invv, errp = (builder.gep(_bytes(context, builder, ty, v)[0], [off], inbounds=True)
+                          for ty, v in zip(sig.args[1:4], args[1:4], strict=True))
+        dv, invv = _load(builder, dv, ir.Constant(I64, 0), vty), _load(builder, invv, ir.Constant(I64, 0), vty)
+        lo, hi = (builder.insert_element(ir.Constant(vty, None), q, ir.Constant(I32, 0)) for q in args[5:7])
+        lo, hi = (builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, ERR_LANES), [0] * ERR_LANES))
+                  for v in (lo, hi))
+        acc = cgutils.alloca_once_value(builder, ir.Constant(vty, [ir.Constant(F32, 0.0)] * ERR_LANES))
+
+        def step(i, pointers):
+            x = _load(builder, pointers[0], ir.Constant(I64, 0), vty)
+            q = _call(builder, f"llvm.rint.v{ERR_LANES}f32", vty, builder.fmul(x, invv))
+            q = builder.select(builder.fcmp_ordered("<", q, lo), lo, q)  # NaN stays NaN, as numba's max and min
+            q = builder.select(builder.fcmp_ordered(">", q, hi), hi, q)
+            e = builder.fsub(builder.fmul(q, dv), x)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(e, e)), acc)
+            return [builder.gep(pointers[0], [stride])]
+
+        _pointer_loop(builder, gs, [builder.gep(base, [off], inbounds=True)], step)
+        _store(builder, errp, ir.Constant(I64, 0), builder.load(acc))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _store(builder, base, offset, value):
     builder.store(value, builder.bitcast(builder.gep(base, [offset], inbounds=True), value.type.as_pointer()), align=1)
 
