@@ -82,14 +82,13 @@ def _best_scales(xt, groups, qmin, qmax, inv_cands, step, best_d):
     """best_d[g]: the scale of least squared error for group g < groups (column g of xt) among the candidates and a
     least-squares refit, each on its grid (step[g]; 0: none)."""
     gs, padded = xt.shape
-    m = np.zeros(groups, np.float32)  # each group's value of largest magnitude
-    for g in range(groups):
-        lo = xt[0, g]
-        hi = xt[0, g]
-        for i in range(gs):
-            lo = min(lo, xt[i, g])
-            hi = max(hi, xt[i, g])
-        m[g] = lo if -lo > hi else hi
+    lo = xt[0, :groups].copy()
+    hi = xt[0, :groups].copy()
+    for i in range(gs):
+        for g in range(groups):
+            lo[g] = min(lo[g], xt[i, g])
+            hi[g] = max(hi[g], xt[i, g])
+    m = np.where(-lo > hi, lo, hi)  # each group's value of largest magnitude
     best = np.full(groups, np.inf)
     d = np.zeros(padded, np.float64)
     d32 = np.zeros(padded, np.float32)
