@@ -178,9 +178,12 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
     stats[1] = e2
     stats[2] = x2
     if bits == 4:  # q + 8 as the layout's nibbles (codec.pack_q4): a chunk's columns j and j + 16 in its byte j
-        for n in range(codes.shape[0]):
-            c = n // 16 * CHUNK + n % 16
-            codes[n] = np.uint8((qt[c % gs, c // gs] - qmin) | ((qt[(c + 16) % gs, (c + 16) // gs] - qmin) << 4))
+        half = CHUNK // 2
+        for g in range(groups):  # a chunk lies within one group (gs is a multiple of CHUNK)
+            for c0 in range(0, gs, CHUNK):
+                at = (g * gs + c0) // 2
+                for j in range(half):
+                    codes[at + j] = np.uint8((qt[c0 + j, g] - qmin) | ((qt[c0 + half + j, g] - qmin) << 4))
         return
     for g in range(groups):  # q8: two's complement; q5, q6: q + 2**(bits-1), packed by codec.pack_codes
         for i in range(gs):
