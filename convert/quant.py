@@ -31,8 +31,8 @@ from numba import njit, prange
 
 from ..runtime.codec import pack_codes
 from ..runtime.kernels import EXACT
-from ..runtime.kernels.simd import ERR_LANES, scale_errors
 from ..runtime.kernels.bits import BF16_BITS, FLOAT, bf16_to_f32, f32_to_bf16, weight_to_f32
+from ..runtime.kernels.simd import ERR_LANES, scale_errors
 from ..runtime.layout import CHUNK, SUPER, Packed, padded_cols, supers_of
 
 # candidate codes for the group's largest value, per bit width, as their inverses (d = m / t)
@@ -78,23 +78,37 @@ def _errs(xt, d, qmin, qmax, d32, inv, err):
 
 
 @njit(**EXACT)
-def _best_scales(xt, groups, qmin, qmax, inv_cands, step, best_d):
+def _workspace(gs, groups):
+    """Every buffer a row's quantization uses, allocated once for a block of rows: xt [gs, groups padded to
+    ERR_LANES] (the row, a group a column; the padding stays zero), f32 and f64 rows of that width, qt [gs, groups]
+    (the codes chosen)."""
+    padded = -(-groups // ERR_LANES) * ERR_LANES
+    return (np.zeros((gs, padded), np.float32), np.zeros((_F32_ROWS, padded), np.float32),
+            np.zeros((_F64_ROWS, padded), np.float64), np.empty((gs, groups), np.int32))
+
+
+_F32_ROWS = 14  # _best_scales' 8, then _quantize_row's 6
+_F64_ROWS = 5  # _best_scales' 2, then _quantize_row's 3
+
+
+@njit(**EXACT)
+def _best_scales(xt, groups, qmin, qmax, inv_cands, step, best_d, f32w, f64w):
     """best_d[g]: the scale of least squared error for group g < groups (column g of xt) among the candidates and a
-    least-squares refit, each on its grid (step[g]; 0: none)."""
-    gs, padded = xt.shape
-    lo = xt[0, :groups].copy()
-    hi = xt[0, :groups].copy()
+    least-squares refit, each on its grid (step[g]; 0: none). f32w, f64w: _workspace's rows, its first 8 and 2."""
+    gs = xt.shape[0]
+    lo, hi, m, d32, inv, err, sxq, sqq = f32w[0], f32w[1], f32w[2], f32w[3], f32w[4], f32w[5], f32w[6], f32w[7]
+    best, d = f64w[0], f64w[1]  # d beyond groups stays 0
+    for g in range(groups):
+        lo[g] = xt[0, g]
+        hi[g] = xt[0, g]
     for i in range(gs):
         for g in range(groups):
             lo[g] = min(lo[g], xt[i, g])
             hi[g] = max(hi[g], xt[i, g])
-    m = np.where(-lo > hi, lo, hi)  # each group's value of largest magnitude
-    best = np.full(groups, np.inf)
-    d = np.zeros(padded, np.float64)
-    d32 = np.zeros(padded, np.float32)
-    inv = np.zeros(padded, np.float32)
-    err = np.empty(padded, np.float32)
-    best_d[:] = 0.0
+    for g in range(groups):
+        m[g] = lo[g] if -lo[g] > hi[g] else hi[g]  # the value of largest magnitude
+        best[g] = np.inf
+        best_d[g] = 0.0
     for rt in inv_cands:
         for g in range(groups):
             d[g] = _on_grid(m[g] * rt, step[g])
@@ -102,10 +116,10 @@ def _best_scales(xt, groups, qmin, qmax, inv_cands, step, best_d):
         for g in range(groups):
             if d[g] != 0.0 and err[g] < best[g]:
                 best[g], best_d[g] = err[g], d[g]
-    sxq = np.zeros(groups, np.float32)
-    sqq = np.zeros(groups, np.float32)
     for g in range(groups):
         inv[g] = np.float32(1.0 / best_d[g]) if best_d[g] != 0.0 else np.float32(0.0)
+        sxq[g] = 0.0
+        sqq[g] = 0.0
     for i in range(gs):
         for g in range(groups):
             q = min(max(np.rint(xt[i, g] * inv[g]), np.float32(qmin)), np.float32(qmax))
@@ -120,24 +134,20 @@ def _best_scales(xt, groups, qmin, qmax, inv_cands, step, best_d):
 
 
 @njit(**EXACT)
-def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
-    """x f32 [cols_pad] -> codes (q4: the layout's nibbles; q5, q6: q + 2**(bits-1) a column; q8: q in two's
-    complement), int8 scales [groups] and bfloat16 super-scales [supers].
+def _quantize_row(xt, groups, bits, inv_cands, codes, scales, supers, stats, f32w, f64w, qt):
+    """A row, given as xt [gs, groups] (see _workspace), -> codes (q4: the layout's nibbles; q5, q6:
+    q + 2**(bits-1) a column; q8: q in two's complement), int8 scales [groups] and bfloat16 super-scales [supers].
 
     Two passes: each group's best scale, searched freely, sets its super-block's D (the largest
     magnitude among them); then each group searches again among the multiples k * D / 127 it can store.
-    The row is taken as [gs, groups] (xt), so that every loop runs over the groups side by side."""
+    Every loop runs over the groups side by side."""
+    gs = xt.shape[0]
     qmax = (1 << (bits - 1)) - 1
     qmin = -qmax - 1
-    groups = x.shape[0] // gs
-    xt = np.zeros((gs, -(-groups // ERR_LANES) * ERR_LANES), np.float32)
-    for g in range(groups):
-        for i in range(gs):
-            xt[i, g] = x[g * gs + i]
-    step = np.zeros(groups, np.float64)
-    free = np.empty(groups, np.float64)
-    _best_scales(xt, groups, qmin, qmax, inv_cands, step, free)
-    step32 = np.zeros(groups, np.float32)
+    step, free, fitted = f64w[2], f64w[3], f64w[4]
+    step32, d32, inv, ge2, gx2, gmax = f32w[8], f32w[9], f32w[10], f32w[11], f32w[12], f32w[13]
+    step[:] = 0.0
+    _best_scales(xt, groups, qmin, qmax, inv_cands, step, free, f32w, f64w)
     for g in range(groups):
         if g % SUPER == 0:
             top = 0.0
@@ -146,19 +156,15 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
             supers[g // SUPER] = f32_to_bf16(top)
         step32[g] = bf16_to_f32(supers[g // SUPER]) * np.float32(1.0 / 127.0)
         step[g] = step32[g]
-    fitted = np.empty(groups, np.float64)
-    _best_scales(xt, groups, qmin, qmax, inv_cands, step, fitted)
-    d32 = np.empty(groups, np.float32)
-    inv = np.empty(groups, np.float32)
+    _best_scales(xt, groups, qmin, qmax, inv_cands, step, fitted, f32w, f64w)
     for g in range(groups):
         k = np.rint(fitted[g] / step32[g]) if step32[g] > 0 else 0.0
         scales[g] = np.int8(k)
         d32[g] = np.float32(k) * step32[g]  # the scale the kernels will use
         inv[g] = np.float32(1.0 / d32[g]) if d32[g] != 0.0 else np.float32(0.0)
-    ge2 = np.zeros(groups, np.float32)
-    gx2 = np.zeros(groups, np.float32)
-    gmax = np.zeros(groups, np.float32)
-    qt = np.empty((gs, groups), np.int32)
+        ge2[g] = 0.0
+        gx2[g] = 0.0
+        gmax[g] = 0.0
     for i in range(gs):
         for g in range(groups):
             qc = min(max(np.rint(xt[i, g] * inv[g]), np.float32(qmin)), np.float32(qmax))
@@ -190,16 +196,22 @@ def _quantize_row(x, gs, bits, inv_cands, codes, scales, supers, stats):
             codes[g * gs + i] = np.uint8((qt[i, g] & 0xFF) if bits == 8 else qt[i, g] - qmin)
 
 
+ROW_BLOCKS = 64  # a tensor's rows go to the threads in this many blocks, each with one _workspace
+
+
 @njit(parallel=True, **EXACT)
 def _quantize(w, kind, gs, bits, inv_cands, codes, scales, supers, stats):
     """Each row of w (floats, or 16-bit patterns of `kind`: see bits.weight_to_f32) widened, padded and quantized."""
     rows, cols = w.shape
-    cp = scales.shape[1] * gs
-    for r in prange(rows):
-        x = np.zeros(cp, np.float32)
-        for c in range(cols):
-            x[c] = weight_to_f32(w[r, c], kind)
-        _quantize_row(x, gs, bits, inv_cands, codes[r], scales[r], supers[r], stats[r])
+    groups = scales.shape[1]
+    blocks = min(rows, ROW_BLOCKS)
+    for b in prange(blocks):
+        xt, f32w, f64w, qt = _workspace(gs, groups)
+        for r in range(b * rows // blocks, (b + 1) * rows // blocks):
+            for g in range(groups):  # a last, partial group's padding is never written: zero
+                for i in range(min(gs, cols - g * gs)):
+                    xt[i, g] = weight_to_f32(w[r, g * gs + i], kind)
+            _quantize_row(xt, groups, bits, inv_cands, codes[r], scales[r], supers[r], stats[r], f32w, f64w, qt)
 
 
 def quantize(w: np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[Packed, QuantError]:
