@@ -136,7 +136,9 @@ def piece_shape(ckpt: Checkpoint, s: Src) -> tuple[int, ...]:
         shape = (shape[0], math.prod(shape[1:]))
     if not shape:
         return shape
-    return (sum(min(s.block, shape[0] - r) for r in range(s.start, shape[0], s.step)), *shape[1:])
+    starts = range(s.start, shape[0], s.step)  # blocks of s.block rows; those that would run past the end are cut
+    whole = len(range(s.start, max(s.start, shape[0] - s.block + 1), s.step))
+    return (whole * s.block + sum(shape[0] - r for r in starts[whole:]), *shape[1:])
 
 
 def check_dtype(s: Src, name: str, dtype: str, folder) -> None:
