@@ -66,6 +66,17 @@ def test_logits_identical_under_every_budget(converted, arch, monkeypatch):
     model.close()
 
 
+def test_every_store_hands_the_kernels_read_only_arrays(converted):
+    """Mapped and paged experts are one array type to numba, so one compiled kernel serves both: two compilations of a
+    fast-math kernel may sum in different orders, and a paged expert's logits then differ from a mapped one's."""
+    path = converted["olmoe"]
+    for model in (load_model(path), load_model(path, memory_budget=min_budget(load_model(path).layout))):
+        w = model.experts.get(0, 0)
+        arrays = [w.gate_up.codes, w.gate_up.scales, w.gate_up.supers, w.down.codes, w.down.scales, w.down.supers]
+        assert not any(a.flags.writeable for a in arrays), type(model.experts).__name__
+        model.close()
+
+
 def test_budget_below_minimum_names_it(converted):
     path = converted["olmoe"]
     model = load_model(path)
