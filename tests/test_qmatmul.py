@@ -216,6 +216,22 @@ def test_linear_each_equals_linear_per_weight(enc, rows, cols, gs):
         assert np.array_equal(got[j], alone[0])
 
 
+@pytest.mark.parametrize("enc", ["q4", "q5", "q6"])
+@pytest.mark.parametrize("rows, cols, gs", [(48, 256, 32), (40, 2080, 64), (35, 544, 128), (16, 96, 96)])
+def test_linear_prefill_tiles_equal_one_token_at_a_time(enc, rows, cols, gs):
+    """Prefill's tiles of rows and tokens (on x86, interleaved rows: simd.dot_tile) give each token the bits its
+    own one-token product gives: whole tiles, a last partial one, tails of blocks, groups of 3 blocks."""
+    rng = np.random.default_rng(rows + cols + gs)
+    p = make_packed(enc, rows, cols, gs, rng)
+    x = acts(11, cols, rng)
+    whole = np.empty((11, rows), np.float32)
+    qmatmul.linear(p, x, whole, qmatmul.Scratch())
+    alone = np.empty_like(whole)
+    for t in range(11):
+        qmatmul.linear(p, x[t: t + 1], alone[t: t + 1], qmatmul.Scratch())
+    assert np.array_equal(whole.view(np.uint32), alone.view(np.uint32))
+
+
 def test_disagreeing_shapes_raise_instead_of_reading_out_of_bounds():
     rng = np.random.default_rng(5)
     p = make_packed("q4", 8, 64, 32, rng)
@@ -240,17 +256,22 @@ def _without(features: str, dropped: tuple[str, ...]) -> str:
     return ",".join(("-" + f[1:]) if any(k in f for k in dropped) else f for f in features.split(","))
 
 
-# Other CPUs, emulated by compiling for them: AVX2 without AVX-512/VNNI (the x86 path's AVX2 code),
-# and a baseline x86-64 (the portable vector path, as on arm64, and the integer half conversion).
+# Other CPUs, emulated by compiling for them: AVX2 without AVX-512/VNNI (the x86 path's AVX2 code), AVX-VNNI
+# without AVX-512 (256-bit multiply-adds of bytes), and a baseline x86-64 (the portable vector path, as on arm64,
+# and the integer half conversion).
 TARGETS = {
     "avx2-only": ("haswell", lambda f: _without(f, ("avx512", "vnni", "amx", "avx10")), "1"),
+    "avx-vnni": ("alderlake", lambda f: _without(f, ("avx512", "amx", "avx10")), "1"),
     "portable": ("x86-64", lambda f: "", "0"),
 }
 
 
 def _emulates_another_cpu(target: str) -> bool:
-    """An x86 SIMD host can stand in for the portable path; only an AVX-512 / VNNI one for plain AVX2."""
+    """An x86 SIMD host can stand in for the portable path; only an AVX-512 / VNNI one for plain AVX2; only one
+    with AVX-VNNI and AVX-512 for AVX-VNNI alone."""
     host = simd.target_features()
+    if target == "avx-vnni":
+        return simd.target_has_x86_simd() and {"avxvnni", "avx512f"} <= host
     return simd.target_has_x86_simd() and (target == "portable" or "avx512f" in host or simd.has_vnni(host))
 
 

@@ -709,6 +709,179 @@ def scale_errors(typingctx, xt, d, inv, err, g0, qmin, qmax):
     return sig, codegen
 
 
+def _wide_vnni(features: set[str]) -> bool:
+    return {"avx512f", "avx512bw", "avx512vnni"} <= features
+
+
+# Rows of a tile of the interleaved kernels (x86): one 32-bit lane each, of a 512-bit vector with AVX-512 VNNI
+# (whose multiply-adds of 64 bytes run about as often as those of 32), else of a 256-bit one.
+TILE_ROWS = 16 if target_has_x86_simd() and _wide_vnni(target_features()) else 8
+TILE_TOKENS = 4
+
+
+def _transpose8(builder, vectors):
+    """<8 x i32> x 8 -> their transpose: vector d holds lane d of each input, in order (interleaves of 32 bits,
+    then of 64 within 128-bit halves, then of the halves)."""
+    def shuffle(a, b, mask):
+        return builder.shuffle_vector(a, b, ir.Constant(V8I32, mask))
+
+    pairs = [shuffle(vectors[i], vectors[i + 1], mask) for i in range(0, 8, 2)
+             for mask in ([0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15])]
+    quads = [[shuffle(pairs[4 * h + p], pairs[4 * h + p + 2], mask) for p in range(2)
+              for mask in ([0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15])] for h in range(2)]
+    return ([shuffle(quads[0][d], quads[1][d], [0, 1, 2, 3, 8, 9, 10, 11]) for d in range(4)]
+            + [shuffle(quads[0][d], quads[1][d], [4, 5, 6, 7, 12, 13, 14, 15]) for d in range(4)])
+
+
+def _make_interleave(kind: str):
+    """An intrinsic (codes, scales, supers, r0, units, ws, nb, shift): rows r0 .. r0 + TILE_ROWS - 1 of q4 / q5 / q6
+    weights over blocks [0, nb) (a multiple of 8), unpacked to bytes (with their high bits) and interleaved for
+    dot_tile: for block b and its columns 4u .. 4u+3, the rows' 4 bytes side by side at units[(8b + u) * 4 *
+    TILE_ROWS:] (u8 1-D); the blocks' weight scales, row after row, at ws[TILE_ROWS * b:] (f32 1-D), each computed as
+    the 1 x NT kernels compute it."""
+
+    def codegen(context, builder, sig, args):
+        return emit_interleave(target_isa(), kind, TILE_ROWS, context, builder, sig, args)
+
+    def typer(typingctx, codes, scales, supers, r0, units, ws, nb, shift):
+        if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in (codes, scales, supers)):
+            return None
+        if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (units, ws)):
+            return None
+        i64 = types.int64
+        return types.void(codes, scales, supers, i64, units, ws, i64, i64), codegen
+
+    typer.__name__ = f"{kind}_interleave"
+    return intrinsic(typer)
+
+
+def emit_interleave(isa: str, kind: str, lanes: int, context, builder, sig, args):
+    """The interleave intrinsic's body: rows 8 at a time, each 8 unpacked (_pair_weights), transposed by 32-bit
+    units (_transpose8) and stored at their lanes."""
+    r0, nb, shift = args[3], args[6], args[7]
+    codes, codes_stride = _bytes(context, builder, sig.args[0], args[0])
+    units = _bytes(context, builder, sig.args[4], args[4])[0]
+    ws = _bytes(context, builder, sig.args[5], args[5])[0]
+    high = HIGH_BYTES.get(kind)
+    high_at = builder.udiv(builder.mul(codes_stride, ir.Constant(I64, 4)), ir.Constant(I64, BITS[kind]))
+    row_bytes = [_bytes(context, builder, sig.args[k], args[k]) for k in range(3)]
+
+    def const(n):
+        return ir.Constant(I64, n)
+
+    with cgutils.for_range(builder, builder.udiv(nb, const(BLOCKS))) as loop:
+        b = builder.mul(loop.index, const(BLOCKS))
+        for eight in range(0, lanes, 8):
+            rows = [builder.add(r0, const(eight + i)) for i in range(8)]
+            ops = [_Operands(isa, kind, *(builder.gep(base, [builder.mul(r, stride)], inbounds=True) for base, stride in row_bytes),
+                             high_at, shift, [], [], [], []) for r in rows]
+            words = [high and _load(builder, builder.gep(op.crow, [builder.add(op.high_at, builder.mul(b, const(high)))]),
+                                    const(0), ir.VectorType(I32 if high == 4 else I64, 8)) for op in ops]
+            for k in range(BLOCKS // 2):
+                pair = builder.add(b, const(2 * k))
+                halves = zip(*[_pair_weights(builder, op, pair, None, w, k) for op, w in zip(ops, words, strict=True)],
+                             strict=True)
+                for h, vectors in enumerate(halves):  # columns 0-15 of the pair's two blocks, then 16-31
+                    for d, v in enumerate(_transpose8(builder, [builder.bitcast(x, V8I32) for x in vectors])):
+                        unit = builder.add(builder.mul(builder.add(pair, const(d // 4)), const(8)), const(4 * h + d % 4))
+                        _store(builder, units, builder.add(builder.mul(unit, const(4 * lanes)), const(4 * eight)), v)
+            scales = [builder.bitcast(_row_scales(builder, op.srow, op.urow, b, shift, STEP, broadcast_first=False), V8I32)
+                      for op in ops]
+            for d, v in enumerate(_transpose8(builder, scales)):
+                at = builder.add(builder.mul(builder.add(b, const(d)), const(4 * lanes)), const(4 * eight))
+                _store(builder, ws, at, builder.bitcast(v, V8F32))
+    return context.get_dummy_value()
+
+
+@intrinsic
+def dot_tile(typingctx, units, ws, xq, xs, xsum, out, t0, r0, nb, offset):
+    """out[t0 + j, r0 .. r0 + TILE_ROWS - 1] = the interleaved rows (units, ws: an interleave intrinsic's) times
+    token t0 + j's 8-bit activations (xq natural, not arranged) over blocks [0, nb), for j < TILE_TOKENS; `offset`
+    the weights' stored one.
+
+    Lane i of a vector of 32-bit lanes is row i: a multiply-add of 4 bytes (the rows' units) by a token's 4
+    activation bytes, broadcast, sums each row's block in its own lane: no horizontal adds, and each weight vector
+    meets TILE_TOKENS tokens. Two integer sums per token (even and odd units) halve the chains of dependent
+    multiply-adds. The float arithmetic is the 1 x NT kernels', lane for lane: per block x_b isum_b - offset xsum_b,
+    times w_b, fused into one accumulator per block position b % 8 (the blocks taken in that order), the 8 then
+    summed as _hsum sums a vector's lanes. So each row's result is bit for bit theirs, when compiled without
+    fast-math."""
+    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (units, ws)):
+        return None
+    if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in (xq, xs, xsum, out)):
+        return None
+    i64 = types.int64
+    sig = types.void(units, ws, xq, xs, xsum, out, i64, i64, i64, types.float32)
+
+    def codegen(context, builder, sig, args):
+        return emit_dot_tile(target_isa(), TILE_ROWS, TILE_TOKENS, context, builder, sig, args)
+
+    return sig, codegen
+
+
+def emit_dot_tile(isa: str, lanes: int, nt: int, context, builder, sig, args):
+    t0, r0, nb, offset = args[6], args[7], args[8], args[9]
+    units = _bytes(context, builder, sig.args[0], args[0])[0]
+    ws = _bytes(context, builder, sig.args[1], args[1])[0]
+    vi32, vf32, vi8 = ir.VectorType(I32, lanes), ir.VectorType(F32, lanes), ir.VectorType(I8, 4 * lanes)
+
+    def const(n):
+        return ir.Constant(I64, n)
+
+    def rows(k):
+        base, stride = _bytes(context, builder, sig.args[k], args[k])
+        return [builder.gep(base, [builder.mul(builder.add(t0, const(j)), stride)], inbounds=True) for j in range(nt)]
+
+    def broadcast(value, vty):
+        return builder.shuffle_vector(builder.insert_element(ir.Constant(vty, None), value, ir.Constant(I32, 0)),
+                                      ir.Constant(vty, None), ir.Constant(ir.VectorType(I32, lanes), [0] * lanes))
+
+    xq_rows, xs_rows, xsum_rows, out_rows = rows(2), rows(3), rows(4), rows(5)
+    neg_offset = builder.fneg(offset)
+    positions = [cgutils.alloca_once(builder, ir.ArrayType(vf32, BLOCKS)) for _ in range(nt)]
+    accs = [cgutils.alloca_once(builder, vf32) for _ in range(nt)]
+    zero32 = ir.Constant(I32, 0)
+    with cgutils.for_range(builder, const(BLOCKS)) as position:
+        for acc in accs:
+            builder.store(_splat(vf32, 0.0), acc)
+        with cgutils.for_range(builder, builder.udiv(nb, const(BLOCKS))) as loop:
+            b = builder.add(builder.mul(loop.index, const(BLOCKS)), position.index)
+            isums = [[_splat(vi32, 0)] * 2 for _ in range(nt)]
+            for u in range(CHUNK // 4):
+                w = _load(builder, units, builder.mul(builder.add(builder.mul(b, const(8)), const(u)), const(4 * lanes)), vi8)
+                for j, row in enumerate(xq_rows):
+                    x4 = _load(builder, row, builder.add(builder.mul(b, const(CHUNK)), const(4 * u)), I32)
+                    isums[j][u % 2] = _dot4(builder, isa, isums[j][u % 2], w, builder.bitcast(broadcast(x4, vi32), vi8))
+            wv = _load(builder, ws, builder.mul(b, const(4 * lanes)), vf32)
+            fma = f"llvm.fmuladd.v{lanes}f32"
+            for j in range(nt):
+                xb = _load(builder, xs_rows[j], builder.mul(b, const(4)), F32)
+                xo = builder.fmul(_load(builder, xsum_rows[j], builder.mul(b, const(4)), F32), neg_offset)
+                blocks = builder.sitofp(builder.add(*isums[j]), vf32)
+                blocks = _call(builder, fma, vf32, blocks, broadcast(xb, vf32), broadcast(xo, vf32))
+                builder.store(_call(builder, fma, vf32, wv, blocks, builder.load(accs[j])), accs[j])
+        for at, acc in zip(positions, accs, strict=True):
+            builder.store(builder.load(acc), builder.gep(at, [zero32, builder.trunc(position.index, I32)]))
+    for j in range(nt):
+        v = [builder.load(builder.gep(positions[j], [zero32, ir.Constant(I32, c)])) for c in range(BLOCKS)]
+        # _hsum's order, without its licence to reassociate: LLVM took that to sum these in sequence
+        halves = [builder.fadd(v[c], v[c + 4]) for c in range(4)]
+        quarters = [builder.fadd(halves[c], halves[c + 2]) for c in range(2)]
+        _store(builder, out_rows[j], builder.mul(r0, const(4)), builder.fadd(*quarters))
+    return context.get_dummy_value()
+
+
+def _dot4(builder, isa: str, acc, w, x):
+    """acc + each 32-bit lane's sum of 4 products u8 * s8 (w, x: <4n x i8>, acc <n x i32>, n 8 or 16): vpdpbusd,
+    or with AVX2 (n = 8) vpmaddubsw (two products of codes <= 63 and int8 activations fit int16) and vpmaddwd."""
+    n = acc.type.count
+    vi32 = ir.VectorType(I32, n)
+    if isa == "vnni":
+        return _call(builder, f"llvm.x86.avx512.vpdpbusd.{32 * n}", vi32, acc, builder.bitcast(w, vi32), builder.bitcast(x, vi32))
+    pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, w, x)
+    return builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", V8I32, pairs, _splat(V16I16, 1)))
+
+
 def _store(builder, base, offset, value):
     builder.store(value, builder.bitcast(builder.gep(base, [offset], inbounds=True), value.type.as_pointer()), align=1)
 
@@ -722,3 +895,4 @@ q4_dot1x4, q4_dot1x1 = (_make_dot("q4", nt) for nt in (4, 1))
 q5_dot1x4, q5_dot1x1 = (_make_dot("q5", nt) for nt in (4, 1))
 q6_dot1x4, q6_dot1x1 = (_make_dot("q6", nt) for nt in (4, 1))
 q8_dot1x4, q8_dot1x1 = (_make_dot("q8", nt) for nt in (4, 1))
+q4_interleave, q5_interleave, q6_interleave = (_make_interleave(kind) for kind in ("q4", "q5", "q6"))
