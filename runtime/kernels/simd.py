@@ -741,6 +741,8 @@ def _make_interleave(kind: str):
     the 1 x NT kernels compute it."""
 
     def codegen(context, builder, sig, args):
+        if not target_has_x86_simd():  # never called there (qmatmul.INTERLEAVED): no x86 instruction in its callers
+            return context.get_dummy_value()
         return emit_interleave(target_isa(), kind, TILE_ROWS, context, builder, sig, args)
 
     def typer(typingctx, codes, scales, supers, r0, units, ws, nb, shift):
@@ -814,6 +816,8 @@ def dot_tile(typingctx, units, ws, xq, xs, xsum, out, t0, r0, nb, offset):
     sig = types.void(units, ws, xq, xs, xsum, out, i64, i64, i64, types.float32)
 
     def codegen(context, builder, sig, args):
+        if not target_has_x86_simd():  # as the interleave intrinsics
+            return context.get_dummy_value()
         return emit_dot_tile(target_isa(), TILE_ROWS, TILE_TOKENS, context, builder, sig, args)
 
     return sig, codegen
