@@ -238,16 +238,13 @@ def _matmul_quant(codes, scales, supers, gs, xq, xqa, xs, xsum, out, bits):
     for tile in prange((rows + tile_rows - 1) // tile_rows):
         r0 = tile * tile_rows
         r1 = min(r0 + tile_rows, rows)
+        tiled = T - T % 4  # tokens the 4-token tiles take
         if interleave and r1 - r0 == tile_rows:
             units, ws = _interleave(codes, scales, supers, r0, nb, shift, bits)
-            for t in range(0, T - T % 4, 4):
+            for t in range(0, tiled, 4):
                 _dot_tile(units, ws, xq, xs, xsum, out, t, r0, nb, offset)
-                if nb < nblocks:
-                    for j in range(4):
-                        for r in range(r0, r1):
-                            out[t + j, r] += _tail(codes, scales, supers, r, per_group, xq, xs, t + j, nb, bits)
         else:
-            for t in range(0, T - T % 4, 4):
+            for t in range(0, tiled, 4):
                 for r in range(r0, r1):
                     if bits == 4:
                         a = simd.q4_dot1x4(codes, scales, supers, r, xqa, xs, xsum, t, nb, shift)
@@ -259,9 +256,11 @@ def _matmul_quant(codes, scales, supers, gs, xq, xqa, xs, xsum, out, bits):
                         a = simd.q8_dot1x4(codes, scales, supers, r, xqa, xs, xsum, t, nb, shift)
                     for j in range(4):
                         out[t + j, r] = a[j]
-                        if nb < nblocks:
-                            out[t + j, r] += _tail(codes, scales, supers, r, per_group, xq, xs, t + j, nb, bits)
-        for t in range(T - T % 4, T):
+        if nb < nblocks:
+            for t in range(tiled):
+                for r in range(r0, r1):
+                    out[t, r] += _tail(codes, scales, supers, r, per_group, xq, xs, t, nb, bits)
+        for t in range(tiled, T):
             for r in range(r0, r1):
                 out[t, r] = _row_dot(codes, scales, supers, r, xq, xqa, xs, xsum, t, nb, shift, per_group, bits)
 

@@ -716,7 +716,7 @@ def _wide_vnni(features: set[str]) -> bool:
 # Rows of a tile of the interleaved kernels (x86): one 32-bit lane each, of a 512-bit vector with AVX-512 VNNI
 # (whose multiply-adds of 64 bytes run about as often as those of 32), else of a 256-bit one.
 TILE_ROWS = 16 if target_has_x86_simd() and _wide_vnni(target_features()) else 8
-TILE_TOKENS = 4
+TILE_TOKENS = 4  # tokens of a tile, as the 1 x 4 kernels take them (qmatmul tiles tokens by 4 for both)
 
 
 def _transpose8(builder, vectors):
@@ -842,6 +842,7 @@ def emit_dot_tile(isa: str, lanes: int, nt: int, context, builder, sig, args):
 
     xq_rows, xs_rows, xsum_rows, out_rows = rows(2), rows(3), rows(4), rows(5)
     neg_offset = builder.fneg(offset)
+    fma = f"llvm.fmuladd.v{lanes}f32"
     positions = [cgutils.alloca_once(builder, ir.ArrayType(vf32, BLOCKS)) for _ in range(nt)]
     accs = [cgutils.alloca_once(builder, vf32) for _ in range(nt)]
     zero32 = ir.Constant(I32, 0)
@@ -857,7 +858,6 @@ def emit_dot_tile(isa: str, lanes: int, nt: int, context, builder, sig, args):
                     x4 = _load(builder, row, builder.add(builder.mul(b, const(CHUNK)), const(4 * u)), I32)
                     isums[j][u % 2] = _dot4(builder, isa, isums[j][u % 2], w, builder.bitcast(broadcast(x4, vi32), vi8))
             wv = _load(builder, ws, builder.mul(b, const(4 * lanes)), vf32)
-            fma = f"llvm.fmuladd.v{lanes}f32"
             for j in range(nt):
                 xb = _load(builder, xs_rows[j], builder.mul(b, const(4)), F32)
                 xo = builder.fmul(_load(builder, xsum_rows[j], builder.mul(b, const(4)), F32), neg_offset)
