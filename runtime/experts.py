@@ -29,8 +29,7 @@ def weights_in(buf, entries: dict[str, dict], base: int) -> ExpertWeights:
     """Views of one expert's tensors (manifest entries by short name) in buf, whose byte 0 is file offset base.
 
     Read-only whatever buf is (a slot of the paging pool is writable, the memory map is not): numba compiles a kernel
-    once per array type, and under fast-math two compilations may sum in different orders, so every store hands the
-    kernels the one type to keep results identical, bit for bit, whatever the budget."""
+    once per array type, so every store hands the kernels the one type, and one compilation serves any budget."""
     buf = memoryview(buf).toreadonly()
 
     def bias(name: str) -> np.ndarray | None:

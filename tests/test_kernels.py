@@ -13,6 +13,7 @@ from moe.runtime.kernels.embed import embed
 from moe.runtime.kernels.expf import exp32
 from moe.runtime.kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from moe.runtime.kernels.norms import rmsnorm
+from moe.runtime.kernels.simd import LANES, dot1, dot4, lane_sum
 from moe.runtime.kernels.routing import (
     group_by_expert,
     sigmoid_group_topk,
@@ -29,6 +30,52 @@ rng = np.random.default_rng(0)
 
 def randn(*shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# -- float sums in a written order ----------------------------------------------------------------
+
+@njit
+def float_sums(a, x0, x1, x2, x3):
+    return dot1(a, x0), dot4(a, x0, x1, x2, x3), lane_sum(a)
+
+
+def lane_order(a, x, fused: bool):
+    """simd's order in numpy: column c in lane c % LANES (multiply-adds, fused or not), lanes folded in halves,
+    the last columns added one by one."""
+    a64, x64 = a.astype(np.float64), x.astype(np.float64)
+    lanes = np.zeros(LANES, np.float32)
+    whole = len(a) - len(a) % LANES
+    for c0 in range(0, whole, LANES):
+        prod = a64[c0: c0 + LANES] * x64[c0: c0 + LANES]  # exact: float32 products fit float64
+        lanes = ((prod + lanes).astype(np.float32) if fused
+                 else prod.astype(np.float32) + lanes)
+    width = LANES // 2
+    while width:
+        lanes = lanes[:width] + lanes[width: 2 * width]
+        width //= 2
+    total = lanes[0]
+    for c in range(whole, len(a)):
+        total = np.float32(a64[c] * x64[c] + total) if fused else np.float32(a[c] * x[c]) + total
+    return total
+
+
+def bits(v) -> int:
+    """The float32 bits of v (numba returns float32 results as Python floats)."""
+    return int(np.float32(v).view(np.uint32))
+
+
+@pytest.mark.parametrize("n", [0, 7, 16, 40, 2048])
+def test_float_sums_in_their_written_order(n):
+    a, *xs = (randn(n) for _ in range(5))
+    one, four, total = float_sums(a, *xs)
+    assert bits(one) == bits(four[0])  # each x's sum the same bits from dot1 and dot4
+    for x, got in zip(xs, four, strict=True):
+        assert bits(got) in {bits(lane_order(a, x, fused)) for fused in (True, False)}
+        assert abs(got - a.astype(np.float64) @ x) <= 1e-5 * max(1.0, np.abs(a) @ np.abs(x))
+    assert bits(total) == bits(lane_order(a, np.ones(n, np.float32), False))
+    bf16 = (a.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 bits read as their values
+    widened = (bf16.astype(np.uint32) << 16).view(np.float32)
+    assert bits(float_sums(bf16, *xs)[0]) == bits(float_sums(widened, *xs)[0])
 
 
 # -- exp -----------------------------------------------------------------------------------------

@@ -63,14 +63,17 @@ if UNCACHED:
     CACHE_DIR = Path(_private) / SOURCES_HASH
 os.environ["NUMBA_CACHE_DIR"] = str(CACHE_DIR)
 
-# Safe fast-math: reassociation and contraction let LLVM vectorize reductions; no
-# nnan/ninf, so infinities and NaNs keep their meaning. error_model "numpy": x / 0 gives
-# inf or nan instead of a ZeroDivisionError check, whose branch stops vectorization.
-FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+# Fast-math that cannot change a result with how LLVM compiles it: contraction (fused multiply-adds) and no signed
+# zeros. Not reassociation, nor reciprocals: with them LLVM chose the order of a sum, and chose differently for
+# one source compiled afresh (numba's parallel loops run a copy compiled on its own) than in the copy numba cached,
+# so a prompt's logits depended on whether the process had compiled its kernels. Sums that must be fast are
+# written in vector lanes (simd.dot1, dot4, lane_sum, the quantized kernels). No nnan/ninf, so infinities and
+# NaNs keep their meaning. error_model "numpy": x / 0 gives inf or nan instead of a ZeroDivisionError check,
+# whose branch stops vectorization.
+FASTMATH = {"nsz", "contract"}
 FLAGS = dict(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")  # serial kernels
 PARALLEL = dict(FLAGS, parallel=True)  # kernels with a prange worth spreading over threads
-# Without fast-math, for code whose results must not depend on how LLVM compiled it: fast-math lets the
-# same source round differently once inlined into another caller, or compiled afresh rather than cached.
+# Without fast-math: code that must round exactly as written, contractions included (the activations' quantizer).
 EXACT = dict(FLAGS, fastmath=False)
 
 _announced = False

@@ -5,7 +5,9 @@ once. When those pairs are fewer than numba's threads (decode, above all latent 
 shared kv head), a kv head's query heads are split into parts too, each part reading the rows on
 its own thread; a head's sums run in the same order whatever its part, so the output keeps its bits.
 Keys come in blocks of BLOCK: their scores, one running-max rescale per block (online
-softmax, so nothing grows with the context), and exponentials in a loop LLVM vectorizes.
+softmax, so nothing grows with the context), and exponentials in a loop LLVM vectorizes. Scores and sums of
+exponentials go through simd's float sums, whose order is written out (so the bits do not depend on how the
+kernel was compiled): four keys per call where a block has them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from numba import get_num_threads, njit, prange
 from . import FLAGS, PARALLEL
 from .bits import BF16_BITS, FLOAT, f32_to_bf16, weight_to_f32
 from .expf import exp32
+from .simd import dot1, dot4, lane_sum
 
 BLOCK = 64
 
@@ -73,24 +76,23 @@ def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, s
             for g in range(heads):
                 qg = qt[g]
                 block_max = m[g]
+                quads = n - n % 4
+                for jj in range(0, quads, 4):
+                    j = j0 + jj
+                    s = dot4(qg, k_cache[kv, j], k_cache[kv, j + 1], k_cache[kv, j + 2], k_cache[kv, j + 3])
+                    for u in range(4):
+                        p[g, jj + u] = s[u] * scale
+                for jj in range(quads, n):
+                    p[g, jj] = dot1(qg, k_cache[kv, j0 + jj]) * scale
                 for jj in range(n):
-                    key = k_cache[kv, j0 + jj]
-                    s = np.float32(0.0)
-                    for d in range(hd):
-                        s += qg[d] * weight_to_f32(key[d], kind)
-                    s *= scale
-                    p[g, jj] = s
-                    block_max = max(block_max, s)
+                    block_max = max(block_max, p[g, jj])
                 c = exp32(m[g] - block_max)
                 m[g] = block_max
                 for d in range(hd):
                     acc[g, d] *= c
-                block_sum = np.float32(0.0)
                 for jj in range(n):
-                    e = exp32(p[g, jj] - block_max)
-                    p[g, jj] = e
-                    block_sum += e
-                total[g] = total[g] * c + block_sum
+                    p[g, jj] = exp32(p[g, jj] - block_max)
+                total[g] = total[g] * c + lane_sum(p[g, :n])
             for jj in range(n):
                 value = v_cache[kv, j0 + jj]
                 for g in range(heads):
@@ -149,11 +151,13 @@ def per_head(x, w, out):
     (latent attention's absorbed kv_b); a row's sums run in one fixed order, whatever T is."""
     T, nh, d = x.shape
     n = w.shape[1]
+    if w.shape != (nh, n, d) or out.shape != (T, nh, n):
+        raise ValueError("per_head: w must be [heads, n, d] and out [tokens, heads, n] for x [tokens, heads, d]")
     for item in prange(T * nh):
         t = item // nh
         h = item % nh
+        xh = np.empty(d, np.float32)  # x[t, h], contiguous (x may be a strided view)
+        for i in range(d):
+            xh[i] = x[t, h, i]
         for j in range(n):
-            s = np.float32(0.0)
-            for i in range(d):
-                s += w[h, j, i] * x[t, h, i]
-            out[t, h, j] = s
+            out[t, h, j] = dot1(w[h, j], xh)

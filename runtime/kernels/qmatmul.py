@@ -183,10 +183,7 @@ ROW_TILE = 8  # rows whose codes stay in L1 while a tile of 4 tokens runs over t
 INTERLEAVED = simd.target_has_x86_simd()  # prefill's q4-q6 tiles of simd.TILE_ROWS interleaved rows x 4 tokens
 
 
-# The interleaved kernels compile without fast-math, in functions of their own (numba puts its fast-math flags on
-# every float operation of a function, intrinsics' included): with them, LLVM summed dot_tile's 8 partial sums in
-# sequence, not in the 1 x NT kernels' order.
-@njit(**EXACT)
+@njit(**FLAGS)
 def _interleave(codes, scales, supers, r0, nb, shift, bits):
     """Rows r0 .. r0 + simd.TILE_ROWS of q4 / q5 / q6 weights, interleaved for simd.dot_tile."""
     units = np.empty(nb * CHUNK * simd.TILE_ROWS, np.uint8)
@@ -198,11 +195,6 @@ def _interleave(codes, scales, supers, r0, nb, shift, bits):
     else:
         simd.q6_interleave(codes, scales, supers, r0, units, ws, nb, shift)
     return units, ws
-
-
-@njit(**EXACT)
-def _dot_tile(units, ws, xq, xs, xsum, out, t, r0, nb, offset):
-    simd.dot_tile(units, ws, xq, xs, xsum, out, t, r0, nb, offset)
 
 
 @njit(**PARALLEL)
@@ -242,7 +234,7 @@ def _matmul_quant(codes, scales, supers, gs, xq, xqa, xs, xsum, out, bits):
         if interleave and r1 - r0 == tile_rows:
             units, ws = _interleave(codes, scales, supers, r0, nb, shift, bits)
             for t in range(0, tiled, 4):
-                _dot_tile(units, ws, xq, xs, xsum, out, t, r0, nb, offset)
+                simd.dot_tile(units, ws, xq, xs, xsum, out, t, r0, nb, offset)
         else:
             for t in range(0, tiled, 4):
                 for r in range(r0, r1):
@@ -351,32 +343,36 @@ def linear_quant(codes, scales, supers, gs, x, xq, xqa, xs, xsum, out, bits):
     _matmul_quant(codes, scales, supers, gs, xq, xqa, xs, xsum, out, bits)
 
 
+@njit(inline="always", **FLAGS)
+def _row_times_tokens(wrow, x, out, r):
+    """out[t, r] = wrow . x[t] for every token: 4 tokens per pass over the row, each sum in simd's fixed order (the
+    same bits whichever pass takes a token, so however tokens are split across calls)."""
+    T = x.shape[0]
+    quads = T - T % 4
+    for t in range(0, quads, 4):
+        s = simd.dot4(wrow, x[t], x[t + 1], x[t + 2], x[t + 3])
+        for j in range(4):
+            out[t + j, r] = s[j]
+    for t in range(quads, T):
+        out[t, r] = simd.dot1(wrow, x[t])
+
+
 @njit(**PARALLEL)
 def _matmul_float(w, x, out, kind):
-    """w [rows, cols] of kind `kind` (see bits.weight_to_f32); tokens in tiles of 4, so each weight is widened once
-    per 4 tokens and the 4 sums run side by side. A last tile of fewer tokens repeats its last token: every token
-    goes through the same loop, whose summation order the compiler chooses, so a token's row is the same bits
-    however the tokens are split across calls (a one-token loop of its own was vectorized differently)."""
+    """w [rows, cols] of kind `kind` (see bits.weight_to_f32) times x f32 [T, cols], C order. simd's float sums
+    read float32 and bfloat16 rows as they are; a float16 row is widened first."""
     rows, cols = w.shape
     T = x.shape[0]
+    if x.shape[1] != cols or out.shape != (T, rows):
+        raise ValueError("matmul: x must be [tokens, cols] and out [tokens, rows] for w [rows, cols]")
     for r in prange(rows):
-        wrow = w[r]
-        for t in range(0, T, 4):
-            x0, x1, x2, x3 = x[t], x[min(t + 1, T - 1)], x[min(t + 2, T - 1)], x[min(t + 3, T - 1)]
-            a0 = a1 = a2 = a3 = np.float32(0.0)
+        if kind == F16_BITS:
+            wide = np.empty(cols, np.float32)
             for c in range(cols):
-                v = weight_to_f32(wrow[c], kind)
-                a0 += v * x0[c]
-                a1 += v * x1[c]
-                a2 += v * x2[c]
-                a3 += v * x3[c]
-            out[t, r] = a0
-            if t + 1 < T:
-                out[t + 1, r] = a1
-            if t + 2 < T:
-                out[t + 2, r] = a2
-            if t + 3 < T:
-                out[t + 3, r] = a3
+                wide[c] = weight_to_f32(w[r, c], kind)
+            _row_times_tokens(wide, x, out, r)
+        else:
+            _row_times_tokens(w[r], x, out, r)
 
 
 @njit(**FLAGS)
@@ -431,8 +427,8 @@ class Scratch:
 def linear(p: Packed, x: np.ndarray, out: np.ndarray, scratch: Scratch) -> np.ndarray:
     """out f32 [T, rows] = x f32 [T, cols] @ W.T for a packed weight W [rows, cols] in any encoding."""
     enc = p.encoding
+    x = np.ascontiguousarray(x, dtype=np.float32)  # the vector kernels read whole rows; a no-op as a rule
     if enc in QUANT_BITS:
-        x = np.ascontiguousarray(x, dtype=np.float32)  # the vector quantizer reads whole rows; a no-op as a rule
         bits = QUANT_BITS[enc]
         cols_pad = p.codes.shape[1] * 8 // bits
         linear_quant(p.codes, p.scales, p.supers, p.group_size, x, *scratch.acts(x.shape[0], cols_pad), out, bits)

@@ -152,11 +152,13 @@ def _bytes(context, builder, aryty, value):
 
 
 def _hsum(builder, v):
-    """Horizontal sum of a <8 x float>, halving: 4 + 4, 2 + 2, 1 + 1."""
-    for width in (4, 2, 1):
+    """Horizontal sum of a float vector, in halves: for <8 x float>, 4 + 4, 2 + 2, 1 + 1."""
+    width = v.type.count // 2
+    while width:
         lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, width), list(range(width))))
         hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, width), list(range(width, 2 * width))))
-        v = builder.fadd(lo, hi, flags=("reassoc", "nsz", "contract"))
+        v = builder.fadd(lo, hi)
+        width //= 2
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
@@ -806,8 +808,7 @@ def dot_tile(typingctx, units, ws, xq, xs, xsum, out, t0, r0, nb, offset):
     meets TILE_TOKENS tokens. Two integer sums per token (even and odd units) halve the chains of dependent
     multiply-adds. The float arithmetic is the 1 x NT kernels', lane for lane: per block x_b isum_b - offset xsum_b,
     times w_b, fused into one accumulator per block position b % 8 (the blocks taken in that order), the 8 then
-    summed as _hsum sums a vector's lanes. So each row's result is bit for bit theirs, when compiled without
-    fast-math."""
+    summed as _hsum sums a vector's lanes. So each row's result is bit for bit theirs."""
     if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (units, ws)):
         return None
     if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in (xq, xs, xsum, out)):
@@ -868,7 +869,7 @@ def emit_dot_tile(isa: str, lanes: int, nt: int, context, builder, sig, args):
             builder.store(builder.load(acc), builder.gep(at, [zero32, builder.trunc(position.index, I32)]))
     for j in range(nt):
         v = [builder.load(builder.gep(positions[j], [zero32, ir.Constant(I32, c)])) for c in range(BLOCKS)]
-        # _hsum's order, without its licence to reassociate: LLVM took that to sum these in sequence
+        # _hsum's order
         halves = [builder.fadd(v[c], v[c + 4]) for c in range(4)]
         quarters = [builder.fadd(halves[c], halves[c + 2]) for c in range(2)]
         _store(builder, out_rows[j], builder.mul(r0, const(4)), builder.fadd(*quarters))
@@ -892,6 +893,100 @@ def _store(builder, base, offset, value):
 
 def _abs8(builder, v):
     return _call(builder, "llvm.abs.v32i8", V32I8, v, ir.Constant(ir.IntType(1), 0))
+
+
+LANES = 16  # partial sums of a float dot product, side by side
+
+
+class _FloatRow(NamedTuple):
+    data: ir.Value  # i8*
+    length: ir.Value  # i64
+    elem: ir.Type  # as stored: float, or i16 holding a bfloat16
+    size: int  # bytes per element
+
+    def load(self, builder, at, lanes: int):
+        """Elements at the i8* `at` as float32: a <lanes x float>, or one float for lanes 0."""
+        ty = ir.VectorType(self.elem, lanes) if lanes else self.elem
+        v = builder.load(builder.bitcast(at, ty.as_pointer()), align=1)
+        if self.elem == F32:
+            return v
+        wide = ir.VectorType(I32, lanes) if lanes else I32
+        bits = builder.shl(builder.zext(v, wide), _splat(wide, 16) if lanes else ir.Constant(I32, 16))
+        return builder.bitcast(bits, ir.VectorType(F32, lanes) if lanes else F32)
+
+
+def _float_row(context, builder, aryty, value) -> _FloatRow:
+    ary = context.make_array(aryty)(context, builder, value)
+    length = cgutils.unpack_tuple(builder, ary.shape, 1)[0]
+    elem, size = (F32, 4) if aryty.dtype == types.float32 else (I16, 2)
+    return _FloatRow(builder.bitcast(ary.data, I8.as_pointer()), length, elem, size)
+
+
+def _float_rows(rows) -> bool:
+    return all(isinstance(r, types.Array) and r.ndim == 1 and r.layout == "C"
+               and r.dtype in (types.float32, types.uint16) for r in rows)
+
+
+def _emit_lane_sums(context, builder, sig, args, products: bool):
+    """The sum of row args[0] (products False), or its dot products with rows args[1:], in LANES lanes: column c
+    in lane c % LANES while whole steps of LANES last, each lane in column order (fused multiply-adds where the
+    target fuses), the lanes folded in halves, then the last columns added one by one."""
+    rows = [_float_row(context, builder, ty, v) for ty, v in zip(sig.args, args, strict=True)]
+    vty = ir.VectorType(F32, LANES)
+    count = len(rows) - 1 if products else 1
+    accs = [cgutils.alloca_once_value(builder, _splat(vty, 0.0)) for _ in range(count)]
+
+    def add(j, pointers, lanes, acc):
+        a = rows[0].load(builder, pointers[0], lanes)
+        if not products:
+            return builder.fadd(builder.load(acc), a)
+        fma = f"llvm.fmuladd.v{lanes}f32" if lanes else "llvm.fmuladd.f32"
+        return _call(builder, fma, a.type, a, rows[j + 1].load(builder, pointers[j + 1], lanes), builder.load(acc))
+
+    def walk(lanes, totals):
+        def step(index, pointers):
+            for j, acc in enumerate(totals):
+                builder.store(add(j, pointers, lanes, acc), acc)
+            return [builder.gep(p, [ir.Constant(I64, max(lanes, 1) * r.size)]) for p, r in zip(pointers, rows)]
+        return step
+
+    steps = builder.udiv(rows[0].length, ir.Constant(I64, LANES))
+    _pointer_loop(builder, steps, [r.data for r in rows], walk(LANES, accs))
+    totals = [cgutils.alloca_once_value(builder, _hsum(builder, builder.load(acc))) for acc in accs]
+    done = builder.mul(steps, ir.Constant(I64, LANES))
+    rest = [builder.gep(r.data, [builder.mul(done, ir.Constant(I64, r.size))]) for r in rows]
+    _pointer_loop(builder, builder.sub(rows[0].length, done), rest, walk(0, totals))
+    values = [builder.load(total) for total in totals]
+    return context.make_tuple(builder, sig.return_type, values) if len(values) > 1 else values[0]
+
+
+# Float sums in a fixed order. A fast-math loop lets LLVM choose the order of its sum, and LLVM chose differently
+# for the same source compiled afresh (numba's parallel loops run their own compiled copy) than in the copy numba
+# cached: a prompt's logits then depended on whether the process had compiled its kernels. Written out here, the
+# order is the same wherever the kernel is compiled, and each x's sum has the same bits from dot1 as from dot4.
+@intrinsic
+def lane_sum(typingctx, a):
+    """sum(a) of a 1-D float32 row, in LANES lanes (_emit_lane_sums)."""
+    if not _float_rows((a,)):
+        return None
+    return types.float32(a), lambda context, builder, sig, args: _emit_lane_sums(context, builder, sig, args, False)
+
+
+@intrinsic
+def dot1(typingctx, a, x):
+    """a . x for 1-D rows, float32 or uint16 (bfloat16 bits), x at least as long as a (_emit_lane_sums)."""
+    if not _float_rows((a, x)):
+        return None
+    return types.float32(a, x), lambda context, builder, sig, args: _emit_lane_sums(context, builder, sig, args, True)
+
+
+@intrinsic
+def dot4(typingctx, a, x0, x1, x2, x3):
+    """(a . x0, a . x1, a . x2, a . x3), each the bits of dot1(a, x_j), a read once per step for all four."""
+    if not _float_rows((a, x0, x1, x2, x3)):
+        return None
+    sig = types.UniTuple(types.float32, 4)(a, x0, x1, x2, x3)
+    return sig, lambda context, builder, sig, args: _emit_lane_sums(context, builder, sig, args, True)
 
 
 # (rows, tokens) tiles: 1 x 4 for prefill, 1 x 1 for decode (rows one after another: one stream from memory)

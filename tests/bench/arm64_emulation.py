@@ -27,8 +27,7 @@ import numpy as np
 
 ROOT = Path(os.environ.get("MOE_ARM64_ROOT", "/opt/arm64-root"))
 REPO = Path(__file__).resolve().parents[2]
-# (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES): one CPU model for both paths, so that only the dot products differ (the
-# fast-math kernels vectorize their reductions by the CPU model's costs)
+# (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES): one CPU model for both paths, so that only the dot products differ
 CPUS = {"dotprod": ("apple-m1", ""), "portable": ("apple-m1", "-dotprod")}
 PROMPT = "def fibonacci(n):"
 # per path: test_arm64_asm reads the IR compiled by llvmlite for apple-m1, the same whatever numba compiles for
