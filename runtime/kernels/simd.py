@@ -966,7 +966,7 @@ def _emit_lane_sums(context, builder, sig, args, products: bool):
 # order is the same wherever the kernel is compiled, and each x's sum has the same bits from dot1 as from dot4.
 @intrinsic
 def lane_sum(typingctx, a):
-    """sum(a) of a 1-D float32 row, in LANES lanes (_emit_lane_sums)."""
+    """sum(a) of a 1-D row, float32 or uint16 (bfloat16 bits), in LANES lanes (_emit_lane_sums)."""
     if not _float_rows((a,)):
         return None
     return types.float32(a), lambda context, builder, sig, args: _emit_lane_sums(context, builder, sig, args, False)
