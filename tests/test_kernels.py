@@ -219,6 +219,18 @@ def naive_attend(q, k, v, pos0, scale, window, chunk, sinks):
     return out
 
 
+def test_attend_refuses_caches_that_disagree_with_q_instead_of_reading_out_of_bounds():
+    q, out, sinks = randn(3, 4, 16), np.empty((3, 4, 16), np.float32), np.zeros(4, np.float32)
+    good = randn(2, 8, 16)
+    for k, v, pos0, o in [(randn(2, 8, 12), randn(2, 8, 12), 0, out),  # head size
+                          (good, randn(2, 8, 12), 0, out),  # values unlike keys
+                          (good, good, 6, out),  # positions past the cache
+                          (randn(3, 8, 16), randn(3, 8, 16), 0, out),  # 4 heads over 3 kv heads
+                          (good, good, 0, np.empty((3, 4, 8), np.float32))]:
+        with pytest.raises(ValueError, match="attend: "):
+            attend(q, k, v, pos0, 0.25, 0, 0, sinks, False, o)
+
+
 @pytest.mark.parametrize("pos0,T", [(0, 20), (13, 1), (5, 9)])
 @pytest.mark.parametrize("window,chunk,with_sinks", [(0, 0, False), (6, 0, True), (0, 8, False), (0, 0, True)])
 def test_attend(pos0, T, window, chunk, with_sinks):

@@ -46,6 +46,11 @@ def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, s
     from its disk cache); `kind` says how the caches hold their values (bits.FLOAT or BF16_BITS)."""
     T, nh, hd = q.shape
     nkv = k_cache.shape[0]
+    # the scores read raw pointers (simd.dot4): caches that disagree with q must stop here, not read out of bounds
+    if k_cache.shape[2] != hd or v_cache.shape != k_cache.shape or pos0 + T > k_cache.shape[1] or nh % nkv:
+        raise ValueError("attend: the caches must be [kv heads, positions >= pos0 + T, hd] for q [T, heads, hd]")
+    if out.shape != q.shape:
+        raise ValueError("attend: out must be shaped as q")
     group = nh // nkv
     parts = -(-group // size)
     scale = np.float32(scale)
