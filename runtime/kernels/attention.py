@@ -20,7 +20,7 @@ from numba import get_num_threads, njit, prange
 from . import FLAGS, PARALLEL
 from .bits import BF16_BITS, FLOAT, f32_to_bf16, weight_to_f32
 from .expf import exp32
-from .simd import dot1, dot4, lane_sum
+from .simd import dot1, lane_sum, row_dots
 
 BLOCK = 64
 
@@ -79,17 +79,10 @@ def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, s
         for j0 in range(start, i + 1, BLOCK):
             n = min(BLOCK, i + 1 - j0)
             for g in range(heads):
-                qg = qt[g]
                 block_max = m[g]
-                quads = n - n % 4
-                for jj in range(0, quads, 4):
-                    j = j0 + jj
-                    s = dot4(qg, k_cache[kv, j], k_cache[kv, j + 1], k_cache[kv, j + 2], k_cache[kv, j + 3])
-                    for u in range(4):
-                        p[g, jj + u] = s[u] * scale
-                for jj in range(quads, n):
-                    p[g, jj] = dot1(qg, k_cache[kv, j0 + jj]) * scale
+                row_dots(qt[g], k_cache[kv], j0, n, p[g])
                 for jj in range(n):
+                    p[g, jj] *= scale
                     block_max = max(block_max, p[g, jj])
                 c = exp32(m[g] - block_max)
                 m[g] = block_max

@@ -343,20 +343,6 @@ def linear_quant(codes, scales, supers, gs, x, xq, xqa, xs, xsum, out, bits):
     _matmul_quant(codes, scales, supers, gs, xq, xqa, xs, xsum, out, bits)
 
 
-@njit(inline="always", **FLAGS)
-def _row_times_tokens(wrow, x, out, r):
-    """out[t, r] = wrow . x[t] for every token: 4 tokens per pass over the row, each sum in simd's fixed order (the
-    same bits whichever pass takes a token, so however tokens are split across calls)."""
-    T = x.shape[0]
-    quads = T - T % 4
-    for t in range(0, quads, 4):
-        s = simd.dot4(wrow, x[t], x[t + 1], x[t + 2], x[t + 3])
-        for j in range(4):
-            out[t + j, r] = s[j]
-    for t in range(quads, T):
-        out[t, r] = simd.dot1(wrow, x[t])
-
-
 @njit(**PARALLEL)
 def _matmul_float(w, x, out, kind):
     """w [rows, cols] of kind `kind` (see bits.weight_to_f32) times x f32 [T, cols], C order. simd's float sums
@@ -370,9 +356,9 @@ def _matmul_float(w, x, out, kind):
             wide = np.empty(cols, np.float32)
             for c in range(cols):
                 wide[c] = weight_to_f32(w[r, c], kind)
-            _row_times_tokens(wide, x, out, r)
+            simd.row_dots(wide, x, 0, x.shape[0], out[:, r])
         else:
-            _row_times_tokens(w[r], x, out, r)
+            simd.row_dots(w[r], x, 0, x.shape[0], out[:, r])
 
 
 @njit(**FLAGS)

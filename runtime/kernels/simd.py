@@ -44,9 +44,11 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils, config
 from numba.core.codegen import get_host_cpu_features
+from numba import njit
 from numba.extending import intrinsic
 
 from ..layout import CHUNK, SUPER
+from . import FLAGS
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F32 = ir.FloatType()
@@ -987,6 +989,69 @@ def dot4(typingctx, a, x0, x1, x2, x3):
         return None
     sig = types.UniTuple(types.float32, 4)(a, x0, x1, x2, x3)
     return sig, lambda context, builder, sig, args: _emit_lane_sums(context, builder, sig, args, True)
+
+
+def _float_mode_register(builder):
+    """(i8* to a stack slot holding x86's MXCSR, loaded) for x86, None elsewhere."""
+    slot = cgutils.alloca_once(builder, I32)
+    at = builder.bitcast(slot, I8.as_pointer())
+    _call(builder, "llvm.x86.sse.stmxcsr", ir.VoidType(), at)
+    return slot, at
+
+
+def _set_float_mode(builder, mode):
+    """Loads this thread's float mode from i64 `mode`: MXCSR on x86, FPCR on arm64, nothing elsewhere."""
+    arch = llvm.get_process_triple().split("-")[0]
+    if arch in ("x86_64", "amd64"):
+        slot, at = _float_mode_register(builder)
+        builder.store(builder.trunc(mode, I32), slot)
+        _call(builder, "llvm.x86.sse.ldmxcsr", ir.VoidType(), at)
+    elif arch in ("aarch64", "arm64"):
+        _call(builder, "llvm.aarch64.set.fpcr", ir.VoidType(), mode)
+
+
+@intrinsic
+def flush_denormals(typingctx):
+    """Makes this thread's float arithmetic treat denormal inputs and results as zero (x86: MXCSR's DAZ and FTZ;
+    arm64: FPCR.FZ; elsewhere nothing) and returns its float mode before, for restore_float_mode. Denormals take
+    the CPU's slow path, 50-100x per operation; flushed, they are values below 1.2e-38."""
+    def codegen(context, builder, sig, args):
+        arch = llvm.get_process_triple().split("-")[0]
+        if arch in ("x86_64", "amd64"):
+            slot, _ = _float_mode_register(builder)
+            old = builder.zext(builder.load(slot), I64)
+        elif arch in ("aarch64", "arm64"):
+            old = _call(builder, "llvm.aarch64.get.fpcr", I64)
+        else:
+            return ir.Constant(I64, 0)
+        _set_float_mode(builder, builder.or_(old, ir.Constant(I64, 0x8040 if arch in ("x86_64", "amd64") else 1 << 24)))
+        return old
+
+    return types.int64(), codegen
+
+
+@intrinsic
+def restore_float_mode(typingctx, mode):
+    """Puts back the float mode flush_denormals returned."""
+    def codegen(context, builder, sig, args):
+        _set_float_mode(builder, args[0])
+        return context.get_dummy_value()
+
+    return types.void(types.int64), codegen
+
+
+@njit(**FLAGS)
+def row_dots(a, rows, start, n, out):
+    """out[j] = a . rows[start + j] for j < n, rows 2-D C-contiguous: four rows per dot4 while they last, then dot1;
+    each the bits of dot1, however the rows fall into fours."""
+    quads = n - n % 4
+    for j in range(0, quads, 4):
+        r = start + j
+        s = dot4(a, rows[r], rows[r + 1], rows[r + 2], rows[r + 3])
+        for u in range(4):
+            out[j + u] = s[u]
+    for j in range(quads, n):
+        out[j] = dot1(a, rows[start + j])
 
 
 # (rows, tokens) tiles: 1 x 4 for prefill, 1 x 1 for decode (rows one after another: one stream from memory)
