@@ -30,16 +30,24 @@ def causal_conv_silu(x, w, state, out):
     """out (T, C) = silu(depthwise causal convolution of x (T, C) with w (C, K)).
 
     state (K-1, C) holds the K-1 inputs before x, oldest first, and afterwards the last K-1 inputs up to x's last.
+    Each output sums its taps oldest first; the loops run along channels, so they vectorize.
     """
     T, C = x.shape
     K = w.shape[1]
+    taps = np.ascontiguousarray(w.T)  # (K, C)
+    acc = np.empty(C, np.float32)
     for t in range(T):
+        acc[:] = 0.0
+        for j in range(K):  # tap j reads the input K-1-j steps back
+            s = t - (K - 1) + j
+            if s >= 0:
+                for c in range(C):
+                    acc[c] += taps[j, c] * x[s, c]
+            else:
+                for c in range(C):
+                    acc[c] += taps[j, c] * state[K - 1 + s, c]
         for c in range(C):
-            acc = np.float32(0.0)
-            for j in range(K):  # tap j reads the input K-1-j steps back
-                s = t - (K - 1) + j
-                acc += w[c, j] * (x[s, c] if s >= 0 else state[K - 1 + s, c])
-            out[t, c] = acc / (np.float32(1.0) + exp32(-acc))
+            out[t, c] = acc[c] / (np.float32(1.0) + exp32(-acc[c]))
     keep = max(K - 1 - T, 0)  # older inputs still among the last K-1
     for r in range(keep):
         state[r] = state[r + T]
