@@ -35,6 +35,7 @@ def causal_conv_silu(x, w, state, out):
     T, C = x.shape
     K = w.shape[1]
     taps = np.ascontiguousarray(w.T)  # (K, C)
+    x = np.ascontiguousarray(x)  # a view into the projection's output, as numba types it: copied, the loops vectorize
     acc = np.empty(C, np.float32)
     for t in range(T):
         acc[:] = 0.0
@@ -198,8 +199,11 @@ def delta_rule_chunked(q, k, v, g, beta, scale, state, out):
 def silu_gate(x, z):
     """x (T, n, d) *= silu(z), z (T, n, d): the gate on the normalized output."""
     T, n, d = x.shape
+    # z is a view into the projection's output, whose rows numba cannot type as contiguous: each row is copied
+    # first, so the loop below vectorizes (3x faster for Qwen3.5's 256 tokens x 32 heads x 128).
+    zt = np.empty(d, np.float32)
     for t in range(T):
         for h in range(n):
+            zt[:] = z[t, h]
             for i in range(d):
-                zi = z[t, h, i]
-                x[t, h, i] *= zi / (np.float32(1.0) + exp32(-zi))
+                x[t, h, i] *= zt[i] / (np.float32(1.0) + exp32(-zt[i]))
