@@ -41,10 +41,9 @@ from typing import NamedTuple
 
 import llvmlite.binding as llvm
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils, config
 from numba.core.codegen import get_host_cpu_features
-from numba import njit
 from numba.extending import intrinsic
 
 from ..layout import CHUNK, SUPER
@@ -991,40 +990,43 @@ def dot4(typingctx, a, x0, x1, x2, x3):
     return sig, lambda context, builder, sig, args: _emit_lane_sums(context, builder, sig, args, True)
 
 
-def _float_mode_register(builder):
-    """(i8* to a stack slot holding x86's MXCSR, loaded) for x86, None elsewhere."""
-    slot = cgutils.alloca_once(builder, I32)
-    at = builder.bitcast(slot, I8.as_pointer())
-    _call(builder, "llvm.x86.sse.stmxcsr", ir.VoidType(), at)
-    return slot, at
+_FLUSH_BITS = {"x86": 0x8040, "arm64": 1 << 24}  # MXCSR's flush-to-zero and denormals-are-zero; FPCR.FZ
 
 
-def _set_float_mode(builder, mode):
-    """Loads this thread's float mode from i64 `mode`: MXCSR on x86, FPCR on arm64, nothing elsewhere."""
+def _float_mode_arch() -> str | None:
+    """Whose float mode register the process has: "x86", "arm64", or None (left alone)."""
     arch = llvm.get_process_triple().split("-")[0]
-    if arch in ("x86_64", "amd64"):
-        slot, at = _float_mode_register(builder)
-        builder.store(builder.trunc(mode, I32), slot)
-        _call(builder, "llvm.x86.sse.ldmxcsr", ir.VoidType(), at)
-    elif arch in ("aarch64", "arm64"):
+    return "x86" if arch in ("x86_64", "amd64") else "arm64" if arch in ("aarch64", "arm64") else None
+
+
+def _get_float_mode(builder, arch: str):
+    """This thread's float mode register (MXCSR or FPCR) as an i64."""
+    if arch == "x86":
+        slot = cgutils.alloca_once(builder, I32)
+        _call(builder, "llvm.x86.sse.stmxcsr", ir.VoidType(), builder.bitcast(slot, I8.as_pointer()))
+        return builder.zext(builder.load(slot), I64)
+    return _call(builder, "llvm.aarch64.get.fpcr", I64)
+
+
+def _set_float_mode(builder, arch: str, mode) -> None:
+    if arch == "x86":
+        slot = cgutils.alloca_once_value(builder, builder.trunc(mode, I32))
+        _call(builder, "llvm.x86.sse.ldmxcsr", ir.VoidType(), builder.bitcast(slot, I8.as_pointer()))
+    else:
         _call(builder, "llvm.aarch64.set.fpcr", ir.VoidType(), mode)
 
 
 @intrinsic
 def flush_denormals(typingctx):
-    """Makes this thread's float arithmetic treat denormal inputs and results as zero (x86: MXCSR's DAZ and FTZ;
-    arm64: FPCR.FZ; elsewhere nothing) and returns its float mode before, for restore_float_mode. Denormals take
-    the CPU's slow path, 50-100x per operation; flushed, they are values below 1.2e-38."""
+    """Makes this thread's float arithmetic treat denormal inputs and results as zero (_FLUSH_BITS; elsewhere than
+    x86 and arm64 nothing changes) and returns its float mode before, for restore_float_mode. Denormals take the
+    CPU's slow path, 50-100x per operation; flushed, they are values below 1.2e-38."""
     def codegen(context, builder, sig, args):
-        arch = llvm.get_process_triple().split("-")[0]
-        if arch in ("x86_64", "amd64"):
-            slot, _ = _float_mode_register(builder)
-            old = builder.zext(builder.load(slot), I64)
-        elif arch in ("aarch64", "arm64"):
-            old = _call(builder, "llvm.aarch64.get.fpcr", I64)
-        else:
+        arch = _float_mode_arch()
+        if arch is None:
             return ir.Constant(I64, 0)
-        _set_float_mode(builder, builder.or_(old, ir.Constant(I64, 0x8040 if arch in ("x86_64", "amd64") else 1 << 24)))
+        old = _get_float_mode(builder, arch)
+        _set_float_mode(builder, arch, builder.or_(old, ir.Constant(I64, _FLUSH_BITS[arch])))
         return old
 
     return types.int64(), codegen
@@ -1034,7 +1036,9 @@ def flush_denormals(typingctx):
 def restore_float_mode(typingctx, mode):
     """Puts back the float mode flush_denormals returned."""
     def codegen(context, builder, sig, args):
-        _set_float_mode(builder, args[0])
+        arch = _float_mode_arch()
+        if arch is not None:
+            _set_float_mode(builder, arch, args[0])
         return context.get_dummy_value()
 
     return types.void(types.int64), codegen
