@@ -85,7 +85,7 @@ class _Layer:
     linear_a_log: np.ndarray | None = None  # (nv,)
     linear_dt_bias: np.ndarray | None = None  # (nv,)
     linear_norm: np.ndarray | None = None  # (dv,)
-    conv_taps: np.ndarray | None = None  # (C, K) f32: linear_conv's values
+    conv_taps: np.ndarray | None = None  # (K, C) f32: linear_conv's values, tap-major for the convolution
 
     @classmethod
     def load(cls, layout: Layout, i: int, spec: LayerSpec) -> _Layer:
@@ -238,7 +238,7 @@ class Model:
         self._recurrent = np.zeros((len(linear_layers), cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                     cfg.linear_value_head_dim), F32)
         for i in linear_layers:
-            self.layers[i].conv_taps = dequantize(self.layers[i].linear_conv)
+            self.layers[i].conv_taps = np.ascontiguousarray(dequantize(self.layers[i].linear_conv).T)
         self._ones = np.ones(cfg.head_dim, F32)  # Llama 4's L2 norm is an RMSNorm without weight
         self._no_sinks = np.zeros(cfg.num_heads, F32)
         self._uses = np.zeros((cfg.num_layers, cfg.num_experts), np.int64)

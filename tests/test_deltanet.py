@@ -110,7 +110,7 @@ def test_causal_conv_carries_its_state_across_calls():
     want = conv / (1 + np.exp(-conv))
     state, got = np.zeros((K - 1, C), np.float32), np.zeros_like(x)
     for lo, hi in ((0, 1), (1, 3), (3, 4), (4, 20)):  # shorter and longer than the state
-        causal_conv_silu(x[lo:hi], w, state, got[lo:hi])
+        causal_conv_silu(x[lo:hi], np.ascontiguousarray(w.T), state, got[lo:hi])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(state, x[-(K - 1):])
 

@@ -26,15 +26,14 @@ L2_EPS = 1e-6  # transformers' (and the fla library's) l2norm eps
 
 
 @njit(**FLAGS)
-def causal_conv_silu(x, w, state, out):
-    """out (T, C) = silu(depthwise causal convolution of x (T, C) with w (C, K)).
+def causal_conv_silu(x, taps, state, out):
+    """out (T, C) = silu(depthwise causal convolution of x (T, C) with taps (K, C), C-contiguous).
 
     state (K-1, C) holds the K-1 inputs before x, oldest first, and afterwards the last K-1 inputs up to x's last.
     Each output sums its taps oldest first; the loops run along channels, so they vectorize.
     """
     T, C = x.shape
-    K = w.shape[1]
-    taps = np.ascontiguousarray(w.T)  # (K, C)
+    K = taps.shape[0]
     x = np.ascontiguousarray(x)  # a view into the projection's output, as numba types it: copied, the loops vectorize
     acc = np.empty(C, np.float32)
     for t in range(T):
