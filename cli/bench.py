@@ -70,6 +70,7 @@ def _rows(f: dict) -> list[tuple[str, str]]:
          + (f" after {f['depth']} of context" if f["depth"] else "")),
         ("prefill", f"{f['prefill_tok_s']:.1f} tok/s"),
         ("decode", f"{f['decode_tok_s']:.2f} tok/s over {f['gen_tokens']} tokens ({f['stream']} stream)"),
+        ("read per generated token", f"{format_size(f['bytes_per_token'])}, {f['decode_gb_s']:.1f} GB/s while decoding"),
         ("peak RSS", format_size(f["peak_rss_bytes"])),
         ("expert cache hit rate", f"{f['expert_cache_hit_rate']:.1%}"),
         ("expert bytes read per token", format_size(f["expert_bytes_read_per_token"])),

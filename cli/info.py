@@ -17,7 +17,8 @@ EXAMPLE = """Examples:
 
 
 def info(model: ModelArg, json: Json = False) -> None:
-    """Architecture, layers, experts, total and active parameters, size on disk by part, quantization, RAM needed."""
+    """Architecture, layers, experts, total and active parameters, bytes read per generated token, size on disk by
+    part, quantization, RAM needed."""
     from moe.runtime.info import model_info
 
     facts = model_info(model)

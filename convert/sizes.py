@@ -13,7 +13,6 @@ from .arch.common import Plan, Run, outs_of
 from .encoding import place
 
 RUNTIME_BYTES = 300 * 10**6  # Python, numpy, numba and the kernels' buffers: peak RSS of a tiny model's decode
-F32 = 4
 
 
 def sizes(plan: Plan, encodings: dict[str, str], group_size: int) -> dict:
@@ -44,7 +43,7 @@ def sizes(plan: Plan, encodings: dict[str, str], group_size: int) -> dict:
             layer_experts.setdefault(item.layer, []).append((n, placed.runs[(item.layer, item.expert)][1], by_enc))
         elif item.name != "embed" or cfg.tie_word_embeddings:
             touched[encodings[item.name]] = touched.get(encodings[item.name], 0) + stored(item.name, item.shape)
-    states = 2 * F32 * len(cfg.linear_layers()) * cfg.recurrent_state_width
+    states = cfg.state_bytes_per_token
     if states:
         touched["f32"] = touched.get("f32", 0) + states
     active_expert_params = active_expert_bytes = 0

@@ -9,6 +9,9 @@ decode steps. Figures are medians over repeats.
 What decode is fed (`stream`): `random`, seeded random ids as llama-bench's tg test feeds, so routing
 sees fresh tokens each step; or `greedy`, the model's own argmax, which on a random-weight model repeats
 one token and makes routing look far stickier (and the expert cache far better) than real text does.
+
+What a generated token reads (`bytes_per_token`, as `moe plan` and `moe info` count it) over the decode time
+gives `decode_gb_s`: in RAM, the rate decode streams weights at, to set beside the machine's memory bandwidth.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from . import kernels
 from .errors import MoeError
 from .home import resolve_model
+from .info import bytes_per_token
 from .layout import read_layout
 from .machine import peak_rss, storage_bytes_read
 
@@ -72,6 +76,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
     warmup_s = time.perf_counter() - start
 
     runs = [_one_run(model, filler, ids, gen_tokens, fed) for _ in range(repeat)]
+    touched = touched_per_token(path)
     budget = model.memory.budget  # the one asked for, or the one chosen when the model does not fit; None: mapped
     model.close()
     figures = {key: None if any(run[key] is None for run in runs) else statistics.median(run[key] for run in runs)
@@ -83,6 +88,8 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
         "ttft_s": round(figures["ttft_s"], 5),
         "prefill_tok_s": round(prompt_tokens / figures["ttft_s"], 3),
         "decode_tok_s": round(gen_tokens / figures["decode_s"], 3),
+        "bytes_per_token": touched,
+        "decode_gb_s": round(touched * gen_tokens / figures["decode_s"] / 1e9, 3),
         "peak_rss_bytes": peak_rss(),
         "expert_cache_hit_rate": round(figures["hit_rate"], 5),
         "expert_bytes_read_per_token": round(figures["bytes_per_token"], 1),
@@ -100,6 +107,11 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
 def context_limit(path) -> int:
     """The longest context of the converted model at `path` (a folder or converted name)."""
     return read_layout(resolve_model(str(path))).config.max_position_embeddings
+
+
+def touched_per_token(path) -> int:
+    """Bytes a generated token of the converted model at `path` (a folder or converted name) reads."""
+    return bytes_per_token(read_layout(resolve_model(str(path))))
 
 
 def _one_run(model, filler: np.ndarray, ids: np.ndarray, gen_tokens: int, fed: np.ndarray | None) -> dict:

@@ -277,6 +277,12 @@ class ModelConfig:
         return ((self.linear_conv_kernel - 1) * self.linear_conv_dim
                 + self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim)
 
+    @property
+    def state_bytes_per_token(self) -> int:
+        """Bytes of recurrent state a token touches: f32, two passes over each linear attention layer's (decay and
+        read, then update and read out)."""
+        return 2 * 4 * len(self.linear_layers()) * self.recurrent_state_width
+
     def moe_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if layer.moe]
 

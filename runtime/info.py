@@ -6,12 +6,24 @@ import math
 
 from . import paging
 from .home import resolve_model
-from .layout import EXPERTS_FILE, MODEL_FILE, read_layout, stored_nbytes
+from .layout import EXPERTS_FILE, MODEL_FILE, Layout, read_layout, stored_nbytes
 from .tensors import PARTS, expert_key, part_of
 
 
+def bytes_per_token(layout: Layout) -> int:
+    """Bytes a generated token reads, counted as `moe plan` counts them before conversion: every non-expert tensor
+    but the embedding table (one row of it, unless the head shares it), each MoE layer's top-k largest expert
+    runs, and linear attention's recurrent states."""
+    m, cfg = layout.manifest, layout.config
+    weights = sum(stored_nbytes(e) for name, e in m["tensors"].items()
+                  if expert_key(name) is None and (name != "embed" or cfg.tie_word_embeddings))
+    experts = sum(sum(sorted((r["nbytes"] for r in runs), reverse=True)[: cfg.top_k]) for runs in m["experts"].values())
+    return weights + experts + cfg.state_bytes_per_token
+
+
 def model_info(path) -> dict:
-    """Architecture, sizes by part, parameters (total and active per token), quantization and RAM needs."""
+    """Architecture, sizes by part, parameters (total and active per token), bytes read per generated token,
+    quantization and RAM needs."""
     folder = resolve_model(str(path))
     layout = read_layout(folder)
     m, cfg = layout.manifest, layout.config
@@ -51,6 +63,7 @@ def model_info(path) -> dict:
         "vocab_size": cfg.vocab_size,
         "total_params": total,
         "active_params": total - params["experts"] + active_expert_params,
+        "bytes_per_token": bytes_per_token(layout),  # read by each generated token: weights and recurrent states
         "size_bytes": sum(files.values()),
         "size_by_part": size,
         "quantization_by_part": {p: sorted(encodings[p]) for p in PARTS if encodings[p]},

@@ -188,6 +188,7 @@ def bench_with(monkeypatch, load) -> None:
     monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
     monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
     monkeypatch.setattr(moe.runtime.bench, "context_limit", lambda path: 512)
+    monkeypatch.setattr(moe.runtime.bench, "touched_per_token", lambda path: 10**6)
 
 
 def test_bench_json(capsys, monkeypatch):
@@ -208,6 +209,8 @@ def test_bench_json(capsys, monkeypatch):
         assert key in result
     assert result["expert_cache_hit_rate"] == 0.75 and result["expert_bytes_read_per_token"] == 1000
     assert result["peak_rss_bytes"] > 10**6 and result["decode_tok_s"] > 0
+    assert result["bytes_per_token"] == 10**6
+    assert result["decode_gb_s"] == pytest.approx(10**6 * result["decode_tok_s"] / 1e9, abs=2e-3)
     code, out, _ = moe_cli(capsys, "bench", "--prompt-tokens", "600", "--gen-tokens", "8")
     assert code == 2 and out == ""
 

@@ -36,11 +36,12 @@ def checkpoints(tmp_path_factory):
         "llama4_multimodal": make_checkpoint("llama4_multimodal", root / "llama4mm"),
         "mixtral": make_checkpoint("mixtral", root / "mix", dtype="f16"),
         "glm4_moe": make_checkpoint("glm4_moe", root / "glm"),
+        "qwen3_5_moe": make_checkpoint("qwen3_5_moe", root / "qwen35"),
     }
 
 
 @pytest.mark.parametrize("arch,bits", [("qwen3_moe", 4), ("gpt_oss", 4), ("llama4_multimodal", 8), ("mixtral", 16),
-                                       ("glm4_moe", 4)])
+                                       ("glm4_moe", 4), ("qwen3_5_moe", 4)])
 def test_figures_equal_the_converted_model(checkpoints, tmp_path, arch, bits):
     src = checkpoints[arch]
     hf, headers = plan.read_source(str(src))
@@ -58,7 +59,9 @@ def test_figures_equal_the_converted_model(checkpoints, tmp_path, arch, bits):
     assert fig["expert_bytes_per_token"] == cfg * max(runs)  # every expert of a layer has the same size
     tensors = layout.manifest["tensors"]
     non_expert = sum(stored_nbytes(e) for n, e in tensors.items() if ".experts." not in n and n != "embed")
-    assert fig["bytes_per_token"] == non_expert + fig["expert_bytes_per_token"]
+    states = 2 * 4 * len(layout.config.linear_layers()) * layout.config.recurrent_state_width
+    assert (states > 0) == (arch == "qwen3_5_moe")  # its linear attention's states are read and written per token
+    assert fig["bytes_per_token"] == non_expert + fig["expert_bytes_per_token"] + states == info["bytes_per_token"]
     kinds = {k: sorted(v.split(", ")) for k, v in layout.manifest["quantization"].items()
              if k not in ("bits", "group_size", "scheme")}
     assert fig["quantization"] == kinds
