@@ -67,7 +67,7 @@ def ours_and_peer(ours: Path, gguf4: Path, args, depth: int, prompt: int) -> dic
         _, _, out = run([str(llamacpp.tool("llama-bench")), "-m", str(gguf4), "-t", str(args.threads), "-r", "3",
                          *flags, "-o", "json"], capture=True)
         peer[test] = json.loads(out)[0]["avg_ts"]
-    return {"moe": {k: moe[k] for k in ("prefill_tok_s", "decode_tok_s")}, "llamacpp": peer}
+    return {"moe": {k: moe[k] for k in ("prefill_tok_s", "decode_tok_s", "decode_gb_s")}, "llamacpp": peer}
 
 
 def save(folder: Path, report: dict) -> None:
@@ -122,11 +122,12 @@ def main() -> None:
         save(args.dir, report)  # a round at a time: a long run that dies keeps what it measured
     report["medians"] = {name: {side: {k: statistics.median(r[name][side][k] for r in rounds) for k in rounds[0][name][side]}
                                 for side in ("moe", "llamacpp")} for name in CASES}
-    print(f"{'':28}{'moe':>10}{'llama.cpp':>11}{'ratio':>8}")
+    print(f"{'':28}{'moe':>10}{'llama.cpp':>11}{'ratio':>8}   moe's decode read its weights at")
     for name, (depth, prompt) in CASES.items():
         for k, what in (("prefill_tok_s", f"prefill {prompt} at {depth}"), ("decode_tok_s", f"decode at {depth + prompt}")):
             m = report["medians"][name]
-            print(f"{what:28}{m['moe'][k]:10.2f}{m['llamacpp'][k]:11.2f}{m['moe'][k] / m['llamacpp'][k]:8.3f}")
+            rate = f"   {m['moe']['decode_gb_s']:.1f} GB/s" if k == "decode_tok_s" else ""
+            print(f"{what:28}{m['moe'][k]:10.2f}{m['llamacpp'][k]:11.2f}{m['moe'][k] / m['llamacpp'][k]:8.3f}{rate}")
     if "moe_convert" in report and "llamacpp_convert" in report:
         mc, lc = report["moe_convert"], report["llamacpp_convert"]
         print(f"{'convert seconds':24}{mc['seconds']:12.1f}{lc['seconds']:12.1f}{mc['seconds'] / lc['seconds']:8.3f}")
