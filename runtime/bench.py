@@ -76,7 +76,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
     warmup_s = time.perf_counter() - start
 
     runs = [_one_run(model, filler, ids, gen_tokens, fed) for _ in range(repeat)]
-    touched = touched_per_token(path)
+    touched = bytes_per_token(model.layout)
     budget = model.memory.budget  # the one asked for, or the one chosen when the model does not fit; None: mapped
     model.close()
     figures = {key: None if any(run[key] is None for run in runs) else statistics.median(run[key] for run in runs)
@@ -107,11 +107,6 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
 def context_limit(path) -> int:
     """The longest context of the converted model at `path` (a folder or converted name)."""
     return read_layout(resolve_model(str(path))).config.max_position_embeddings
-
-
-def touched_per_token(path) -> int:
-    """Bytes a generated token of the converted model at `path` (a folder or converted name) reads."""
-    return bytes_per_token(read_layout(resolve_model(str(path))))
 
 
 def _one_run(model, filler: np.ndarray, ids: np.ndarray, gen_tokens: int, fed: np.ndarray | None) -> dict:

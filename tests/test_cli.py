@@ -188,7 +188,7 @@ def bench_with(monkeypatch, load) -> None:
     monkeypatch.setattr(moe.runtime.kernels, "cache_is_cold", lambda: False)
     monkeypatch.setattr(moe.cli.bench, "model_path", lambda spec: spec or "demo")
     monkeypatch.setattr(moe.runtime.bench, "context_limit", lambda path: 512)
-    monkeypatch.setattr(moe.runtime.bench, "touched_per_token", lambda path: 10**6)
+    monkeypatch.setattr(moe.runtime.bench, "bytes_per_token", lambda layout: 10**6)
 
 
 def test_bench_json(capsys, monkeypatch):

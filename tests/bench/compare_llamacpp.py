@@ -109,8 +109,8 @@ def main() -> None:
         gguf16.unlink(missing_ok=True)
     save(args.dir, report)
 
-    # Both start from the page cache, as a model used before does, read into it afresh: pages a conversion wrote
-    # or that aged there streamed up to a third slower on this VM than the same bytes read in anew (README.md).
+    # Both start from the page cache, as a model used before does, read into it afresh: pages that had aged there
+    # streamed up to a third slower on this VM than the same bytes read in anew (README.md).
     report["page_cache_dropped"] = dropped = os.geteuid() == 0 and Path("/proc/sys/vm/drop_caches").exists()
     if dropped:
         drop_page_cache()
