@@ -13,7 +13,8 @@ from moe.runtime.kernels.embed import embed
 from moe.runtime.kernels.expf import exp32
 from moe.runtime.kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from moe.runtime.kernels.norms import rmsnorm
-from moe.runtime.kernels.simd import LANES, dot1, dot4, lane_sum
+from moe.runtime.kernels import FLAGS
+from moe.runtime.kernels.simd import LANES, axpy_rows, dot1, dot4, lane_sum
 from moe.runtime.kernels.routing import (
     group_by_expert,
     sigmoid_group_topk,
@@ -76,6 +77,39 @@ def test_float_sums_in_their_written_order(n):
     bf16 = (a.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 bits read as their values
     widened = (bf16.astype(np.uint32) << 16).view(np.float32)
     assert bits(float_sums(bf16, *xs)[0]) == bits(float_sums(widened, *xs)[0])
+
+
+
+@njit(**FLAGS)
+def axpy_loop(acc, w, rows, start, n):
+    """axpy_rows as a plain loop, compiled with the kernels' flags."""
+    for j in range(n):
+        for c in range(acc.shape[0]):
+            acc[c] += w[j] * np.float32(rows[start + j, c])
+
+
+@njit
+def axpy_call(acc, w, rows, start, n):
+    axpy_rows(acc, w, rows, start, n)
+
+
+@pytest.mark.parametrize("width", [4, 8, 20, 64, 72, 130, 576])
+@pytest.mark.parametrize("n", [0, 1, 64])
+def test_axpy_rows_has_the_bits_of_the_plain_loop(width, n):
+    rows, w, acc = randn(80, width), randn(70), randn(width)
+    want = acc.copy()
+    axpy_loop(want, w, rows, 5, n)
+    got = acc.copy()
+    axpy_call(got, w, rows, 5, n)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    exact = acc.astype(np.float64) + w[:n].astype(np.float64) @ rows[5: 5 + n].astype(np.float64)
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)
+    bf16 = (rows.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 bits read as their values
+    widened = (bf16.astype(np.uint32) << 16).view(np.float32)
+    from_bits, from_values = acc.copy(), acc.copy()
+    axpy_call(from_bits, w, bf16, 5, n)
+    axpy_call(from_values, w, widened, 5, n)
+    np.testing.assert_array_equal(from_bits.view(np.uint32), from_values.view(np.uint32))
 
 
 # -- exp -----------------------------------------------------------------------------------------
@@ -250,11 +284,11 @@ def test_attend_in_parts_keeps_the_bits(T, nkv):
     nh, hd, pos0 = 7 * nkv, 24, 150  # 7 heads a kv head: parts of 3 leave one of 1
     q, k, v, sinks = randn(T, nh, hd), randn(nkv, pos0 + T, hd), randn(nkv, pos0 + T, hd), randn(nh)
     whole = np.zeros_like(q)
-    _attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks, True, 7, 0, whole)
+    _attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks, True, 7, whole)
     np.testing.assert_allclose(whole, naive_attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks), rtol=1e-4, atol=1e-5)
     for size in (1, 2, 3, 6):
         parts = np.zeros_like(q)
-        _attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks, True, size, 0, parts)
+        _attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks, True, size, parts)
         np.testing.assert_array_equal(parts, whole, err_msg=f"parts of {size}")
 
 

@@ -7,7 +7,8 @@ its own thread; a head's sums run in the same order whatever its part, so the ou
 Keys come in blocks of BLOCK: their scores, one running-max rescale per block (online
 softmax, so nothing grows with the context), and exponentials in a loop LLVM vectorizes. Scores and sums of
 exponentials go through simd's float sums, whose order is written out (so the bits do not depend on how the
-kernel was compiled): four keys per call where a block has them.
+kernel was compiled): four keys per call where a block has them. A block's values are added into each head's
+output by simd.axpy_rows, which holds a pass of output columns in registers over all the block's rows.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from . import FLAGS, PARALLEL
-from .bits import BF16_BITS, FLOAT, f32_to_bf16, weight_to_f32
+from .bits import f32_to_bf16
 from .expf import exp32
-from .simd import dot1, lane_sum, row_dots
+from .simd import axpy_rows, dot1, lane_sum, row_dots
 
 BLOCK = 64
 
@@ -36,17 +37,16 @@ def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, ou
     pairs = max(1, q.shape[0] * k_cache.shape[0])  # (token, kv head)
     group = q.shape[1] // k_cache.shape[0]
     size = -(-group // min(group, -(-get_num_threads() // pairs)))  # a part's query heads: a part for each thread
-    kind = FLOAT if k_cache.dtype == np.float32 else BF16_BITS
-    _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, size, kind, out)
+    _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, size, out)
 
 
 @njit(**PARALLEL)
-def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, size, kind, out):
+def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, size, out):
     """attend, each (token, kv head)'s query heads in parts of `size` (numba's get_num_threads would keep the kernel
-    from its disk cache); `kind` says how the caches hold their values (bits.FLOAT or BF16_BITS)."""
+    from its disk cache)."""
     T, nh, hd = q.shape
     nkv = k_cache.shape[0]
-    # the scores read raw pointers (simd.dot4): caches that disagree with q must stop here, not read out of bounds
+    # scores and values read raw pointers (simd.dot4, axpy_rows): caches that disagree with q must stop here, not read out of bounds
     if k_cache.shape[2] != hd or v_cache.shape != k_cache.shape or pos0 + T > k_cache.shape[1] or nh % nkv:
         raise ValueError("attend: the caches must be [kv heads, positions >= pos0 + T, hd] for q [T, heads, hd]")
     if out.shape != q.shape:
@@ -91,12 +91,8 @@ def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, s
                 for jj in range(n):
                     p[g, jj] = exp32(p[g, jj] - block_max)
                 total[g] = total[g] * c + lane_sum(p[g, :n])
-            for jj in range(n):
-                value = v_cache[kv, j0 + jj]
-                for g in range(heads):
-                    w = p[g, jj]
-                    for d in range(hd):
-                        acc[g, d] += w * weight_to_f32(value[d], kind)
+            for g in range(heads):
+                axpy_rows(acc[g], p[g], v_cache[kv], j0, n)
         for g in range(heads):
             if use_sinks:
                 s = sinks[h0 + g]

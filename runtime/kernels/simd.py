@@ -568,9 +568,9 @@ def _accumulate_group(builder, op: _Operands, g: int, isum, ws, xs: _Stream, xsu
     builder.store(builder.shuffle_vector(*halves, ir.Constant(V8I32, list(range(8)))), acc)
 
 
-def _pointer_loop(builder, count, starts, step):
-    """A loop of `count` iterations of step(index, pointers) -> the pointers of the next iteration, the
-    pointers starting at `starts`."""
+def _pointer_loop(builder, count, starts, step) -> list:
+    """A loop of `count` iterations of step(index, values) -> the values of the next iteration (pointers, or
+    sums carried in registers), the values starting at `starts`; returns their values after the loop."""
     zero = ir.Constant(I64, 0)
     entry = builder.block
     body = builder.append_basic_block("walk")
@@ -589,6 +589,13 @@ def _pointer_loop(builder, count, starts, step):
         p.add_incoming(moved, last)
     builder.cbranch(builder.icmp_unsigned("<", next_index, count), body, done)
     builder.position_at_end(done)
+    after = []
+    for start, moved in zip(starts, following, strict=True):
+        value = builder.phi(start.type)
+        value.add_incoming(start, entry)
+        value.add_incoming(moved, last)
+        after.append(value)
+    return after
 
 
 def _prefetch(builder, kind: str, at, high):
@@ -988,6 +995,72 @@ def dot4(typingctx, a, x0, x1, x2, x3):
         return None
     sig = types.UniTuple(types.float32, 4)(a, x0, x1, x2, x3)
     return sig, lambda context, builder, sig, args: _emit_lane_sums(context, builder, sig, args, True)
+
+
+AXPY_LANES, AXPY_VECTORS = 8, 8  # a pass of axpy_rows: columns per vector, and vectors held in registers
+
+
+@intrinsic
+def axpy_rows(typingctx, acc, w, rows, start, n):
+    """acc[c] += w[j] * rows[start + j, c] for j < n, in that order for each column c (fused multiply-adds where the
+    target fuses): the bits of the plain loop. acc f32 1-D, w f32 1-D of at least n, rows f32 or uint16 (bfloat16
+    bits) 2-D C-contiguous, at least as wide as acc, with rows start .. start + n - 1 (the caller checks: raw
+    pointers). Columns go in passes of AXPY_VECTORS vectors held in registers over all n rows, so acc is read and
+    written once per pass rather than once per row; then single vectors, then single columns."""
+    if not (_float_rows((acc, w)) and acc.dtype == w.dtype == types.float32 and isinstance(rows, types.Array)
+            and rows.ndim == 2 and rows.layout == "C" and rows.dtype in (types.float32, types.uint16)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        out, weights = (_float_row(context, builder, ty, v) for ty, v in zip(sig.args[:2], args[:2], strict=True))
+        ary = context.make_array(sig.args[2])(context, builder, args[2])
+        stride = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
+        elem, size = (F32, 4) if sig.args[2].dtype == types.float32 else (I16, 2)
+        first = builder.gep(builder.bitcast(ary.data, I8.as_pointer()), [builder.mul(args[3], stride)])
+        row = _FloatRow(first, out.length, elem, size)
+
+        def columns(col, count: int, lanes: int):
+            """count accumulators of `lanes` columns (0: one column) from column col, over the n rows."""
+            ty = ir.VectorType(F32, lanes) if lanes else F32
+            width = max(lanes, 1)
+            at = builder.gep(out.data, [builder.mul(col, ir.Constant(I64, 4))])
+            slots = [builder.bitcast(builder.gep(at, [ir.Constant(I64, 4 * width * i)]), ty.as_pointer())
+                     for i in range(count)]
+            fma = f"llvm.fmuladd.v{lanes}f32" if lanes else "llvm.fmuladd.f32"
+
+            def step(index, values):
+                at_row, at_w, *sums = values
+                x = builder.load(builder.bitcast(at_w, F32.as_pointer()), align=1)
+                if lanes:
+                    x = builder.shuffle_vector(builder.insert_element(ir.Constant(ty, ir.Undefined), x, ir.Constant(I32, 0)),
+                                               ir.Constant(ty, ir.Undefined), ir.Constant(ir.VectorType(I32, lanes),
+                                                                                         [0] * lanes))
+                vs = [row.load(builder, builder.gep(at_row, [ir.Constant(I64, size * width * i)]), lanes)
+                      for i in range(count)]
+                return [builder.gep(at_row, [stride]), builder.gep(at_w, [ir.Constant(I64, 4)]),
+                        *(_call(builder, fma, ty, x, v, s) for v, s in zip(vs, sums, strict=True))]
+
+            starts = [builder.gep(row.data, [builder.mul(col, ir.Constant(I64, size))]), weights.data,
+                      *(builder.load(slot, align=1) for slot in slots)]
+            for slot, total in zip(slots, _pointer_loop(builder, args[4], starts, step)[2:], strict=True):
+                builder.store(total, slot, align=1)
+
+        def passes(begin, end, count: int, lanes: int):
+            """Columns [begin, end) in passes of count * lanes; returns where they stop."""
+            width = ir.Constant(I64, count * max(lanes, 1))
+            n_passes = builder.udiv(builder.sub(end, begin), width)
+            with cgutils.for_range(builder, n_passes) as loop:
+                columns(builder.add(begin, builder.mul(loop.index, width)), count, lanes)
+            return builder.add(begin, builder.mul(n_passes, width))
+
+        zero = ir.Constant(I64, 0)
+        vectors = builder.sub(out.length, builder.urem(out.length, ir.Constant(I64, AXPY_LANES)))
+        done = passes(zero, vectors, AXPY_VECTORS, AXPY_LANES)
+        done = passes(done, vectors, 1, AXPY_LANES)
+        passes(done, out.length, 1, 0)
+        return context.get_dummy_value()
+
+    return types.void(acc, w, rows, start, n), codegen
 
 
 _FLUSH_BITS = {"x86": 0x8040, "arm64": 1 << 24}  # MXCSR's flush-to-zero and denormals-are-zero; FPCR.FZ
