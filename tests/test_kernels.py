@@ -7,14 +7,12 @@ import pytest
 from moe.convert.quant import quantize
 from moe.runtime.codec import dequantize
 from moe.runtime.config import Rope
-from moe.runtime.kernels import rope
+from moe.runtime.kernels import FLAGS, rope
 from moe.runtime.kernels.attention import _attend, attend, cache_rows, per_head, temperature
 from moe.runtime.kernels.embed import embed
 from moe.runtime.kernels.expf import exp32
 from moe.runtime.kernels.ffn import gather, scatter_add, swiglu, swiglu_clamped
 from moe.runtime.kernels.norms import rmsnorm
-from moe.runtime.kernels import FLAGS
-from moe.runtime.kernels.simd import LANES, axpy_rows, dot1, dot4, lane_sum
 from moe.runtime.kernels.routing import (
     group_by_expert,
     sigmoid_group_topk,
@@ -23,6 +21,7 @@ from moe.runtime.kernels.routing import (
     softmax_topk,
     topk_softmax,
 )
+from moe.runtime.kernels.simd import LANES, axpy_rows, dot1, dot4, lane_sum
 from moe.runtime.layout import QUANT_BITS, Packed
 from numba import njit
 
@@ -77,7 +76,6 @@ def test_float_sums_in_their_written_order(n):
     bf16 = (a.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 bits read as their values
     widened = (bf16.astype(np.uint32) << 16).view(np.float32)
     assert bits(float_sums(bf16, *xs)[0]) == bits(float_sums(widened, *xs)[0])
-
 
 
 @njit(**FLAGS)

@@ -46,7 +46,7 @@ def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, s
     from its disk cache)."""
     T, nh, hd = q.shape
     nkv = k_cache.shape[0]
-    # scores and values read raw pointers (simd.dot4, axpy_rows): caches that disagree with q must stop here, not read out of bounds
+    # scores and values read raw pointers (simd.dot4, axpy_rows): caches that disagree with q must stop here
     if k_cache.shape[2] != hd or v_cache.shape != k_cache.shape or pos0 + T > k_cache.shape[1] or nh % nkv:
         raise ValueError("attend: the caches must be [kv heads, positions >= pos0 + T, hd] for q [T, heads, hd]")
     if out.shape != q.shape:

@@ -135,6 +135,13 @@ def _splat(vty: ir.VectorType, value) -> ir.Constant:
     return ir.Constant(vty, [ir.Constant(vty.element, value)] * vty.count)
 
 
+def _broadcast(builder, value, vty: ir.VectorType):
+    """The run-time value in every lane of vty."""
+    empty = ir.Constant(vty, None)
+    return builder.shuffle_vector(builder.insert_element(empty, value, ir.Constant(I32, 0)), empty,
+                                  ir.Constant(ir.VectorType(I32, vty.count), [0] * vty.count))
+
+
 def _call(builder, name: str, ret, *args):
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
     return builder.call(fn, args)
@@ -193,16 +200,13 @@ def _row_scales(builder, srow, urow, b, shift, unit: float, broadcast_first: boo
     sup = builder.lshr(builder.lshr(b, shift), ir.Constant(I64, SUPER.bit_length() - 1))
     d = _load(builder, urow, builder.mul(sup, ir.Constant(I64, 2)), I16)
     if broadcast_first:
-        v8i16 = ir.VectorType(I16, 8)
-        ds = builder.shuffle_vector(builder.insert_element(ir.Constant(v8i16, None), d, ir.Constant(I32, 0)),
-                                    ir.Constant(v8i16, None), ir.Constant(V8I32, [0] * 8))
+        ds = _broadcast(builder, d, ir.VectorType(I16, 8))
         ds = builder.bitcast(builder.shl(builder.zext(ds, V8I32), _splat(V8I32, 16)), V8F32)
         steps = builder.fmul(ds, _splat(V8F32, unit))
     else:
         d = builder.bitcast(builder.shl(builder.zext(d, I32), ir.Constant(I32, 16)), F32)
         step = builder.fmul(d, ir.Constant(F32, unit))
-        steps = builder.shuffle_vector(builder.insert_element(ir.Constant(V8F32, None), step, ir.Constant(I32, 0)),
-                                       ir.Constant(V8F32, None), ir.Constant(V8I32, [0] * 8))
+        steps = _broadcast(builder, step, V8F32)
     return builder.fmul(builder.sitofp(builder.sext(ks, V8I32), V8F32), steps)
 
 
@@ -845,10 +849,6 @@ def emit_dot_tile(isa: str, lanes: int, nt: int, context, builder, sig, args):
         base, stride = _bytes(context, builder, sig.args[k], args[k])
         return [builder.gep(base, [builder.mul(builder.add(t0, const(j)), stride)], inbounds=True) for j in range(nt)]
 
-    def broadcast(value, vty):
-        return builder.shuffle_vector(builder.insert_element(ir.Constant(vty, None), value, ir.Constant(I32, 0)),
-                                      ir.Constant(vty, None), ir.Constant(ir.VectorType(I32, lanes), [0] * lanes))
-
     xq_rows, xs_rows, xsum_rows, out_rows = rows(2), rows(3), rows(4), rows(5)
     neg_offset = builder.fneg(offset)
     fma = f"llvm.fmuladd.v{lanes}f32"
@@ -865,13 +865,13 @@ def emit_dot_tile(isa: str, lanes: int, nt: int, context, builder, sig, args):
                 w = _load(builder, units, builder.mul(builder.add(builder.mul(b, const(8)), const(u)), const(4 * lanes)), vi8)
                 for j, row in enumerate(xq_rows):
                     x4 = _load(builder, row, builder.add(builder.mul(b, const(CHUNK)), const(4 * u)), I32)
-                    isums[j][u % 2] = _dot4(builder, isa, isums[j][u % 2], w, builder.bitcast(broadcast(x4, vi32), vi8))
+                    isums[j][u % 2] = _dot4(builder, isa, isums[j][u % 2], w, builder.bitcast(_broadcast(builder, x4, vi32), vi8))
             wv = _load(builder, ws, builder.mul(b, const(4 * lanes)), vf32)
             for j in range(nt):
                 xb = _load(builder, xs_rows[j], builder.mul(b, const(4)), F32)
                 xo = builder.fmul(_load(builder, xsum_rows[j], builder.mul(b, const(4)), F32), neg_offset)
                 blocks = builder.sitofp(builder.add(*isums[j]), vf32)
-                blocks = _call(builder, fma, vf32, blocks, broadcast(xb, vf32), broadcast(xo, vf32))
+                blocks = _call(builder, fma, vf32, blocks, _broadcast(builder, xb, vf32), _broadcast(builder, xo, vf32))
                 builder.store(_call(builder, fma, vf32, wv, blocks, builder.load(accs[j])), accs[j])
         for at, acc in zip(positions, accs, strict=True):
             builder.store(builder.load(acc), builder.gep(at, [zero32, builder.trunc(position.index, I32)]))
@@ -1032,9 +1032,7 @@ def axpy_rows(typingctx, acc, w, rows, start, n):
                 at_row, at_w, *sums = values
                 x = builder.load(builder.bitcast(at_w, F32.as_pointer()), align=1)
                 if lanes:
-                    x = builder.shuffle_vector(builder.insert_element(ir.Constant(ty, ir.Undefined), x, ir.Constant(I32, 0)),
-                                               ir.Constant(ty, ir.Undefined), ir.Constant(ir.VectorType(I32, lanes),
-                                                                                         [0] * lanes))
+                    x = _broadcast(builder, x, ty)
                 vs = [row.load(builder, builder.gep(at_row, [ir.Constant(I64, size * width * i)]), lanes)
                       for i in range(count)]
                 return [builder.gep(at_row, [stride]), builder.gep(at_w, [ir.Constant(I64, 4)]),
