@@ -955,7 +955,7 @@ def _emit_lane_sums(context, builder, sig, args, products: bool):
         def step(index, pointers):
             for j, acc in enumerate(totals):
                 builder.store(add(j, pointers, lanes, acc), acc)
-            return [builder.gep(p, [ir.Constant(I64, max(lanes, 1) * r.size)]) for p, r in zip(pointers, rows)]
+            return [builder.gep(p, [ir.Constant(I64, max(lanes, 1) * r.size)]) for p, r in zip(pointers, rows, strict=True)]
         return step
 
     steps = builder.udiv(rows[0].length, ir.Constant(I64, LANES))

@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent / "lib"))
 import llamacpp  # noqa: E402  (a folder of this script's, not a package)
-from pressure import drop_page_cache  # noqa: E402  (a script of this folder's)
 from moe.convert.demo import DEMO_SOURCE  # noqa: E402
+from pressure import drop_page_cache  # noqa: E402  (a script of this folder's)
 
 
 def run(cmd: list[str], capture: bool = False) -> tuple[float, int, str]:
