@@ -12,7 +12,7 @@ from moe.runtime.units import format_size
 from rich.table import Table
 
 from .common import model_path, out, print_json, say, status
-from .options import Json, MemoryBudget, Pin, Threads
+from .options import Json, KvCache, KvCacheKind, MemoryBudget, Pin, Threads
 
 Stream = Enum("Stream", {name: name for name in STREAMS}, type=str)
 
@@ -24,6 +24,7 @@ EXAMPLE = """Examples:
   moe bench MODEL --memory-budget 2GB
   moe bench MODEL --depth 1024 --prompt-tokens 64  (prefill and decode after 1024 tokens of context)
   moe bench MODEL --stream greedy                (decode fed its own output instead of random ids)
+  moe bench MODEL --depth 1024 --kv-cache q8       (keys and values in 8 bits: half the bytes attention reads)
 """
 
 
@@ -41,6 +42,7 @@ def bench(
              "own greedy output (a random-weight model then repeats one token).")] = Stream.random,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
+    kv_cache: KvCache = KvCacheKind.auto,
     pin: Pin = None,
     json: Json = False,
 ) -> None:
@@ -50,7 +52,8 @@ def bench(
     """
     path = model_path(model)
     with status("benchmarking..."):
-        figures = measure(path, prompt_tokens, gen_tokens, memory_budget, threads, repeat, pin or (), stream.value, say, depth)
+        figures = measure(path, prompt_tokens, gen_tokens, memory_budget, threads, repeat, pin or (), stream.value, say, depth,
+                          kv_cache.value)
     figures = {"model": str(path), **figures}
     if json:
         print_json(figures)
@@ -71,6 +74,7 @@ def _rows(f: dict) -> list[tuple[str, str]]:
         ("prefill", f"{f['prefill_tok_s']:.1f} tok/s"),
         ("decode", f"{f['decode_tok_s']:.2f} tok/s over {f['gen_tokens']} tokens ({f['stream']} stream)"),
         ("read per generated token", f"{format_size(f['bytes_per_token'])}, {f['decode_gb_s']:.1f} GB/s while decoding"),
+        ("KV cache", f["kv_cache"]),
         ("peak RSS", format_size(f["peak_rss_bytes"])),
         ("expert cache hit rate", f"{f['expert_cache_hit_rate']:.1%}"),
         ("expert bytes read per token", format_size(f["expert_bytes_read_per_token"])),

@@ -12,7 +12,19 @@ from moe.runtime.errors import MoeError
 from moe.runtime.generate import DEFAULT_MAX_TOKENS, Generation, chat_ids, generate_ids
 
 from .common import err, open_model, text_argument
-from .options import MaxTokens, MemoryBudget, MinP, ModelOrDemo, Seed, Temperature, Threads, TopK, TopP
+from .options import (
+    KvCache,
+    KvCacheKind,
+    MaxTokens,
+    MemoryBudget,
+    MinP,
+    ModelOrDemo,
+    Seed,
+    Temperature,
+    Threads,
+    TopK,
+    TopP,
+)
 
 EXAMPLE = """Examples:
 
@@ -34,11 +46,12 @@ def chat(
     seed: Seed = None,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
+    kv_cache: KvCache = KvCacheKind.auto,
     stats: Annotated[bool, typer.Option("--stats", help="After each answer, print its token counts and speed on stderr.")] = False,
 ) -> None:
     """Talk with a model in the terminal; each turn runs only the tokens the conversation has not run yet."""
     system = text_argument(system, "--system")
-    loaded, _ = open_model(model, memory_budget, threads)
+    loaded, _ = open_model(model, memory_budget, threads, kv_cache=kv_cache.value)
     name = loaded.layout.folder.name
     if not loaded.tokenizer.chat_template:
         raise MoeError(f"{name} has no chat template, so it cannot chat; `moe run` continues text instead")

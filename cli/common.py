@@ -39,13 +39,15 @@ def model_path(spec: str | None) -> Path | str:
 
 
 def open_model(spec: str | None, memory_budget: int | None = None, threads: int | None = None,
-               pin: Path | None = None):
-    """(model, seconds it took to load). `pin`: a profile whose hottest experts stay resident under a budget."""
+               pin: Path | None = None, kv_cache: str = "auto"):
+    """(model, seconds it took to load). `pin`: a profile whose hottest experts stay resident under a budget;
+    kv_cache: how the KV cache holds keys and values (load_model)."""
     from moe.runtime.model import load_model
 
     start = time.perf_counter()
     with status("loading the model..."):
-        model = load_model(model_path(spec), memory_budget=memory_budget, threads=threads, pin=pin or ())
+        model = load_model(model_path(spec), memory_budget=memory_budget, threads=threads, pin=pin or (),
+                           kv_cache=kv_cache)
     say(model.memory.notes)
     return model, time.perf_counter() - start
 

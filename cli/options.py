@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from moe.runtime.errors import MoeError
+from moe.runtime.layout import KV_CACHE_KINDS
 from moe.runtime.units import parse_size
 
 
@@ -28,6 +30,11 @@ MemoryBudget = Annotated[int | None, typer.Option(
     help="Most RAM the expert cache may hold, e.g. 2GB, 512MiB, 1.5G; default: no limit (experts mapped).")]
 Threads = Annotated[int | None, typer.Option(
     "--threads", "-t", min=1, show_default=False, help="Worker threads for the kernels; default: all cores (the performance cores on Apple silicon).")]
+KvCacheKind = Enum("KvCacheKind", {name: name for name in ("auto", *KV_CACHE_KINDS)}, type=str)
+KvCache = Annotated[KvCacheKind, typer.Option(
+    "--kv-cache", help="How the KV cache holds keys and values: auto (bf16 for a 4-bit model, f32 for a 16-bit one, "
+                       "which keeps its logits transformers'), f32, bf16, or q8 (int8 and a scale per row: half of "
+                       "bf16's memory and attention reads at long context, not exact).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
 # sampling, as `run` and `chat` take it (`serve` takes the same fields in each request)
 MaxTokens = Annotated[int, typer.Option(min=0, help="Most tokens to generate.")]

@@ -9,7 +9,7 @@ import typer
 from rich.progress import Progress
 
 from .common import err, open_model, print_json, read_text
-from .options import Json, MemoryBudget, ModelArg, Pin, Threads
+from .options import Json, KvCache, KvCacheKind, MemoryBudget, ModelArg, Pin, Threads
 
 EXAMPLE = """Examples:
 
@@ -26,6 +26,7 @@ def perplexity(
     max_tokens: Annotated[int | None, typer.Option(min=2, show_default=False, help="Use only the first N tokens of the file.")] = None,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
+    kv_cache: KvCache = KvCacheKind.auto,
     pin: Pin = None,
     json: Json = False,
 ) -> None:
@@ -33,7 +34,7 @@ def perplexity(
     from moe.runtime.perplexity import perplexity as measure
 
     text = read_text(file)
-    loaded, _ = open_model(model, memory_budget, threads, pin)
+    loaded, _ = open_model(model, memory_budget, threads, pin, kv_cache.value)
     ids = loaded.tokenizer.encode(text, add_bos=False)[:max_tokens]
     with Progress(console=err, disable=not err.is_terminal, transient=True) as bar:
         task = bar.add_task("scoring windows", total=None)

@@ -17,6 +17,8 @@ from moe.runtime.units import format_size
 from .common import err, open_model, print_json, read_stdin, text_argument
 from .options import (
     Json,
+    KvCache,
+    KvCacheKind,
     MaxTokens,
     MemoryBudget,
     MinP,
@@ -55,6 +57,7 @@ def run(
     system: Annotated[str | None, typer.Option(help="System message for --chat.", show_default=False)] = None,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
+    kv_cache: KvCache = KvCacheKind.auto,
     pin: Pin = None,
     json: Json = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print speed and expert-cache figures on stderr.")] = False,
@@ -72,7 +75,7 @@ def run(
     prompt = _read_stdin() if prompt == "-" else text_argument(prompt, "PROMPT")
     system = text_argument(system, "--system")
     stop = [text_argument(s, "--stop") for s in stop or []]
-    loaded, load_s = open_model(model, memory_budget, threads, pin)
+    loaded, load_s = open_model(model, memory_budget, threads, pin, kv_cache.value)
     generation = generate(
         loaded, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
         stop=[_unescape(s) for s in stop], chat=chat, system=system)

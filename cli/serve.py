@@ -11,7 +11,7 @@ import typer
 from moe.runtime.errors import MoeError
 
 from .common import err, open_model
-from .options import MemoryBudget, ModelOrDemo, Threads
+from .options import KvCache, KvCacheKind, MemoryBudget, ModelOrDemo, Threads
 
 EXAMPLE = """Examples:
 
@@ -30,6 +30,7 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on; 0 picks a free one.")] = 8080,
     memory_budget: MemoryBudget = None,
     threads: Threads = None,
+    kv_cache: KvCache = KvCacheKind.auto,
 ) -> None:
     """Serve a model with OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models and /health.
 
@@ -41,7 +42,7 @@ def serve(
 
     listener = _bind(host, port)  # before the model loads, so a busy port is said at once
     with listener:
-        loaded, _ = open_model(model, memory_budget, threads)
+        loaded, _ = open_model(model, memory_budget, threads, kv_cache=kv_cache.value)
         try:
             name = loaded.layout.folder.name
             app = Api(loaded, name).app()

@@ -38,9 +38,10 @@ STREAMS = ("random", "greedy")
 
 
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=None, threads: int | None = None,
-          repeat: int = 3, pin=(), stream: str = "random", say=None, depth: int = 0) -> dict:
+          repeat: int = 3, pin=(), stream: str = "random", say=None, depth: int = 0, kv_cache: str = "auto") -> dict:
     """Measure the model at `path` (a folder or converted name); figures as the module says.
-    `pin`: (layer, expert) pairs, hottest first, or a profile file, kept resident under a budget (see load_model);
+    `pin`: (layer, expert) pairs, hottest first, or a profile file, kept resident under a budget, and kv_cache, how
+    the KV cache holds keys and values (see load_model);
     `say` is given the timed load's memory notes (model.memory.notes)."""
     from .model import load_model
 
@@ -56,10 +57,11 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
     compile_s = 0.0
     if kernels.cache_is_cold():
         start = time.perf_counter()
-        load_model(path, memory_budget=memory_budget, threads=threads, max_context=context).close()
+        load_model(path, memory_budget=memory_budget, threads=threads, max_context=context, kv_cache=kv_cache).close()
         compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    model = load_model(path, memory_budget=memory_budget, threads=threads, max_context=context, pin=pin)
+    model = load_model(path, memory_budget=memory_budget, threads=threads, max_context=context, pin=pin,
+                       kv_cache=kv_cache)
     load_s = time.perf_counter() - start
     if say is not None:
         say(model.memory.notes)
@@ -77,6 +79,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
 
     runs = [_one_run(model, filler, ids, gen_tokens, fed) for _ in range(repeat)]
     touched = bytes_per_token(model.layout)
+    kv = model.kv_cache
     budget = model.memory.budget  # the one asked for, or the one chosen when the model does not fit; None: mapped
     model.close()
     figures = {key: None if any(run[key] is None for run in runs) else statistics.median(run[key] for run in runs)
@@ -98,6 +101,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, memory_budget=No
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "stream": stream,
+        "kv_cache": kv,
         "repeat": repeat,
         "threads": _threads(),
         "memory_budget_bytes": budget,

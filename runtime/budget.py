@@ -45,7 +45,7 @@ class Memory:
 
 
 def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | None = None, pin=(),
-           max_context: int = 0) -> Memory:
+           max_context: int = 0, kv_dtype: np.dtype | None = None) -> Memory:
     """How `layout`'s experts are held. budget: bytes or text such as "2GB"; None chooses one only when the model
     does not fit in available RAM beside the KV cache of max_context positions and the runtime. prefetch: True, False, or None: measured, when misses come from disk.
     pin: (layer, expert) pairs, hottest first, or a profile file (`moe profile -o`) whose hottest pairs are read
@@ -53,7 +53,7 @@ def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | Non
     sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
     available = available_ram()
     notes = []
-    kv = kv_cache_bytes(layout.config, max_context, layout.kv_cache_dtype)
+    kv = kv_cache_bytes(layout.config, max_context, kv_dtype or layout.kv_cache_dtype())
     if budget is None:
         budget = _automatic(layout, sizes, kv, available)
         if budget is not None:
@@ -94,10 +94,11 @@ def misses_from_disk(experts_bytes: int, resident_bytes: int, budget: int, avail
 
 def kv_cache_bytes(cfg, context: int, dtype: np.dtype) -> int:
     """Keys and values (or latents) of every attention layer for `context` tokens, as `dtype` (see
-    layout.kv_cache_dtype; its pages are committed as positions fill), and the f32 recurrent states of the linear
-    attention layers."""
+    layout.kv_cache_dtype; int8 codes with a float32 scale per row; its pages are committed as positions fill), and
+    the f32 recurrent states of the linear attention layers."""
     linear = len(cfg.linear_layers())
-    attention = (cfg.num_layers - linear) * cfg.kv_cache_width * context * dtype.itemsize
+    row_scales = cfg.kv_cache_rows * 4 if dtype == np.int8 else 0
+    attention = (cfg.num_layers - linear) * (cfg.kv_cache_width * dtype.itemsize + row_scales) * context
     return attention + linear * cfg.recurrent_state_width * 4
 
 

@@ -251,6 +251,12 @@ class ModelConfig:
         return self.kv_lora_rank + self.head_dim if self.attention_kind == "mla" else 2 * self.kv_dim
 
     @property
+    def kv_cache_rows(self) -> int:
+        """Rows cached per position and layer (a q8 cache keeps a scale for each): one latent row, or a k and a v row
+        per kv head."""
+        return 1 if self.attention_kind == "mla" else 2 * self.num_kv_heads
+
+    @property
     def q_dim(self) -> int:
         return self.num_heads * self.head_dim
 

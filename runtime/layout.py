@@ -116,11 +116,20 @@ def crc32_each(buffers: list) -> list[int]:
         return list(pool.map(crc32, buffers))
 
 
-def kv_cache_dtype(encodings) -> np.dtype:
-    """How the KV cache holds keys and values, given the encodings of the model's non-expert tensors: as bfloat16
-    bits (uint16) when they are quantized, which halves the bytes attention reads per token at the precision Hub
-    models run in; as float32 when they are 16-bit, so that such a model's logits stay transformers' in float32."""
-    return np.dtype(np.uint16) if any(e in QUANT_BITS for e in encodings) else np.dtype(np.float32)
+# The KV cache's forms (`--kv-cache`): float32; bfloat16 bits; q8, int8 codes with a float32 scale per row.
+KV_CACHE_KINDS = {"f32": np.dtype(np.float32), "bf16": np.dtype(np.uint16), "q8": np.dtype(np.int8)}
+
+
+def kv_cache_dtype(encodings, kind: str = "auto") -> np.dtype:
+    """How the KV cache holds keys and values: as `kind` says (KV_CACHE_KINDS), or for "auto" from the encodings of
+    the model's non-expert tensors: as bfloat16 bits when they are quantized, which halves the bytes attention reads
+    per token at the precision Hub models run in; as float32 when they are 16-bit, so that such a model's logits
+    stay transformers' in float32."""
+    if kind != "auto":
+        if kind not in KV_CACHE_KINDS:
+            raise MoeError(f"unknown KV cache {kind!r}; choose auto, {', '.join(KV_CACHE_KINDS)}")
+        return KV_CACHE_KINDS[kind]
+    return KV_CACHE_KINDS["bf16" if any(e in QUANT_BITS for e in encodings) else "f32"]
 
 
 @dataclass
@@ -137,9 +146,8 @@ class Layout:
     def has(self, name: str) -> bool:
         return name in self.manifest["tensors"]
 
-    @property
-    def kv_cache_dtype(self) -> np.dtype:
-        return kv_cache_dtype(e["encoding"] for e in self.manifest["tensors"].values())
+    def kv_cache_dtype(self, kind: str = "auto") -> np.dtype:
+        return kv_cache_dtype((e["encoding"] for e in self.manifest["tensors"].values()), kind)
 
     def entry(self, name: str) -> dict:
         try:

@@ -38,7 +38,7 @@ from .kernels.routing import (
     softmax_topk,
     topk_softmax,
 )
-from .layout import MANIFEST, MODEL_FILE, Layout, Packed, open_layout
+from .layout import KV_CACHE_KINDS, MANIFEST, MODEL_FILE, Layout, Packed, open_layout
 from .machine import peak_rss, use_threads
 from .paging import PagedExperts
 
@@ -206,7 +206,8 @@ def _view(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 class Model:
     """A converted model with its KV cache (and recurrent states). `forward` is the one entry; the rest wraps it."""
 
-    def __init__(self, layout: Layout, experts: ExpertStore, memory: Memory, max_context: int):
+    def __init__(self, layout: Layout, experts: ExpertStore, memory: Memory, max_context: int,
+                 kv_dtype: np.dtype | None = None):
         self.layout = layout
         self.config = cfg = layout.config
         self.experts = experts
@@ -225,13 +226,14 @@ class Model:
             self._offset_norms(cfg.norm_offset)
         freq, attention_factor = rope.inv_freq(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings)
         self._cos, self._sin = rope.tables(freq, attention_factor, max_context)  # (P, rotary_dim/2)
-        kv_dtype = layout.kv_cache_dtype
-        if cfg.attention_kind == "mla":  # one row per position, the keys; its latent part is also the values
-            self._k = self._v = _lazy_zeros((cfg.num_layers, 1, max_context, cfg.kv_cache_width), kv_dtype)
-        else:
-            kv_shape = (cfg.num_layers, cfg.num_kv_heads, max_context, cfg.head_dim)
-            self._k = _lazy_zeros(kv_shape, kv_dtype)  # pages are committed only as positions fill
-            self._v = _lazy_zeros(kv_shape, kv_dtype)
+        self.kv_dtype = kv_dtype = kv_dtype or layout.kv_cache_dtype()
+        mla = cfg.attention_kind == "mla"  # one row per position, the keys; its latent part is also the values
+        heads, width = (1, cfg.kv_cache_width) if mla else (cfg.num_kv_heads, cfg.head_dim)
+        rows, scaled = (cfg.num_layers, heads, max_context), kv_dtype == np.int8
+        self._k = _lazy_zeros((*rows, width), kv_dtype)  # pages are committed only as positions fill
+        self._v = self._k if mla else _lazy_zeros((*rows, width), kv_dtype)
+        self._ks = _lazy_zeros(rows if scaled else (cfg.num_layers, heads, 0))  # q8: each row's scale
+        self._vs = self._ks if mla else _lazy_zeros(rows if scaled else (cfg.num_layers, heads, 0))
         linear_layers = cfg.linear_layers()
         self._state_of = {i: n for n, i in enumerate(linear_layers)}  # layer -> its recurrent state's index
         self._conv_state = np.zeros((len(linear_layers), max(cfg.linear_conv_kernel - 1, 0), cfg.linear_conv_dim), F32)
@@ -257,6 +259,11 @@ class Model:
         self._prefill: _Buffers | None = None
 
     # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def kv_cache(self) -> str:
+        """How the KV cache holds keys and values: f32, bf16 or q8 (layout.KV_CACHE_KINDS)."""
+        return next(kind for kind, dtype in KV_CACHE_KINDS.items() if dtype == self.kv_dtype)
 
     @property
     def tokenizer(self):
@@ -442,12 +449,13 @@ class Model:
         if spec.attn_temperature:
             temperature(bufs.q, pos0, cfg.attn_scale, cfg.floor_scale)
         k_cache, v_cache = self._k[i], self._v[i]  # (nkv, P, hd)
-        cache_rows(bufs.k, k_cache, pos0)
-        cache_rows(bufs.v, v_cache, pos0)
+        cache_rows(bufs.k, k_cache, pos0, self._ks[i])
+        cache_rows(bufs.v, v_cache, pos0, self._vs[i])
         window = spec.window if spec.attention == "sliding" else 0
         chunk = spec.window if spec.attention == "chunked" else 0
         sinks = self._no_sinks if layer.sinks is None else layer.sinks
-        attend(bufs.q, k_cache, v_cache, pos0, cfg.softmax_scale, window, chunk, sinks, layer.sinks is not None, bufs.attn)
+        attend(bufs.q, k_cache, v_cache, pos0, cfg.softmax_scale, window, chunk, sinks, layer.sinks is not None,
+               bufs.attn, self._ks[i], self._vs[i])
         if cfg.attn_output_gate:
             bufs.attn *= 1.0 / (1.0 + np.exp(-bufs.gate))
         linear(layer.o, bufs.attn.reshape(bufs.T, -1), bufs.y, self._scratch)
@@ -473,9 +481,9 @@ class Model:
         rope.rotate(k_rope, pos0, self._cos, self._sin, cfg.rope.interleaved)
         per_head(m.q[:, :, :nope], layer.absorb_q, m.q_abs[:, :, :r])
         m.q_abs[:, :, r:] = m.q[:, :, nope:]
-        cache = self._k[i]  # (1, P, r + rope)
-        cache_rows(m.kv_a[:, None], cache, pos0)
-        attend(m.q_abs, cache, cache, pos0, cfg.softmax_scale, 0, 0, self._no_sinks, False, m.attn_lat)
+        cache, scales = self._k[i], self._ks[i]  # (1, P, r + rope), (1, P)
+        cache_rows(m.kv_a[:, None], cache, pos0, scales)
+        attend(m.q_abs, cache, cache, pos0, cfg.softmax_scale, 0, 0, self._no_sinks, False, m.attn_lat, scales, scales)
         per_head(m.attn_lat[:, :, :r], layer.absorb_o, m.attn)
         linear(layer.o, m.attn.reshape(bufs.T, -1), bufs.y, scratch)
 
@@ -588,7 +596,7 @@ class Model:
 
 
 def load_model(path, memory_budget=None, threads: int | None = None, max_context: int | None = None,
-               cache_policy: str = "next", prefetch: bool | None = None, pin=()) -> Model:
+               cache_policy: str = "next", prefetch: bool | None = None, pin=(), kv_cache: str = "auto") -> Model:
     """Open a converted model (a folder, or a name or Hub id converted before) and map its files; copies no expert.
 
     memory_budget (bytes or text such as "2GB") bounds the expert cache: experts are then paged
@@ -597,7 +605,9 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
     are held, with prefetch (True, False, or None for when misses come from disk) and `pin` (pairs or a profile
     file), is budget.decide's decision, kept as `model.memory` with the lines to tell the user (its notes:
     load_model prints nothing). threads sets numba's thread
-    count (default: machine.default_threads()); max_context sizes the KV cache (default: the model's, at most 4096).
+    count (default: machine.default_threads()); max_context sizes the KV cache (default: the model's, at most 4096)
+    and kv_cache says how it holds keys and values: "auto" (bfloat16 for a quantized model, float32 for a 16-bit
+    one), "f32", "bf16" or "q8" (int8 codes and a scale per row: half bfloat16's bytes, not exact).
     Every tensor is checked against its CRC-32 before first use: the non-expert ones here, each expert
     the first time it is chosen (a mismatch: MoeError, exit 1).
     """
@@ -613,7 +623,8 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
         max_context = min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     elif not 1 <= max_context <= cfg.max_position_embeddings:
         raise MoeError(f"max_context {max_context} must be between 1 and the model's {cfg.max_position_embeddings}")
-    memory = decide(layout, memory_budget, prefetch, pin, max_context)
+    kv_dtype = layout.kv_cache_dtype(kv_cache)
+    memory = decide(layout, memory_budget, prefetch, pin, max_context, kv_dtype)
     if memory.hold_weights:
         layout.hold(MODEL_FILE)
     layout.check_tensors()  # every non-expert tensor is used by the first token; experts as they are first chosen
@@ -622,7 +633,7 @@ def load_model(path, memory_budget=None, threads: int | None = None, max_context
                                             memory.uncached)
     else:
         experts = MappedExperts(layout)
-    model = Model(layout, experts, memory, max_context)
+    model = Model(layout, experts, memory, max_context, kv_dtype)
     if kernels.cache_is_cold():
         kernels.announce_compiling()
         _warm_up(model)

@@ -34,6 +34,7 @@ class ScriptedModel:
         self.stats = {"hits": 0, "misses": 0, "bytes_read": 0}
         self.memory = Memory(None, False, False, False, (), ())  # every expert mapped, nothing to say
         self.layout = None  # no files behind it: what reads the layout is replaced in the tests that load this
+        self.kv_cache = "bf16"
         self.closed = False
 
     def reset(self, pos: int = 0) -> None:

@@ -194,16 +194,17 @@ def bench_with(monkeypatch, load) -> None:
 def test_bench_json(capsys, monkeypatch):
     loaded = []
 
-    def fake_load(path, memory_budget=None, threads=None, max_context=None, pin=()):
-        loaded.append((path, memory_budget, threads, max_context))
+    def fake_load(path, memory_budget=None, threads=None, max_context=None, pin=(), kv_cache="auto"):
+        loaded.append((path, memory_budget, threads, max_context, kv_cache))
         return ScriptedModel("word " * 200, eos=False)
 
     bench_with(monkeypatch, fake_load)
     code, out, err = moe_cli(capsys, "bench", "--json", "--prompt-tokens", "16", "--gen-tokens", "8", "--repeat", "2",
-                             "--memory-budget", "1MB")
+                             "--memory-budget", "1MB", "--kv-cache", "q8")
     result = json.loads(out)
     assert code == 0 and err == ""
-    assert loaded == [("demo", 10**6, None, 24)]  # the KV cache sized for the prompt and the tokens decoded
+    assert loaded == [("demo", 10**6, None, 24, "q8")]  # the KV cache sized for the prompt and the tokens decoded
+    assert result["kv_cache"] == "bf16"  # what the loaded model says it holds
     for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "expert_cache_hit_rate",
                 "expert_bytes_read_per_token", "disk_bytes_read_per_token", "compile_s", "warmup_s"):
         assert key in result
@@ -213,6 +214,8 @@ def test_bench_json(capsys, monkeypatch):
     assert result["decode_gb_s"] == pytest.approx(10**6 * result["decode_tok_s"] / 1e9, abs=2e-3)
     code, out, _ = moe_cli(capsys, "bench", "--prompt-tokens", "600", "--gen-tokens", "8")
     assert code == 2 and out == ""
+    code, out, err = moe_cli(capsys, "bench", "--kv-cache", "q4")
+    assert code == 2 and out == "" and "--kv-cache" in err
 
 
 @pytest.mark.parametrize("stream", ["random", "greedy"])
@@ -254,7 +257,7 @@ def test_bench_depth_fills_context_before_the_timed_prompt(capsys, monkeypatch):
             calls.append("reset")
             return super().reset(pos)
 
-    def fake_load(path, memory_budget=None, threads=None, max_context=None, pin=()):
+    def fake_load(path, memory_budget=None, threads=None, max_context=None, pin=(), kv_cache="auto"):
         loaded.append(max_context)
         return Recording("word " * 200, eos=False)
 

@@ -76,6 +76,8 @@ def test_float_sums_in_their_written_order(n):
     bf16 = (a.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 bits read as their values
     widened = (bf16.astype(np.uint32) << 16).view(np.float32)
     assert bits(float_sums(bf16, *xs)[0]) == bits(float_sums(widened, *xs)[0])
+    codes = np.clip(np.rint(a * 40), -127, 127).astype(np.int8)  # int8 codes (the q8 KV cache) read as their values
+    assert bits(float_sums(codes, *xs)[0]) == bits(float_sums(codes.astype(np.float32), *xs)[0])
 
 
 @njit(**FLAGS)
@@ -108,6 +110,11 @@ def test_axpy_rows_has_the_bits_of_the_plain_loop(width, n):
     axpy_call(from_bits, w, bf16, 5, n)
     axpy_call(from_values, w, widened, 5, n)
     np.testing.assert_array_equal(from_bits.view(np.uint32), from_values.view(np.uint32))
+    codes = np.clip(np.rint(rows * 40), -127, 127).astype(np.int8)  # int8 codes (the q8 KV cache)
+    from_codes, from_values = acc.copy(), acc.copy()
+    axpy_call(from_codes, w, codes, 5, n)
+    axpy_call(from_values, w, codes.astype(np.float32), 5, n)
+    np.testing.assert_array_equal(from_codes.view(np.uint32), from_values.view(np.uint32))
 
 
 # -- exp -----------------------------------------------------------------------------------------
@@ -276,18 +283,57 @@ def test_attend(pos0, T, window, chunk, with_sinks):
     np.testing.assert_allclose(out, naive_attend(q, k, v, pos0, hd**-0.5, window, chunk, sinks), rtol=1e-4, atol=1e-5)
 
 
+def q8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (nkv, P, hd) as a q8 cache holds it, in numpy: int8 codes and each row's scale."""
+    top = np.abs(x).max(axis=2)
+    inv = np.divide(np.float32(127), top, out=np.zeros_like(top), where=top > 0)
+    return np.rint(x * inv[..., None]).clip(-127, 127).astype(np.int8), top / np.float32(127)
+
+
 @pytest.mark.parametrize("T,nkv", [(1, 1), (3, 1), (1, 2)])
-def test_attend_in_parts_keeps_the_bits(T, nkv):
+@pytest.mark.parametrize("q8", [False, True])
+def test_attend_in_parts_keeps_the_bits(T, nkv, q8):
     """Query heads split across threads (decode; latent attention's one kv head): each head's sums as when whole."""
     nh, hd, pos0 = 7 * nkv, 24, 150  # 7 heads a kv head: parts of 3 leave one of 1
     q, k, v, sinks = randn(T, nh, hd), randn(nkv, pos0 + T, hd), randn(nkv, pos0 + T, hd), randn(nh)
+    ks = vs = np.zeros((nkv, 0), np.float32)
+    if q8:
+        (k, ks), (v, vs) = q8_rows(k), q8_rows(v)
+    want = naive_attend(q, k * ks[..., None], v * vs[..., None], pos0, hd**-0.5, 0, 0, sinks) if q8 else \
+        naive_attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks)
     whole = np.zeros_like(q)
-    _attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks, True, 7, whole)
-    np.testing.assert_allclose(whole, naive_attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks), rtol=1e-4, atol=1e-5)
+    _attend(q, k, v, ks, vs, pos0, hd**-0.5, 0, 0, sinks, True, 7, whole)
+    np.testing.assert_allclose(whole, want, rtol=1e-4, atol=1e-5)
     for size in (1, 2, 3, 6):
         parts = np.zeros_like(q)
-        _attend(q, k, v, pos0, hd**-0.5, 0, 0, sinks, True, size, parts)
+        _attend(q, k, v, ks, vs, pos0, hd**-0.5, 0, 0, sinks, True, size, parts)
         np.testing.assert_array_equal(parts, whole, err_msg=f"parts of {size}")
+
+
+def test_q8_cache_rounds_each_row_to_its_own_scale_and_attends_as_its_values():
+    """A q8 KV cache holds int8 codes x / s rounded to nearest, s = max |x| / 127 for each row (a row of zeros: codes
+    and scale 0), and attention over it is attention over codes * s; its error stays within a row's half step."""
+    T, nkv, hd, P, nh = 5, 2, 16, 12, 4
+    k, v = randn(T, nkv, hd) * 3, randn(T, nkv, hd)
+    k[2, 1] = 0.0
+    k8, v8 = np.zeros((nkv, P, hd), np.int8), np.zeros((nkv, P, hd), np.int8)
+    ks, vs = np.zeros((nkv, P), np.float32), np.zeros((nkv, P), np.float32)
+    for codes, scales, x in ((k8, ks, k), (v8, vs, v)):
+        cache_rows(x, codes, 3, scales)
+        want_codes, want_scales = q8_rows(x.transpose(1, 0, 2))
+        np.testing.assert_array_equal(codes[:, 3:8], want_codes)
+        np.testing.assert_array_equal(scales[:, 3:8], want_scales)
+        assert np.all(np.abs(codes[:, 3:8]).max(axis=2)[want_scales > 0] == 127)
+        got = codes[:, 3:8] * scales[:, 3:8, None]
+        assert np.all(np.abs(got - x.transpose(1, 0, 2)) <= scales[:, 3:8, None] * 0.5 * (1 + 1e-5))
+    assert not k8[1, 5].any() and ks[1, 5] == 0
+    q = randn(2, nh, hd)
+    out = np.zeros_like(q)
+    attend(q, k8, v8, 6, hd**-0.5, 0, 0, np.zeros(nh, np.float32), False, out, ks, vs)
+    want = naive_attend(q, k8 * ks[..., None], v8 * vs[..., None], 6, hd**-0.5, 0, 0, None)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="attend: the rows' scales"):
+        attend(q, k8, v8, 6, hd**-0.5, 0, 0, np.zeros(nh, np.float32), False, out, ks[:, :8], vs)
 
 
 def bf16_nearest(x: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from moe.convert import convert
 from moe.runtime import kernels
+from moe.runtime.budget import kv_cache_bytes
 from moe.runtime.errors import MoeError
 from moe.runtime.experts import ExpertStore, MappedExperts, weights_in
 from moe.runtime.layout import EXPERTS_FILE
@@ -95,8 +96,24 @@ def test_prefill_in_pieces_equals_one_prefill(folders):
     np.testing.assert_allclose(model.forward(IDS[7:]), want[7:], rtol=1e-5, atol=1e-5)
 
 
-def test_decode_allocates_nothing(folders):
-    model = load_model(folders["olmoe"])
+@pytest.mark.parametrize("kv_cache,dtype", [("auto", np.uint16), ("f32", np.float32), ("bf16", np.uint16),
+                                             ("q8", np.int8)])
+def test_kv_cache_forms_hold_what_their_bytes_say(folders, kv_cache, dtype):
+    """A 4-bit model's cache is bfloat16 unless asked otherwise; q8 keeps int8 codes and a float32 scale per row,
+    and the budget counts those bytes."""
+    model = load_model(folders["olmoe"], max_context=64, kv_cache=kv_cache)
+    cfg = model.config
+    assert model.kv_cache == {"auto": "bf16"}.get(kv_cache, kv_cache) and model._k.dtype == dtype
+    scales = model._ks.nbytes + (model._vs.nbytes if model._vs is not model._ks else 0)
+    assert scales == (cfg.num_layers * cfg.kv_cache_rows * 64 * 4 if kv_cache == "q8" else 0)
+    assert kv_cache_bytes(cfg, 64, np.dtype(dtype)) == model._k.nbytes + model._v.nbytes + scales
+    model.forward(IDS[:5])
+    assert model._k[:, :, :5].any() and not model._k[:, :, 5:].any()
+
+
+@pytest.mark.parametrize("kv_cache", ["bf16", "q8"])
+def test_decode_allocates_nothing(folders, kv_cache):
+    model = load_model(folders["olmoe"], kv_cache=kv_cache)
     model.forward(IDS[:4])
     token = IDS[4:5]
     model.forward(token, last_only=True)  # first decode: buffers exist, kernels are loaded
@@ -140,7 +157,7 @@ def test_bad_token_ids_are_usage_errors(folders, ids):
     assert e.value.exit_code == 2
 
 
-@pytest.mark.parametrize("option", [dict(threads=0), dict(threads=10**6), dict(max_context=0)])
+@pytest.mark.parametrize("option", [dict(threads=0), dict(threads=10**6), dict(max_context=0), dict(kv_cache="q4")])
 def test_bad_options_are_usage_errors(folders, option):
     with pytest.raises(MoeError) as e:
         load_model(folders["olmoe"], **option)

@@ -373,7 +373,7 @@ def test_automatic_budget_leaves_room_for_the_weights_the_kv_cache_and_the_runti
     path = converted["qwen3_moe"]
     layout = load_model(path).layout
     files = {name: f["size"] for name, f in layout.manifest["files"].items()}
-    kv = moe.runtime.budget.kv_cache_bytes(layout.config, 64, layout.kv_cache_dtype)
+    kv = moe.runtime.budget.kv_cache_bytes(layout.config, 64, layout.kv_cache_dtype())
     assert kv == layout.config.num_layers * 64 * layout.config.kv_cache_width * 2  # bfloat16: a 4-bit model
     fits = sum(files.values()) + kv + moe.runtime.budget.RUNTIME_RESERVE
     monkeypatch.setattr(moe.runtime.budget, "available_ram", lambda: fits)

@@ -9,6 +9,10 @@ softmax, so nothing grows with the context), and exponentials in a loop LLVM vec
 exponentials go through simd's float sums, whose order is written out (so the bits do not depend on how the
 kernel was compiled): four keys per call where a block has them. A block's values are added into each head's
 output by simd.axpy_rows, which holds a pass of output columns in registers over all the block's rows.
+
+A cache holds float32 rows, bfloat16 bits, or int8 codes with a float32 scale per row (q8: absmax / 127, rounded
+to nearest): a key's score is then its codes' dot product times its scale, and a value row's weight carries its
+scale, so the codes are read as they are stored.
 """
 
 from __future__ import annotations
@@ -26,29 +30,34 @@ from .simd import axpy_rows, dot1, lane_sum, row_dots
 BLOCK = 64
 
 
-def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, out):
+def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, out, k_scales=None, v_scales=None):
     """out (T, nh, hd) = softmax(q k^T * scale) v for q (T, nh, hd) at positions pos0 .. pos0+T-1.
 
-    k_cache, v_cache (nkv, P, hd), float32 or bfloat16 bits (cache_rows), already hold keys and values up to
-    position pos0+T-1. Query head h reads kv head h // (nh / nkv). Token i sees j <= i, and also i - j < window when
+    k_cache, v_cache (nkv, P, hd), float32, bfloat16 bits or int8 codes (cache_rows), already hold keys and values up
+    to position pos0+T-1; the codes with their rows' scales k_scales, v_scales (nkv, P). Query head h reads kv head h // (nh / nkv). Token i sees j <= i, and also i - j < window when
     window > 0 (sliding), and i // chunk == j // chunk when chunk > 0 (chunked). With use_sinks,
     sinks[h] joins each row of scores as one more logit whose probability is then dropped.
     """
     pairs = max(1, q.shape[0] * k_cache.shape[0])  # (token, kv head)
     group = q.shape[1] // k_cache.shape[0]
     size = -(-group // min(group, -(-get_num_threads() // pairs)))  # a part's query heads: a part for each thread
-    _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, size, out)
+    if k_scales is None:
+        k_scales = v_scales = np.zeros((k_cache.shape[0], 0), np.float32)
+    _attend(q, k_cache, v_cache, k_scales, v_scales, pos0, scale, window, chunk, sinks, use_sinks, size, out)
 
 
 @njit(**PARALLEL)
-def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, size, out):
+def _attend(q, k_cache, v_cache, k_scales, v_scales, pos0, scale, window, chunk, sinks, use_sinks, size, out):
     """attend, each (token, kv head)'s query heads in parts of `size` (numba's get_num_threads would keep the kernel
-    from its disk cache)."""
+    from its disk cache); scales of no position: the rows are their values."""
     T, nh, hd = q.shape
-    nkv = k_cache.shape[0]
+    nkv, P = k_cache.shape[0], k_cache.shape[1]
     # scores and values read raw pointers (simd.dot4, axpy_rows): caches that disagree with q must stop here
-    if k_cache.shape[2] != hd or v_cache.shape != k_cache.shape or pos0 + T > k_cache.shape[1] or nh % nkv:
+    if k_cache.shape[2] != hd or v_cache.shape != k_cache.shape or pos0 + T > P or nh % nkv:
         raise ValueError("attend: the caches must be [kv heads, positions >= pos0 + T, hd] for q [T, heads, hd]")
+    scaled = k_scales.shape[1] > 0
+    if scaled and (k_scales.shape != (nkv, P) or v_scales.shape != (nkv, P)):
+        raise ValueError("attend: the rows' scales must be [kv heads, positions] as the caches")
     if out.shape != q.shape:
         raise ValueError("attend: out must be shaped as q")
     group = nh // nkv
@@ -72,6 +81,7 @@ def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, s
             for d in range(hd):
                 qt[g, d] = q[t, h0 + g, d]
         p = np.empty((heads, BLOCK), np.float32)  # scores, then their exponentials
+        pv = np.empty(BLOCK, np.float32)  # a scaled block's exponentials times its value rows' scales
         m = np.full(heads, -np.inf, np.float32)  # running max per head
         total = np.zeros(heads, np.float32)  # running sum of exponentials per head
         acc = out[t, h0: h0 + heads]  # (heads, hd)
@@ -81,6 +91,9 @@ def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, s
             for g in range(heads):
                 block_max = m[g]
                 row_dots(qt[g], k_cache[kv], j0, n, p[g])
+                if scaled:
+                    for jj in range(n):
+                        p[g, jj] *= k_scales[kv, j0 + jj]
                 for jj in range(n):
                     p[g, jj] *= scale
                     block_max = max(block_max, p[g, jj])
@@ -92,7 +105,12 @@ def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, s
                     p[g, jj] = exp32(p[g, jj] - block_max)
                 total[g] = total[g] * c + lane_sum(p[g, :n])
             for g in range(heads):
-                axpy_rows(acc[g], p[g], v_cache[kv], j0, n)
+                if scaled:
+                    for jj in range(n):
+                        pv[jj] = p[g, jj] * v_scales[kv, j0 + jj]
+                    axpy_rows(acc[g], pv, v_cache[kv], j0, n)
+                else:
+                    axpy_rows(acc[g], p[g], v_cache[kv], j0, n)
         for g in range(heads):
             if use_sinks:
                 s = sinks[h0 + g]
@@ -108,11 +126,13 @@ def _attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, s
                 acc[g, d] *= inv
 
 
-def cache_rows(x, cache, pos0):
-    """cache[h, pos0 + t] = x[t, h] for x (T, n, d) f32 and cache (n, P, d): float32, or bfloat16 bits (uint16)
-    rounded to nearest."""
+def cache_rows(x, cache, pos0, scales=None):
+    """cache[h, pos0 + t] = x[t, h] for x (T, n, d) f32 and cache (n, P, d): float32, bfloat16 bits (uint16)
+    rounded to nearest, or int8 codes with each row's scale in scales (n, P) (q8)."""
     if cache.dtype == np.float32:
         cache[:, pos0: pos0 + x.shape[0]] = x.transpose(1, 0, 2)
+    elif cache.dtype == np.int8:
+        _cache_q8(x, cache, scales, pos0)
     else:
         _cache_bf16(x, cache, pos0)
 
@@ -125,6 +145,23 @@ def _cache_bf16(x, cache, pos0):
             row = cache[h, pos0 + t]
             for i in range(d):
                 row[i] = f32_to_bf16(x[t, h, i])
+
+
+@njit(**FLAGS)
+def _cache_q8(x, cache, scales, pos0):
+    """A row's codes round x / s to nearest for s = max |x| / 127, so the largest is +-127 (0 for a row of zeros)."""
+    T, n, d = x.shape
+    for h in range(n):
+        for t in range(T):
+            row = cache[h, pos0 + t]
+            top = np.float32(0.0)
+            for i in range(d):
+                top = max(top, abs(x[t, h, i]))
+            s = top / np.float32(127.0)
+            scales[h, pos0 + t] = s
+            inv = np.float32(127.0) / top if top > 0 else np.float32(0.0)
+            for i in range(d):
+                row[i] = np.int8(min(max(np.rint(x[t, h, i] * inv), -127.0), 127.0))
 
 
 @njit(**FLAGS)

@@ -906,33 +906,40 @@ def _abs8(builder, v):
 LANES = 16  # partial sums of a float dot product, side by side
 
 
+# How a row's elements are stored, and their bytes: float32; uint16 holding a bfloat16; int8, a code that a scale
+# kept elsewhere multiplies (the q8 KV cache's rows; the caller applies the scale).
+_ROW_ELEMENTS = {types.float32: (F32, 4), types.uint16: (I16, 2), types.int8: (I8, 1)}
+
+
 class _FloatRow(NamedTuple):
     data: ir.Value  # i8*
     length: ir.Value  # i64
-    elem: ir.Type  # as stored: float, or i16 holding a bfloat16
+    elem: ir.Type  # as stored (_ROW_ELEMENTS)
     size: int  # bytes per element
 
     def load(self, builder, at, lanes: int):
         """Elements at the i8* `at` as float32: a <lanes x float>, or one float for lanes 0."""
         ty = ir.VectorType(self.elem, lanes) if lanes else self.elem
         v = builder.load(builder.bitcast(at, ty.as_pointer()), align=1)
+        floats = ir.VectorType(F32, lanes) if lanes else F32
         if self.elem == F32:
             return v
+        if self.elem == I8:
+            return builder.sitofp(v, floats)
         wide = ir.VectorType(I32, lanes) if lanes else I32
         bits = builder.shl(builder.zext(v, wide), _splat(wide, 16) if lanes else ir.Constant(I32, 16))
-        return builder.bitcast(bits, ir.VectorType(F32, lanes) if lanes else F32)
+        return builder.bitcast(bits, floats)
 
 
 def _float_row(context, builder, aryty, value) -> _FloatRow:
     ary = context.make_array(aryty)(context, builder, value)
     length = cgutils.unpack_tuple(builder, ary.shape, 1)[0]
-    elem, size = (F32, 4) if aryty.dtype == types.float32 else (I16, 2)
-    return _FloatRow(builder.bitcast(ary.data, I8.as_pointer()), length, elem, size)
+    return _FloatRow(builder.bitcast(ary.data, I8.as_pointer()), length, *_ROW_ELEMENTS[aryty.dtype])
 
 
 def _float_rows(rows) -> bool:
     return all(isinstance(r, types.Array) and r.ndim == 1 and r.layout == "C"
-               and r.dtype in (types.float32, types.uint16) for r in rows)
+               and r.dtype in _ROW_ELEMENTS for r in rows)
 
 
 def _emit_lane_sums(context, builder, sig, args, products: bool):
@@ -974,7 +981,7 @@ def _emit_lane_sums(context, builder, sig, args, products: bool):
 # order is the same wherever the kernel is compiled, and each x's sum has the same bits from dot1 as from dot4.
 @intrinsic
 def lane_sum(typingctx, a):
-    """sum(a) of a 1-D row, float32 or uint16 (bfloat16 bits), in LANES lanes (_emit_lane_sums)."""
+    """sum(a) of a 1-D row, float32, uint16 (bfloat16 bits) or int8, in LANES lanes (_emit_lane_sums)."""
     if not _float_rows((a,)):
         return None
     return types.float32(a), lambda context, builder, sig, args: _emit_lane_sums(context, builder, sig, args, False)
@@ -982,7 +989,7 @@ def lane_sum(typingctx, a):
 
 @intrinsic
 def dot1(typingctx, a, x):
-    """a . x for 1-D rows, float32 or uint16 (bfloat16 bits), x at least as long as a (_emit_lane_sums)."""
+    """a . x for 1-D rows, float32, uint16 (bfloat16 bits) or int8, x at least as long as a (_emit_lane_sums)."""
     if not _float_rows((a, x)):
         return None
     return types.float32(a, x), lambda context, builder, sig, args: _emit_lane_sums(context, builder, sig, args, True)
@@ -1003,19 +1010,19 @@ AXPY_LANES, AXPY_VECTORS = 8, 8  # a pass of axpy_rows: columns per vector, and 
 @intrinsic
 def axpy_rows(typingctx, acc, w, rows, start, n):
     """acc[c] += w[j] * rows[start + j, c] for j < n, in that order for each column c (fused multiply-adds where the
-    target fuses): the bits of the plain loop. acc f32 1-D, w f32 1-D of at least n, rows f32 or uint16 (bfloat16
-    bits) 2-D C-contiguous, at least as wide as acc, with rows start .. start + n - 1 (the caller checks: raw
+    target fuses): the bits of the plain loop. acc f32 1-D, w f32 1-D of at least n, rows f32, uint16 (bfloat16
+    bits) or int8 2-D C-contiguous, at least as wide as acc, with rows start .. start + n - 1 (the caller checks: raw
     pointers). Columns go in passes of AXPY_VECTORS vectors held in registers over all n rows, so acc is read and
     written once per pass rather than once per row; then single vectors, then single columns."""
     if not (_float_rows((acc, w)) and acc.dtype == w.dtype == types.float32 and isinstance(rows, types.Array)
-            and rows.ndim == 2 and rows.layout == "C" and rows.dtype in (types.float32, types.uint16)):
+            and rows.ndim == 2 and rows.layout == "C" and rows.dtype in _ROW_ELEMENTS):
         return None
 
     def codegen(context, builder, sig, args):
         out, weights = (_float_row(context, builder, ty, v) for ty, v in zip(sig.args[:2], args[:2], strict=True))
         ary = context.make_array(sig.args[2])(context, builder, args[2])
         stride = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
-        elem, size = (F32, 4) if sig.args[2].dtype == types.float32 else (I16, 2)
+        elem, size = _ROW_ELEMENTS[sig.args[2].dtype]
         first = builder.gep(builder.bitcast(ary.data, I8.as_pointer()), [builder.mul(args[3], stride)])
         row = _FloatRow(first, out.length, elem, size)
 

@@ -6,7 +6,8 @@ Steps, each a child process timed with its own peak RSS (os.wait4):
      once per install, as llama.cpp's tools are built once), against llama.cpp's `convert_hf_to_gguf.py` (bf16) + `llama-quantize Q4_0`;
   3. `moe bench --json` against `llama-bench -o json`, same threads, on each of CASES: prefill of 64 and
      512 tokens, decode after 64 and after 1,024 tokens of context; alternately for --rounds rounds (a
-     shared machine's noise then falls on both); medians reported.
+     shared machine's noise then falls on both); medians reported. With --kv-cache q8, moe's 8-bit KV cache
+     against llama.cpp's (-ctk q8_0 -ctv q8_0, which its flash attention needs: -fa 1).
 
 llama.cpp is found through LLAMA_CPP (see lib/llamacpp.py and README.md here); it is never part of
 this repository.
@@ -59,13 +60,15 @@ def ours_and_peer(ours: Path, gguf4: Path, args, depth: int, prompt: int) -> dic
     """moe bench and llama-bench on the same case: prefill of `prompt` tokens after `depth` of context, and
     decode of --gen-tokens after depth + prompt (llama-bench's -d puts its tg test there)."""
     _, _, out = run(["moe", "bench", str(ours), "--json", "--threads", str(args.threads), "--depth", str(depth),
-                     "--prompt-tokens", str(prompt), "--gen-tokens", str(args.gen_tokens)], capture=True)
+                     "--prompt-tokens", str(prompt), "--gen-tokens", str(args.gen_tokens), "--kv-cache", args.kv_cache],
+                    capture=True)
     moe = json.loads(out)
     peer = {}
+    kv = ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "1"] if args.kv_cache == "q8" else []
     for test, flags in (("prefill_tok_s", ["-p", str(prompt), "-n", "0", "-d", str(depth)]),
                         ("decode_tok_s", ["-p", "0", "-n", str(args.gen_tokens), "-d", str(depth + prompt)])):
         _, _, out = run([str(llamacpp.tool("llama-bench")), "-m", str(gguf4), "-t", str(args.threads), "-r", "3",
-                         *flags, "-o", "json"], capture=True)
+                         *flags, *kv, "-o", "json"], capture=True)
         peer[test] = json.loads(out)[0]["avg_ts"]
     return {"moe": {k: moe[k] for k in ("prefill_tok_s", "decode_tok_s", "decode_gb_s")}, "llamacpp": peer}
 
@@ -81,6 +84,8 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="moe bench and llama-bench alternately; medians reported")
     ap.add_argument("--skip-convert", action="store_true", help="reuse converted models from an earlier run")
+    ap.add_argument("--kv-cache", choices=("auto", "q8"), default="auto",
+                    help="both tools' KV cache: their defaults (moe bf16, llama.cpp f16), or both 8-bit")
     args = ap.parse_args()
 
     if not (llamacpp.ROOT / "build" / "bin" / "llama-bench").exists():
@@ -91,7 +96,7 @@ def main() -> None:
     ours = args.dir / "olmoe-synthetic-moe"
     gguf16 = args.dir / "olmoe-synthetic-bf16.gguf"
     gguf4 = args.dir / "olmoe-synthetic-q4_0.gguf"
-    report: dict = {"threads": args.threads, "gen_tokens": args.gen_tokens, "cases": CASES}
+    report: dict = {"threads": args.threads, "gen_tokens": args.gen_tokens, "kv_cache": args.kv_cache, "cases": CASES}
 
     if not (src / "config.json").exists():
         run([sys.executable, "-m", "moe.convert.synthetic", str(src)])
