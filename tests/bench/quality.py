@@ -3,7 +3,8 @@
 For every model of ../shared/models: perplexity on eval-python-stdlib.txt (first 16,384 tokens,
 windows of 256, the protocol of `moe perplexity`) at 16, 8 and 4 bits, each as a ratio to 16
 bits; the mean KL divergence of the 4-bit next-token distribution from the 16-bit one and how
-often their top token agrees. With --llama-cpp, the same text through llama.cpp's bf16, Q4_0 and
+often their top token agrees; and 4 bits again with the 8-bit KV cache (--kv-cache q8), as a ratio to 4 bits with
+the default bfloat16 cache. With --llama-cpp, the same text through llama.cpp's bf16, Q4_0 and
 Q4_K_M files (`llama-perplexity -c 256 --chunks 64`, which scores the second half of each window,
 so only its ratios compare with ours) and the file sizes.
 """
@@ -104,6 +105,8 @@ def main() -> None:
             row[f"bytes_{bits}"] = folder_bytes(dst)
         for bits in (8, 4):
             row[f"ratio_{bits}"] = round(row[f"ppl_{bits}"] / row["ppl_16"], 4)
+        row["ppl_4_kv_q8"] = round(perplexity(load_model(dst, threads=args.threads, kv_cache="q8"), ids, args.ctx)[0], 4)
+        row["ratio_kv_q8"] = round(row["ppl_4_kv_q8"] / row["ppl_4"], 5)
         row["kl_4"], row["top1_agree_4"] = (round(v, 5) for v in divergence(models[16], models[4], ids, args.ctx))
         row["tokens_scored"] = scored
         if args.llama_cpp:
@@ -112,14 +115,14 @@ def main() -> None:
         print(name, json.dumps(row), flush=True)
     (args.work / "quality.json").write_text(json.dumps(report, indent=1))
     print(f"{'model':14}{'ppl16':>8}{'ppl8':>8}{'ppl4':>8}{'r8':>8}{'r4':>8}{'KL4':>9}{'top1':>7}{'MB4':>7}"
-          f"{'Q4_0':>8}{'Q4_K_M':>8}{'MB K_M':>8}")
+          f"{'Q4_0':>8}{'Q4_K_M':>8}{'MB K_M':>8}{'kv q8':>9}")
     for name, r in report.items():
         lc = r.get("llama_cpp", {})
         q40, qkm = lc.get("Q4_0", {}), lc.get("Q4_K_M", {})
         print(f"{name:14}{r['ppl_16']:8.3f}{r['ppl_8']:8.3f}{r['ppl_4']:8.3f}{r['ratio_8']:8.4f}{r['ratio_4']:8.4f}"
               f"{r['kl_4']:9.5f}{r['top1_agree_4']:7.3f}{r['bytes_4'] / 1e6:7.2f}"
               f"{q40.get('ratio', float('nan')):8.4f}{qkm.get('ratio', float('nan')):8.4f}"
-              f"{qkm.get('file_bytes', float('nan')) / 1e6:8.2f}")
+              f"{qkm.get('file_bytes', float('nan')) / 1e6:8.2f}{r['ratio_kv_q8']:9.5f}")
 
 
 if __name__ == "__main__":
