@@ -27,8 +27,9 @@ def opened(monkeypatch):
     """Replace model loading; returns the list of (spec, budget, threads, model) it was asked for."""
     calls = []
 
-    def fake_open(spec, memory_budget=None, threads=None, pin=None):
+    def fake_open(spec, memory_budget=None, threads=None, pin=None, kv_cache="auto"):
         model = ScriptedModel(SCRIPT)
+        model.kv_cache = kv_cache
         calls.append((spec, memory_budget, threads, model))
         return model, 0.01
 
@@ -51,7 +52,9 @@ def test_run_streams_only_the_text(capsys, opened):
 def test_model_and_prompt(capsys, opened):
     code, out, _ = moe_cli(capsys, "run", "some-model", "x", "--memory-budget", "1.5GiB", "-t", "2")
     assert code == 0 and out == SCRIPT
-    assert opened[0][:3] == ("some-model", 3 * 2**29, 2)
+    assert opened[0][:3] == ("some-model", 3 * 2**29, 2) and opened[0][3].kv_cache == "auto"
+    code, out, _ = moe_cli(capsys, "run", "some-model", "x", "--kv-cache", "q8")
+    assert code == 0 and out == SCRIPT and opened[1][3].kv_cache == "q8"
 
 
 def test_prompt_from_stdin(capsys, opened, monkeypatch):
@@ -104,7 +107,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, opened, args, message):
 @pytest.fixture
 def failing(monkeypatch):
     def set_failure(exc):
-        def fake_open(spec, memory_budget=None, threads=None, pin=None):
+        def fake_open(spec, memory_budget=None, threads=None, pin=None, kv_cache="auto"):
             raise exc
 
         monkeypatch.setattr(moe.cli.run, "open_model", fake_open)
