@@ -53,7 +53,7 @@ def decide(layout: Layout, budget: int | str | None = None, prefetch: bool | Non
     sizes = {name: f["size"] for name, f in layout.manifest["files"].items()}
     available = available_ram()
     notes = []
-    kv = kv_cache_bytes(layout.config, max_context, kv_dtype or layout.kv_cache_dtype())
+    kv = kv_cache_bytes(layout.config, max_context, layout.kv_cache_dtype() if kv_dtype is None else kv_dtype)
     if budget is None:
         budget = _automatic(layout, sizes, kv, available)
         if budget is not None:

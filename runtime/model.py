@@ -226,14 +226,15 @@ class Model:
             self._offset_norms(cfg.norm_offset)
         freq, attention_factor = rope.inv_freq(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings)
         self._cos, self._sin = rope.tables(freq, attention_factor, max_context)  # (P, rotary_dim/2)
-        self.kv_dtype = kv_dtype = kv_dtype or layout.kv_cache_dtype()
+        self.kv_dtype = kv_dtype = layout.kv_cache_dtype() if kv_dtype is None else kv_dtype
         mla = cfg.attention_kind == "mla"  # one row per position, the keys; its latent part is also the values
         heads, width = (1, cfg.kv_cache_width) if mla else (cfg.num_kv_heads, cfg.head_dim)
-        rows, scaled = (cfg.num_layers, heads, max_context), kv_dtype == np.int8
+        rows = (cfg.num_layers, heads, max_context)
+        scales = rows if kv_dtype == np.int8 else (cfg.num_layers, heads, 0)  # q8: each row's scale; else none
         self._k = _lazy_zeros((*rows, width), kv_dtype)  # pages are committed only as positions fill
         self._v = self._k if mla else _lazy_zeros((*rows, width), kv_dtype)
-        self._ks = _lazy_zeros(rows if scaled else (cfg.num_layers, heads, 0))  # q8: each row's scale
-        self._vs = self._ks if mla else _lazy_zeros(rows if scaled else (cfg.num_layers, heads, 0))
+        self._ks = _lazy_zeros(scales)
+        self._vs = self._ks if mla else _lazy_zeros(scales)
         linear_layers = cfg.linear_layers()
         self._state_of = {i: n for n, i in enumerate(linear_layers)}  # layer -> its recurrent state's index
         self._conv_state = np.zeros((len(linear_layers), max(cfg.linear_conv_kernel - 1, 0), cfg.linear_conv_dim), F32)

@@ -334,6 +334,11 @@ def test_q8_cache_rounds_each_row_to_its_own_scale_and_attends_as_its_values():
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="attend: the rows' scales"):
         attend(q, k8, v8, 6, hd**-0.5, 0, 0, np.zeros(nh, np.float32), False, out, ks[:, :8], vs)
+    for codes, scales in ((k8, None), (k8.astype(np.float32), ks)):  # codes read as values; values scaled again
+        with pytest.raises(ValueError, match="attend: int8 caches, and only they"):
+            attend(q, codes, codes, 6, hd**-0.5, 0, 0, np.zeros(nh, np.float32), False, out, scales, scales)
+    with pytest.raises(ValueError, match="cache_rows: an int8 cache needs"):
+        cache_rows(k, k8, 3)
 
 
 def bf16_nearest(x: np.ndarray) -> np.ndarray:

@@ -34,15 +34,18 @@ def attend(q, k_cache, v_cache, pos0, scale, window, chunk, sinks, use_sinks, ou
     """out (T, nh, hd) = softmax(q k^T * scale) v for q (T, nh, hd) at positions pos0 .. pos0+T-1.
 
     k_cache, v_cache (nkv, P, hd), float32, bfloat16 bits or int8 codes (cache_rows), already hold keys and values up
-    to position pos0+T-1; the codes with their rows' scales k_scales, v_scales (nkv, P). Query head h reads kv head h // (nh / nkv). Token i sees j <= i, and also i - j < window when
-    window > 0 (sliding), and i // chunk == j // chunk when chunk > 0 (chunked). With use_sinks,
-    sinks[h] joins each row of scores as one more logit whose probability is then dropped.
+    to position pos0+T-1; int8 codes come with their rows' scales k_scales, v_scales (nkv, P). Query head h reads
+    kv head h // (nh / nkv). Token i sees j <= i, and also i - j < window when window > 0 (sliding), and
+    i // chunk == j // chunk when chunk > 0 (chunked). With use_sinks, sinks[h] joins each row of scores as one
+    more logit whose probability is then dropped.
     """
     pairs = max(1, q.shape[0] * k_cache.shape[0])  # (token, kv head)
     group = q.shape[1] // k_cache.shape[0]
     size = -(-group // min(group, -(-get_num_threads() // pairs)))  # a part's query heads: a part for each thread
-    if k_scales is None:
-        k_scales = v_scales = np.zeros((k_cache.shape[0], 0), np.float32)
+    if k_scales is None or v_scales is None:
+        k_scales = v_scales = np.zeros((k_cache.shape[0], 0), np.float32)  # scales of no position: none
+    if (k_scales.shape[-1] > 0) != (k_cache.dtype == np.int8):
+        raise ValueError("attend: int8 caches, and only they, come with their rows' scales")
     _attend(q, k_cache, v_cache, k_scales, v_scales, pos0, scale, window, chunk, sinks, use_sinks, size, out)
 
 
@@ -132,6 +135,8 @@ def cache_rows(x, cache, pos0, scales=None):
     if cache.dtype == np.float32:
         cache[:, pos0: pos0 + x.shape[0]] = x.transpose(1, 0, 2)
     elif cache.dtype == np.int8:
+        if scales is None or scales.shape != cache.shape[:2]:
+            raise ValueError("cache_rows: an int8 cache needs its rows' scales, shaped [heads, positions]")
         _cache_q8(x, cache, scales, pos0)
     else:
         _cache_bf16(x, cache, pos0)
